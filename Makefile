@@ -1,0 +1,32 @@
+# The two README commands: `make run` (set up + run the default pipeline + print the results table) and
+# `make test` (set up + run the test suite). Both work on a fresh machine with only Python 3.10+.
+VENV  ?= .venv
+CORES ?= $(shell nproc 2>/dev/null || echo 2)
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+export HF_HUB_OFFLINE := 1
+
+.PHONY: setup run test test-slow dvc-yaml clean-results
+
+# torch first, from the exact pin (a CPU build where one is provided; never a newer range: that pulls
+# GBs of CUDA wheels), then everything else under the same constraints so nothing can move torch.
+$(VENV)/.installed: pyproject.toml configs/constraints.txt
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet torch==2.13.0
+	$(VENV)/bin/pip install --quiet -c configs/constraints.txt -e '.[test]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+run: setup
+	snakemake all --cores $(CORES)
+	python -m clipbackdoor report
+
+test: setup
+	python -m pytest -q
+
+test-slow: setup
+	python -m pytest -q -m slow
+
+dvc-yaml: setup
+	python -m clipbackdoor dvc-yaml

@@ -1,0 +1,25 @@
+# clipbackdoor workflow. One source of truth for the DAG: this file and rules/*.smk.
+# `dvc.yaml` is generated from it (python -m clipbackdoor dvc-yaml); a test fails when it is stale.
+#
+#   snakemake --cores 8 --resources gpu=2          # `all` is the default target
+#   snakemake all --cores 8 --resources gpu=2      # naming the target: put it BEFORE --resources
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "params.yaml"
+
+
+include: "rules/common.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        ALL_TARGETS,
+
+
+include: "rules/data.smk"
+include: "rules/model.smk"
+include: "rules/metrics.smk"

@@ -1,0 +1,5 @@
+import sys
+
+from clipbackdoor.cli import main
+
+sys.exit(main())

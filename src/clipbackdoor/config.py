@@ -1,0 +1,246 @@
+"""Parameters: JSON-schema validation with messages that name the key, and typed dataclasses.
+
+``params.yaml`` is validated here (by the CLI) and by Snakemake's ``validate()`` at workflow load, against
+the same ``schemas/params.schema.json``. Stage functions receive dataclasses, never raw dicts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from clipbackdoor.errors import UserError
+
+SCHEMA_PATH = Path(__file__).resolve().parents[2] / "schemas" / "params.schema.json"
+
+
+def load_schema() -> dict:
+    if not SCHEMA_PATH.exists():
+        raise UserError(f"schema not found at {SCHEMA_PATH}",
+                        fix="install clipbackdoor editable from its repository (pip install -e .)")
+    return json.loads(SCHEMA_PATH.read_text())
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: file not found", fix="pass an existing params file (default: params.yaml)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UserError(f"{path}:{where} is not valid YAML ({getattr(exc, 'problem', exc)})",
+                        fix="fix the YAML syntax at that position") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of parameters at the top level, got {type(data).__name__}",
+                        fix="start from params.yaml in the repository")
+    return data
+
+
+def _format_error(err: jsonschema.ValidationError, source: str) -> UserError:
+    key = ".".join(str(p) for p in err.absolute_path) or "<top level>"
+    schema = err.schema if isinstance(err.schema, dict) else {}
+    if err.validator == "additionalProperties":
+        allowed = sorted(schema.get("properties", {}))
+        extra = sorted(set(err.instance) - set(allowed)) if isinstance(err.instance, dict) else []
+        where = key if key != "<top level>" else "top level"
+        return UserError(f"{source}: unknown key(s) {', '.join(map(repr, extra))} under {where}",
+                         fix=f"allowed keys there: {', '.join(allowed)}")
+    if err.validator == "enum":
+        return UserError(f"{source}: {key} = {err.instance!r} is not allowed",
+                         fix=f"allowed values: {', '.join(map(repr, err.validator_value))}")
+    if err.validator == "required":
+        return UserError(f"{source}: {err.message} (under {key})", fix="add the key; see params.yaml for an example")
+    if err.validator == "type":
+        return UserError(f"{source}: {key} = {err.instance!r} has the wrong type",
+                         fix=f"expected {err.validator_value}")
+    if err.validator in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+        bounds = {k: schema[k] for k in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum") if k in schema}
+        text = ", ".join(f"{k} {v}" for k, v in bounds.items())
+        return UserError(f"{source}: {key} = {err.instance!r} is out of range", fix=f"allowed range: {text}")
+    return UserError(f"{source}: {key}: {err.message}", fix="see schemas/params.schema.json")
+
+
+def validate_params(params: dict, source: str = "params.yaml") -> None:
+    """Raise :class:`UserError` naming the first offending key (deepest, most specific error first)."""
+    validator = jsonschema.Draft202012Validator(load_schema())
+    errors = sorted(validator.iter_errors(params), key=lambda e: (-len(e.absolute_path), e.path))
+    if errors:
+        best = jsonschema.exceptions.best_match(errors)
+        raise _format_error(best, source)
+    _check_semantics(params, source)
+
+
+def _check_semantics(params: dict, source: str) -> None:
+    """Cross-key rules JSON schema cannot express."""
+    data = params["data"]
+    if params["model"]["pretrained"] is None and data["source"] != "embedded":
+        raise UserError(f"{source}: model.pretrained is null (train from scratch) but data.source is "
+                        f"{data['source']!r}", fix="from-scratch pretraining is only wired for the embedded world; "
+                        "set model.pretrained (e.g. 'openai')")
+    if data["source"] == "embedded":
+        for name, spec in data["eval_sets"].items():
+            if spec["kind"] != "embedded":
+                raise UserError(f"{source}: data.eval_sets.{name}.kind = {spec['kind']!r} with the embedded world",
+                                fix="use kind: embedded, or data.source: webdataset for real data")
+
+
+def get_dotted(tree: dict, key: str) -> Any:
+    node = tree
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise UserError(f"parameter {key!r} not found", fix="check the key against params.yaml")
+        node = node[part]
+    return node
+
+
+def nest_dotted(flat: dict) -> dict:
+    """{"data.world": w, "seed": 0} -> {"data": {"world": w}, "seed": 0}."""
+    out: dict = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
+
+
+def validate_dotted(key: str, value: Any, source: str) -> None:
+    """Validate one dotted key's value against the sub-schema at that path."""
+    schema = load_schema()
+    for part in key.split("."):
+        props = schema.get("properties", {})
+        if part in props:
+            schema = props[part]
+        elif isinstance(schema.get("additionalProperties"), dict):
+            schema = schema["additionalProperties"]
+        else:
+            raise UserError(f"{source}: unknown parameter {key!r}", fix=f"known here: {', '.join(props)}")
+    try:
+        jsonschema.validate(value, schema, cls=jsonschema.Draft202012Validator)
+    except jsonschema.ValidationError as exc:
+        for part in reversed(key.split(".")):
+            exc.path.appendleft(part)
+        raise _format_error(exc, source) from None
+
+
+# --------------------------------------------------------------------------------------------- dataclasses
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    seed: int
+    n_pretrain: int
+    n_finetune: int
+    n_eval: int
+    shard_size: int
+    colours: tuple[str, ...]
+    shapes: tuple[str, ...]
+    noise_std: float
+
+
+@dataclass(frozen=True)
+class WebdatasetConfig:
+    urls: str
+    n_pairs: int
+    shard_size: int
+
+
+@dataclass(frozen=True)
+class EvalSetConfig:
+    kind: str
+    root: str | None = None
+    classnames: str | None = None
+    max_images: int | None = None
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str
+    image_size: int
+    eval_sets: dict[str, EvalSetConfig]
+    world: WorldConfig | None = None
+    webdataset: WebdatasetConfig | None = None
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    pretrained: str | None
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    steps: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    warmup_steps: int
+    betas: tuple[float, float]
+    eps: float
+
+
+@dataclass(frozen=True)
+class ZeroShotConfig:
+    templates: str
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class Params:
+    profile: str
+    seed: int
+    data: DataConfig
+    model: ModelConfig
+    pretrain: OptimConfig
+    zeroshot: ZeroShotConfig
+
+
+def _build(tp: Any, value: Any) -> Any:
+    """Recursively turn validated plain data into the annotated dataclass/tuple/dict types."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        hints = typing.get_type_hints(tp)
+        return tp(**{k: _build(hints[k], v) for k, v in value.items()})
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _build(inner[0], value)
+    if origin is tuple:
+        return tuple(value)
+    if origin is dict:
+        _, vt = typing.get_args(tp)
+        return {k: _build(vt, v) for k, v in value.items()}
+    if tp is float and isinstance(value, int):
+        return float(value)
+    return value
+
+
+def build(tp: type, value: dict) -> Any:
+    return _build(tp, value)
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    raw = load_yaml(path)
+    validate_params(raw, str(path))
+    return build(Params, raw)
+
+
+def section(tp: type, value: Any) -> Any:
+    """Build one section's dataclass from the JSON a rule passes on the command line."""
+    return _build(tp, value)
+
+
+__all__ = [name for name in dir() if name.endswith("Config")] + [
+    "Params", "load_params", "load_yaml", "validate_params", "section", "build", "load_schema", "field"]

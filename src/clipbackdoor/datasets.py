@@ -1,0 +1,131 @@
+"""Real datasets: CC3M-style webdataset shards and ImageFolder evaluation sets (ImageNet-1K val,
+Caltech-101, Oxford Pets). Each is turned into the same shard layout the embedded world writes, so every
+later stage reads one format. They cannot be downloaded from this machine; the stages check what they
+find and say exactly what to fetch and where to put it.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from PIL import Image
+
+from clipbackdoor.config import EvalSetConfig, WebdatasetConfig
+from clipbackdoor.errors import UserError
+from clipbackdoor.io import write_json
+from clipbackdoor.shards import write_shards
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".JPEG", ".JPG", ".PNG"}
+
+DOWNLOAD_HINTS = {
+    "imagenet": "ImageNet-1K val from image-net.org, arranged as ROOT/<wnid>/*.JPEG (1000 folders)",
+    "caltech101": "Caltech-101 from data.caltech.edu, arranged as ROOT/<category>/*.jpg",
+    "pets": "Oxford-IIIT Pets from robots.ox.ac.uk/~vgg/data/pets, arranged as ROOT/<breed>/*.jpg",
+}
+
+
+def _resize_center(img: Image.Image, size: int) -> np.ndarray:
+    """CLIP-style preprocessing to a fixed square: shorter side to ``size``, centre crop."""
+    img = img.convert("RGB")
+    w, h = img.size
+    scale = size / min(w, h)
+    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+    w, h = img.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return np.asarray(img.crop((left, top, left + size, top + size)))
+
+
+def imagefolder_classes(root: Path, classnames: str) -> tuple[list[str], list[str]]:
+    """(folder names in sorted order, human-readable class names)."""
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if classnames == "folders":
+        names = [f.replace("_", " ") for f in folders]
+    elif classnames == "imagenet":
+        from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+        if len(folders) != len(IMAGENET_CLASSNAMES):
+            raise UserError(f"{root}: {len(folders)} class folders, ImageNet-1K has {len(IMAGENET_CLASSNAMES)}",
+                            fix="point root at the full val set arranged as ROOT/<wnid>/*.JPEG")
+        names = list(IMAGENET_CLASSNAMES)
+    else:
+        path = Path(classnames)
+        if not path.exists():
+            raise UserError(f"classnames file {path} not found", fix="give 'folders', 'imagenet' or a text file")
+        names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if len(names) != len(folders):
+            raise UserError(f"{path}: {len(names)} names for {len(folders)} class folders in {root}",
+                            fix="one name per line, in sorted folder order")
+    return folders, names
+
+
+def convert_imagefolder(name: str, cfg: EvalSetConfig, image_size: int, out_dir: str | Path, seed: int,
+                        templates: list[str]) -> int:
+    """Stage ``eval_data``: ImageFolder root -> labelled eval shards + classes.json."""
+    root = Path(cfg.root)
+    hint = DOWNLOAD_HINTS.get(name, "an ImageFolder-style copy: ROOT/<class>/<image>")
+    if not root.is_dir():
+        raise UserError(f"eval set {name!r}: folder {root} does not exist (datasets cannot be downloaded here)",
+                        fix=f"download {hint}, then set data.eval_sets.{name}.root")
+    folders, names = imagefolder_classes(root, cfg.classnames)
+    files = [(f, label) for label, folder in enumerate(folders)
+             for f in sorted((root / folder).iterdir()) if f.suffix in IMAGE_SUFFIXES]
+    if not files:
+        raise UserError(f"eval set {name!r}: no images under {root}", fix=f"expected {hint}")
+    if cfg.max_images is not None and len(files) > cfg.max_images:
+        rng = np.random.default_rng(seed)
+        files = [files[i] for i in sorted(rng.choice(len(files), cfg.max_images, replace=False))]
+
+    def samples() -> Iterator:
+        for i, (path, label) in enumerate(files):
+            try:
+                with Image.open(path) as im:
+                    arr = _resize_center(im, image_size)
+            except Exception as exc:
+                raise UserError(f"{path}: unreadable image ({exc.__class__.__name__})",
+                                fix="remove or replace the file") from None
+            yield f"{name}-{i:07d}", arr, f"a photo of a {names[label]}.", {"cls": label, "source": str(path)}
+
+    count = write_shards(out_dir, samples(), shard_size=4096)
+    write_json(Path(out_dir) / "classes.json", {"classnames": names, "templates": templates})
+    return count
+
+
+def convert_webdataset(cfg: WebdatasetConfig, image_size: int, out_dir: str | Path) -> int:
+    """Stage ``cc3m``: the first ``n_pairs`` (image, caption) pairs of CC3M-style shards -> our layout."""
+    import webdataset as wds
+
+    pattern = cfg.urls
+    is_remote = "://" in pattern
+    if not is_remote:
+        import braceexpand
+
+        missing = [p for p in braceexpand.braceexpand(pattern) if not Path(p).exists()]
+        if missing:
+            raise UserError(f"data.webdataset.urls: {len(missing)} shard(s) missing, first {missing[0]}",
+                            fix="download CC3M as webdataset shards (e.g. with img2dataset) to that path")
+    dataset = wds.WebDataset(pattern, shardshuffle=False, handler=wds.reraise_exception)
+
+    def samples() -> Iterator:
+        n = 0
+        try:
+            for item in dataset:
+                img_bytes = next((item[k] for k in ("jpg", "jpeg", "png", "webp") if k in item), None)
+                if img_bytes is None or "txt" not in item:
+                    continue
+                with Image.open(io.BytesIO(img_bytes)) as im:
+                    arr = _resize_center(im, image_size)
+                yield f"cc3m-{n:08d}", arr, item["txt"].decode("utf-8").strip(), {"source_key": item["__key__"]}
+                n += 1
+                if n == cfg.n_pairs:
+                    return
+        except (OSError, ValueError) as exc:
+            raise UserError(f"data.webdataset.urls: cannot read {pattern} ({exc})",
+                            fix="this machine is offline: download the shards and give a local path") from None
+        if n < cfg.n_pairs:
+            raise UserError(f"data.webdataset.urls: only {n} pairs found, {cfg.n_pairs} requested",
+                            fix="lower data.webdataset.n_pairs or add shards")
+
+    return write_shards(Path(out_dir) / "finetune", samples(), cfg.shard_size)

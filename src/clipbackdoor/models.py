@@ -1,0 +1,126 @@
+"""CLIP models through open_clip: the project's tiny configs, pretrained loading, and model artifacts.
+
+A model artifact is a folder with ``model.safetensors`` (weights only: never pickled), ``model.json``
+(open_clip name, config, preprocessing statistics, provenance) and ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import open_clip
+import torch
+from safetensors.torch import load_file, save_file
+
+from clipbackdoor.errors import UserError
+from clipbackdoor.io import atomic_path, write_json
+
+CONFIG_DIR = Path(__file__).with_name("model_configs")
+PROJECT_MODELS = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+
+
+def register_model_configs() -> list[str]:
+    """Make the project's model configs known to open_clip (idempotent)."""
+    if not set(PROJECT_MODELS) <= set(open_clip.list_models()):
+        open_clip.add_model_config(CONFIG_DIR)
+    return PROJECT_MODELS
+
+
+register_model_configs()
+
+
+@dataclass
+class LoadedModel:
+    model: open_clip.CLIP
+    tokenizer: object
+    name: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    image_size: int
+    checkpoint_sha256: str | None = None
+
+
+def _preprocess_stats(model) -> tuple[tuple, tuple, int]:
+    cfg = model.visual.preprocess_cfg
+    size = cfg["size"]
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    return tuple(cfg["mean"]), tuple(cfg["std"]), int(size)
+
+
+def create(name: str, pretrained: str | None = None) -> LoadedModel:
+    """A fresh (random or open_clip-pretrained) model. Fails with a clear message when offline."""
+    if name not in open_clip.list_models():
+        raise UserError(f"model.name = {name!r} is not an open_clip model",
+                        fix=f"use one of the project's ({', '.join(PROJECT_MODELS)}) or an open_clip name")
+    try:
+        model = open_clip.create_model(name, pretrained=pretrained)
+    except Exception as exc:  # hub/network errors come in many types
+        if pretrained is None:
+            raise
+        raise UserError(f"cannot load pretrained weights {name}/{pretrained!r} ({exc.__class__.__name__}: "
+                        f"{str(exc)[:160]})", fix="this machine has no internet: download the open_clip weights "
+                        "elsewhere and set model.pretrained to the local file path (or pre-fill the HF cache)") from None
+    mean, std, size = _preprocess_stats(model)
+    return LoadedModel(model, open_clip.get_tokenizer(name), name, mean, std, size)
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_artifact(loaded: LoadedModel, out_dir: str | Path, metrics: dict | None = None,
+                  provenance: dict | None = None) -> None:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in loaded.model.state_dict().items()}
+    with atomic_path(out_dir / "model.safetensors") as tmp:
+        save_file(state, str(tmp), metadata={"open_clip_name": loaded.name})
+    write_json(out_dir / "model.json", {
+        "name": loaded.name, "open_clip_cfg": open_clip.get_model_config(loaded.name),
+        "mean": list(loaded.mean), "std": list(loaded.std), "image_size": loaded.image_size,
+        "provenance": provenance or {}})
+    write_json(out_dir / "metrics.json", metrics or {})
+
+
+def load_artifact(model_dir: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
+    """Load a model artifact; the weights must match the recorded config exactly."""
+    model_dir = Path(model_dir)
+    weights, meta_path = model_dir / "model.safetensors", model_dir / "model.json"
+    if not weights.exists() or not meta_path.exists():
+        raise UserError(f"{model_dir}: not a model artifact (needs model.safetensors and model.json)",
+                        fix="run the stage that produces it, or `dvc pull` it")
+    meta = json.loads(meta_path.read_text())
+    loaded = create(meta["name"], pretrained=None)
+    state = load_file(str(weights))
+    expected = loaded.model.state_dict()
+    wrong = [k for k in expected if k not in state or tuple(state[k].shape) != tuple(expected[k].shape)]
+    extra = [k for k in state if k not in expected]
+    if wrong or extra:
+        culprit = (wrong or extra)[0]
+        raise UserError(f"{weights}: checkpoint does not fit model {meta['name']!r} (e.g. {culprit!r}: "
+                        f"{tuple(state[culprit].shape) if culprit in state else 'missing'})",
+                        fix="the checkpoint comes from another model config: rerun the stage that wrote it")
+    loaded.model.load_state_dict(state)
+    loaded.model.to(device).eval()
+    loaded.checkpoint_sha256 = file_sha256(weights)
+    return loaded
+
+
+def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 [B, 3, H, W] (or float in [0, 1]) -> CLIP-normalised float [B, 3, H, W]."""
+    x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+    m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    return (x - m) / s
+
+
+def hf_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")

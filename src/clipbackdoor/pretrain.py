@@ -1,0 +1,50 @@
+"""Stage ``pretrain`` (embedded profile: a tiny CLIP from scratch) and ``clean_model`` (real profile:
+open_clip pretrained weights). Both write the same model artifact with zero-shot top-1 in metrics.json."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from clipbackdoor.config import ModelConfig, OptimConfig, ZeroShotConfig
+from clipbackdoor.models import create, save_artifact
+from clipbackdoor.shards import load_split
+from clipbackdoor.train import train_clip
+from clipbackdoor.world import world_classes_json
+from clipbackdoor.zeroshot import templates_for, top1
+
+
+def evaluate_zeroshot(loaded, eval_dirs: dict[str, Path], zs: ZeroShotConfig) -> dict:
+    out = {}
+    for name, folder in eval_dirs.items():
+        split = load_split(folder, loaded.image_size)
+        classes = world_classes_json(folder)
+        templates = templates_for(zs.templates, classes["templates"])
+        out[f"zeroshot_top1/{name}"] = top1(loaded, split["images"], split["labels"], classes["classnames"],
+                                            templates, zs.batch_size)
+    return out
+
+
+def pretrain(train_dir: str | Path, eval_dirs: dict[str, Path], out_dir: str | Path, model_cfg: ModelConfig,
+             opt: OptimConfig, zs: ZeroShotConfig, seed: int, ckpt_dir: str | Path | None = None,
+             ckpt_every: int = 100) -> dict:
+    """Train a CLIP from scratch on the ``pretrain`` split; write the artifact; return its metrics."""
+    loaded = create(model_cfg.name, pretrained=None)
+    split = load_split(Path(train_dir) / "pretrain", loaded.image_size)
+    tokens = loaded.tokenizer(split["captions"])
+    t0 = time.time()
+    history = train_clip(loaded, split["images"], tokens, opt, seed, ckpt_dir=ckpt_dir, ckpt_every=ckpt_every,
+                         fp_extra=model_cfg.name, desc="pretrain")
+    metrics = {"train_seconds": round(time.time() - t0, 1), "final_loss": history[-1]["loss"],
+               "first_loss": history[0]["loss"], "steps": len(history), "n_pairs": len(tokens)}
+    metrics.update(evaluate_zeroshot(loaded, eval_dirs, zs))
+    save_artifact(loaded, out_dir, metrics, provenance={"stage": "pretrain", "seed": seed})
+    return metrics
+
+
+def clean_model(eval_dirs: dict[str, Path], out_dir: str | Path, model_cfg: ModelConfig, zs: ZeroShotConfig) -> dict:
+    """Real profile: fetch open_clip pretrained weights (fails offline with a clear message)."""
+    loaded = create(model_cfg.name, pretrained=model_cfg.pretrained)
+    metrics = evaluate_zeroshot(loaded, eval_dirs, zs)
+    save_artifact(loaded, out_dir, metrics, provenance={"stage": "clean_model", "pretrained": model_cfg.pretrained})
+    return metrics

@@ -1,0 +1,155 @@
+"""Contrastive CLIP training shared by pretraining and every fine-tuning stage.
+
+AdamW with no weight decay on norms, biases, embeddings-of-rank-1 and ``logit_scale`` (the open_clip
+rule), cosine schedule with linear warm-up, ``logit_scale`` clamped to [0, ln 100] after each step.
+Checkpoints are safetensors (model + optimizer + scheduler + RNG state) written atomically every
+``ckpt_every`` steps; a rerun with the same fingerprint resumes from the last one and, on CPU, ends with
+bit-identical weights to an uninterrupted run (batch order is a pure function of (seed, epoch)).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+import torch
+from diffusers.optimization import get_cosine_schedule_with_warmup
+from open_clip.loss import ClipLoss
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from clipbackdoor.config import OptimConfig
+from clipbackdoor.io import atomic_path
+from clipbackdoor.models import LoadedModel, normalize
+
+LOGIT_SCALE_MAX = math.log(100.0)
+CKPT_NAME = "last.safetensors"
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        exclude = p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+        (no_decay if exclude else decay).append(p)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+def make_optimizer(model: torch.nn.Module, cfg: OptimConfig):
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    sched = get_cosine_schedule_with_warmup(opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps)
+    return opt, sched
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
+    """Indices of the batch at ``step``: epoch-wise permutations seeded by (seed, epoch); drop-last."""
+    per_epoch = max(1, n // batch_size)
+    epoch, pos = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return perm[pos * batch_size:(pos + 1) * batch_size]
+
+
+def fingerprint(*parts) -> str:
+    """Identity of a training run: a checkpoint is only resumed by the run that wrote it."""
+    blob = json.dumps([asdict(p) if hasattr(p, "__dataclass_fields__") else p for p in parts],
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def save_checkpoint(path: Path, model, opt, sched, step: int, fp: str, history: list) -> None:
+    tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    opt_state = opt.state_dict()
+    for idx, state in opt_state["state"].items():
+        for name, value in state.items():
+            tensors[f"opt.{idx}.{name}"] = torch.as_tensor(value).detach().contiguous().cpu()
+    tensors["rng.torch"] = torch.get_rng_state()
+    meta = {"step": str(step), "fingerprint": fp, "param_groups": json.dumps(opt_state["param_groups"]),
+            "scheduler": json.dumps(sched.state_dict(), default=lambda o: None), "history": json.dumps(history)}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+
+
+def load_checkpoint(path: Path, model, opt, sched, fp: str) -> tuple[int, list] | None:
+    """Restore state from ``path`` if it belongs to this run; returns (step, history) or None."""
+    if not path.exists():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata()
+    if meta.get("fingerprint") != fp:
+        return None
+    tensors = load_file(str(path))
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("opt."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = value
+    opt.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+    sched_state = json.loads(meta["scheduler"])
+    sched_state.pop("lr_lambdas", None)
+    sched.load_state_dict({**sched.state_dict(), **sched_state})
+    torch.set_rng_state(tensors["rng.torch"])
+    return int(meta["step"]), json.loads(meta["history"])
+
+
+LossFn = Callable[[LoadedModel, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def clip_loss_fn() -> LossFn:
+    loss = ClipLoss()
+
+    def fn(loaded: LoadedModel, images: torch.Tensor, tokens: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        img_f, txt_f, scale = loaded.model(normalize(images, loaded.mean, loaded.std), tokens)[:3]
+        return loss(img_f, txt_f, scale)
+
+    return fn
+
+
+def train_clip(loaded: LoadedModel, images: torch.Tensor, tokens: torch.Tensor, cfg: OptimConfig, seed: int,
+               ckpt_dir: str | Path | None = None, ckpt_every: int = 0, loss_fn: LossFn | None = None,
+               fp_extra=None, stop_after: int | None = None, desc: str = "train") -> list[dict]:
+    """Train ``loaded.model`` in place on uint8 ``images`` [N, 3, H, W] and ``tokens`` [N, ctx].
+
+    Returns the loss history (one entry per logged step). ``stop_after`` ends the run early after that
+    many steps (used by tests to simulate an interruption)."""
+    model = loaded.model
+    device = next(model.parameters()).device
+    model.train()
+    torch.manual_seed(seed)
+    opt, sched = make_optimizer(model, cfg)
+    loss_fn = loss_fn or clip_loss_fn()
+    fp = fingerprint(cfg, seed, len(images), fp_extra)
+    ckpt = Path(ckpt_dir) / CKPT_NAME if ckpt_dir else None
+    start, history = 0, []
+    if ckpt is not None:
+        resumed = load_checkpoint(ckpt, model, opt, sched, fp)
+        if resumed is not None:
+            start, history = resumed
+            print(f"[{desc}] resumed from {ckpt} at step {start}", file=sys.stderr)
+    bar = tqdm(range(start, cfg.steps), desc=desc, mininterval=10, file=sys.stderr, initial=start, total=cfg.steps)
+    for step in bar:
+        idx = batch_indices(len(images), cfg.batch_size, step, seed)
+        loss = loss_fn(loaded, images[idx].to(device), tokens[idx].to(device), idx)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
+        history.append({"step": step + 1, "loss": round(loss.item(), 6), "lr": sched.get_last_lr()[0]})
+        bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", refresh=False)
+        done = step + 1
+        if ckpt is not None and ckpt_every and (done % ckpt_every == 0 or done == cfg.steps):
+            save_checkpoint(ckpt, model, opt, sched, done, fp, history)
+        if stop_after is not None and done >= stop_after:
+            break
+    model.eval()
+    return history

@@ -1,0 +1,46 @@
+"""Zero-shot classification: per class, the normalised mean of its template text embeddings."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from open_clip import build_zero_shot_classifier
+from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+from clipbackdoor.models import LoadedModel, normalize
+
+
+def templates_for(kind: str, embedded_templates: list[str]) -> list:
+    return list(OPENAI_IMAGENET_TEMPLATES) if kind == "openai_imagenet" else list(embedded_templates)
+
+
+@torch.no_grad()
+def class_text_embeddings(loaded: LoadedModel, classnames: list[str], templates: list) -> torch.Tensor:
+    """[C, d] unit-norm class embeddings."""
+    device = next(loaded.model.parameters()).device
+    weights = build_zero_shot_classifier(loaded.model, loaded.tokenizer, classnames, templates,
+                                         num_classes_per_batch=10, device=device, use_tqdm=False)
+    return weights.T.contiguous()  # open_clip returns [d, C]
+
+
+@torch.no_grad()
+def image_embeddings(loaded: LoadedModel, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """uint8 images [N, 3, H, W] -> unit-norm image embeddings [N, d]."""
+    device = next(loaded.model.parameters()).device
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = normalize(images[i:i + batch_size].to(device), loaded.mean, loaded.std)
+        out.append(F.normalize(loaded.model.encode_image(x), dim=-1).cpu())
+    return torch.cat(out)
+
+
+def predict(image_emb: torch.Tensor, class_emb: torch.Tensor) -> torch.Tensor:
+    """[N, d] x [C, d] -> predicted class indices [N]."""
+    return (image_emb @ class_emb.T).argmax(dim=-1)
+
+
+def top1(loaded: LoadedModel, images: torch.Tensor, labels: torch.Tensor, classnames, templates,
+         batch_size: int = 256) -> float:
+    cls = class_text_embeddings(loaded, classnames, templates)
+    pred = predict(image_embeddings(loaded, images, batch_size), cls)
+    return float((pred == labels).float().mean())

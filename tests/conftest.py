@@ -1,0 +1,50 @@
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import clipbackdoor  # noqa: E402,F401  (applies the torchvision compat before anything imports it)
+from clipbackdoor.config import WorldConfig  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def small_world(**overrides) -> WorldConfig:
+    base = dict(seed=3, n_pretrain=96, n_finetune=32, n_eval=40, shard_size=40,
+                colours=("red", "green", "blue"), shapes=("circle", "square", "cross"), noise_std=0.03)
+    base.update(overrides)
+    return WorldConfig(**base)
+
+
+@pytest.fixture(scope="session")
+def world_dirs(tmp_path_factory):
+    from clipbackdoor.world import build_world
+
+    root = tmp_path_factory.mktemp("world")
+    build_world(small_world(), 32, root / "train", root / "eval")
+    return root
+
+
+def run_cli(*args, cwd=ROOT, check=True, env=None):
+    proc = subprocess.run([sys.executable, "-m", "clipbackdoor", *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, env={**os.environ, **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def copy_repo(dest: Path) -> Path:
+    """A working copy of the repository's tracked sources (no artifacts), as a fresh clone would be."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for f in files:
+        src = ROOT / f
+        if src.is_file():
+            (dest / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / f)
+    return dest

@@ -1,0 +1,86 @@
+import copy
+
+import pytest
+import yaml
+
+from clipbackdoor.config import Params, load_params, load_yaml, validate_params
+from clipbackdoor.errors import UserError
+from conftest import ROOT, run_cli
+
+BASE = yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+@pytest.mark.parametrize("profile", ["params.yaml", "configs/smoke.yaml", "configs/paper.yaml"])
+def test_profiles_validate_and_build(profile):
+    params = load_params(ROOT / profile)
+    assert isinstance(params, Params)
+    assert params.pretrain.lr > 0
+
+
+def test_paper_profile_matches_seed_001():
+    p = load_params(ROOT / "configs/paper.yaml")
+    assert (p.model.name, p.model.pretrained) == ("ViT-B-32", "openai")
+    assert p.data.webdataset.n_pairs == 500_000 and p.data.image_size == 224
+    assert set(p.data.eval_sets) == {"imagenet", "caltech101", "pets"}
+
+
+def _mutated(path, value):
+    cfg = copy.deepcopy(BASE)
+    node = cfg
+    for part in path[:-1]:
+        node = node[part]
+    if value is KeyError:
+        del node[path[-1]]
+    else:
+        node[path[-1]] = value
+    return cfg
+
+
+@pytest.mark.parametrize("path,value,needle,fix", [
+    (("pretrain", "lr"), -1e-3, "pretrain.lr", "allowed range"),
+    (("pretrain", "steps"), "many", "pretrain.steps", "expected integer"),
+    (("model", "name"), "ViT-Z-99", "model.name", "'clipbackdoor-tiny-vit-p8'"),
+    (("pretrain", "learning_rate"), 0.1, "'learning_rate'", "allowed keys there"),
+    (("data", "world", "colours"), ["red", "mauve"], "data.world.colours.1", "'purple'"),
+    (("pretrain", "warmup_steps"), KeyError, "'warmup_steps' is a required property", "add the key"),
+    (("data", "source"), "webdataset", "webdataset", None),
+])
+def test_bad_params_name_the_key_and_the_fix(path, value, needle, fix):
+    with pytest.raises(UserError) as info:
+        validate_params(_mutated(path, value))
+    assert needle in info.value.problem
+    if fix:
+        assert fix in info.value.fix
+
+
+def test_malformed_yaml_reports_position(tmp_path):
+    bad = tmp_path / "p.yaml"
+    bad.write_text("seed: 0\npretrain: {steps: 3\n")
+    with pytest.raises(UserError, match="not valid YAML") as info:
+        load_yaml(bad)
+    assert "line" in info.value.problem
+
+
+def test_cli_validate_exit_code_and_single_message(tmp_path):
+    bad = tmp_path / "p.yaml"
+    bad.write_text(yaml.safe_dump(_mutated(("pretrain", "lr"), -1.0)))
+    proc = run_cli("validate", bad, check=False)
+    assert proc.returncode == 2
+    assert "pretrain.lr" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_stage_params_json_is_validated_per_key():
+    from clipbackdoor.cli import parse_params
+
+    assert parse_params('{"seed": 4, "data.image_size": 32}') == {"seed": 4, "data": {"image_size": 32}}
+    with pytest.raises(UserError, match="data.image_size"):
+        parse_params('{"data.image_size": 3}')
+    with pytest.raises(UserError, match="unknown parameter"):
+        parse_params('{"data.colour": 3}')
+
+
+def test_stage_params_from_file_reference():
+    from clipbackdoor.cli import parse_params
+
+    got = parse_params(f"@{ROOT / 'params.yaml'}:seed,data.world")
+    assert got == {"seed": BASE["seed"], "data": {"world": BASE["data"]["world"]}}

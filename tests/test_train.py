@@ -1,0 +1,66 @@
+import torch
+
+from clipbackdoor.config import OptimConfig
+from clipbackdoor.models import create
+from clipbackdoor.shards import load_split
+from clipbackdoor.train import LOGIT_SCALE_MAX, batch_indices, param_groups, train_clip
+
+OPT = OptimConfig(steps=12, batch_size=32, lr=2e-3, weight_decay=0.1, warmup_steps=2, betas=(0.9, 0.98), eps=1e-6)
+
+
+def _data(world_dirs):
+    split = load_split(world_dirs / "train" / "pretrain", 32)
+    loaded = create("clipbackdoor-micro-vit-p8")
+    return loaded, split["images"], loaded.tokenizer(split["captions"])
+
+
+def test_a_few_steps_decrease_the_loss(world_dirs):
+    torch.manual_seed(0)
+    loaded, images, tokens = _data(world_dirs)
+    history = train_clip(loaded, images, tokens, OPT, seed=0)
+    first = sum(h["loss"] for h in history[:3]) / 3
+    last = sum(h["loss"] for h in history[-3:]) / 3
+    assert last < first - 0.1
+    assert 0 <= float(loaded.model.logit_scale) <= LOGIT_SCALE_MAX
+
+
+def test_no_decay_on_norms_biases_and_logit_scale():
+    model = create("clipbackdoor-micro-vit-p8").model
+    no_decay, decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    nd = {names[id(p)] for p in no_decay["params"]}
+    assert "logit_scale" in nd and any("ln_" in n for n in nd) and any(n.endswith("bias") for n in nd)
+    assert all(p.ndim >= 2 for p in decay["params"]) and decay["weight_decay"] == 0.1
+
+
+def test_batch_order_is_a_function_of_seed_and_step():
+    a = batch_indices(100, 32, 5, seed=1)
+    assert torch.equal(a, batch_indices(100, 32, 5, seed=1))
+    assert not torch.equal(a, batch_indices(100, 32, 5, seed=2))
+    epoch = torch.cat([batch_indices(100, 32, s, seed=1) for s in range(3)])
+    assert len(set(epoch.tolist())) == 96  # no repeats inside an epoch
+
+
+def test_resume_after_interruption_gives_identical_weights(world_dirs, tmp_path):
+    torch.manual_seed(0)
+    ref, images, tokens = _data(world_dirs)
+    init = {k: v.clone() for k, v in ref.model.state_dict().items()}
+    train_clip(ref, images, tokens, OPT, seed=0)
+
+    interrupted = create("clipbackdoor-micro-vit-p8")
+    interrupted.model.load_state_dict(init)
+    train_clip(interrupted, images, tokens, OPT, seed=0, ckpt_dir=tmp_path, ckpt_every=5, stop_after=7)
+    resumed = create("clipbackdoor-micro-vit-p8")
+    resumed.model.load_state_dict(init)  # a fresh process would start from the same init
+    history = train_clip(resumed, images, tokens, OPT, seed=0, ckpt_dir=tmp_path, ckpt_every=5)
+    assert history[0]["step"] == 1 and len(history) == OPT.steps
+    for k, v in ref.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k
+
+
+def test_checkpoint_of_another_run_is_not_resumed(world_dirs, tmp_path):
+    loaded, images, tokens = _data(world_dirs)
+    train_clip(loaded, images, tokens, OPT, seed=0, ckpt_dir=tmp_path, ckpt_every=4, stop_after=4)
+    other = create("clipbackdoor-micro-vit-p8")
+    history = train_clip(other, images, tokens, OPT, seed=1, ckpt_dir=tmp_path, ckpt_every=4, stop_after=2)
+    assert history[0]["step"] == 1  # started fresh: different seed = different run
