@@ -8,7 +8,11 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
-configfile: "params.yaml"
+# A profile given with --configfile (e.g. configs/paper.yaml) REPLACES params.yaml: profiles are complete
+# parameter sets, and a deep merge would leak embedded-world keys into the real-scale profile.
+if not workflow.config_settings.configfiles:
+
+    configfile: "params.yaml"
 
 
 include: "rules/common.smk"

@@ -44,6 +44,8 @@ def _mutated(path, value):
     (("data", "world", "colours"), ["red", "mauve"], "data.world.colours.1", "'purple'"),
     (("pretrain", "warmup_steps"), KeyError, "'warmup_steps' is a required property", "add the key"),
     (("data", "source"), "webdataset", "webdataset", None),
+    (("data", "eval_sets"), {"world": {"kind": "imagefolder", "root": "/x", "classnames": "folders"}},
+     "data.eval_sets.world.kind = 'imagefolder'", "embedded eval sets go with the embedded world"),
 ])
 def test_bad_params_name_the_key_and_the_fix(path, value, needle, fix):
     with pytest.raises(UserError) as info:

@@ -87,11 +87,11 @@ def _check_semantics(params: dict, source: str) -> None:
         raise UserError(f"{source}: model.pretrained is null (train from scratch) but data.source is "
                         f"{data['source']!r}", fix="from-scratch pretraining is only wired for the embedded world; "
                         "set model.pretrained (e.g. 'openai')")
-    if data["source"] == "embedded":
-        for name, spec in data["eval_sets"].items():
-            if spec["kind"] != "embedded":
-                raise UserError(f"{source}: data.eval_sets.{name}.kind = {spec['kind']!r} with the embedded world",
-                                fix="use kind: embedded, or data.source: webdataset for real data")
+    for name, spec in data["eval_sets"].items():
+        if (spec["kind"] == "embedded") != (data["source"] == "embedded"):
+            raise UserError(f"{source}: data.eval_sets.{name}.kind = {spec['kind']!r} with data.source = "
+                            f"{data['source']!r}", fix="embedded eval sets go with the embedded world, "
+                            "imagefolder sets with real data (data.source: webdataset)")
 
 
 def get_dotted(tree: dict, key: str) -> Any:

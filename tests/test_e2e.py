@@ -1,0 +1,112 @@
+"""End to end on the smoke profile: Snakemake, DVC, incremental reruns, push/pull (marked slow)."""
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, copy_repo
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
+
+
+def sh(cmd, cwd, check=True):
+    proc = subprocess.run(cmd, cwd=cwd, shell=True, capture_output=True, text=True, env=ENV)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd}: exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc.stdout + proc.stderr
+
+
+def snakemake_jobs(out: str) -> set[str]:
+    return set(re.findall(r"^(?:local)?rule (\w+):", out, flags=re.M)) - {"all"}
+
+
+def dvc_stages(out: str) -> set[str]:
+    return set(re.findall(r"Running stage '([\w@-]+)'", out))
+
+
+def digest(path: Path) -> str:
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.name != ".snakemake_timestamp")
+    for f in files if path.is_dir() else [path]:
+        h.update(f.relative_to(path).as_posix().encode() if path.is_dir() else b"")
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def set_param(repo: Path, section: str, key: str, value) -> None:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params[section][key] = value
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def smoke_repo(tmp_path_factory):
+    base = tmp_path_factory.mktemp("e2e")
+    repo = copy_repo(base / "repo")
+    shutil.copy(repo / "configs" / "smoke.yaml", repo / "params.yaml")
+    sh("git init -q && git add -A && git -c user.email=t@t -c user.name=t commit -qm smoke", repo)
+    return repo
+
+
+def test_snakemake_runs_the_pipeline_and_reruns_only_what_changed(smoke_repo):
+    out = sh("snakemake --cores 2", smoke_repo)
+    assert snakemake_jobs(out) == {"world", "pretrain", "summary"}
+    summary = (smoke_repo / "results/metrics/summary.csv").read_text()
+    assert summary.startswith("attack,defense,variant,seed,eval_set,asr,asr_all,cacc,auroc")
+    assert "clean,none,-,0,world" in summary
+    assert (smoke_repo / "data/benchmarks/pretrain.tsv").exists() and (smoke_repo / "data/logs/world.log").exists()
+
+    assert "Nothing to be done" in sh("snakemake -n --cores 2", smoke_repo)
+    set_param(smoke_repo, "pretrain", "steps", 31)
+    assert snakemake_jobs(sh("snakemake -n --cores 2", smoke_repo)) == {"pretrain", "summary"}
+    assert snakemake_jobs(sh("snakemake --cores 2", smoke_repo)) == {"pretrain", "summary"}
+
+
+def test_dvc_repro_reproduces_snakemake_and_reruns_only_dependants(smoke_repo):
+    snake_world = digest(smoke_repo / "data/datasets/train")
+    snake_model = digest(smoke_repo / "data/models/clean/model.safetensors")
+    out = sh("dvc repro", smoke_repo)
+    assert dvc_stages(out) == {"world", "pretrain", "summary"}  # no dvc.lock yet: everything runs once
+    assert digest(smoke_repo / "data/datasets/train") == snake_world  # byte-identical artifacts
+    assert digest(smoke_repo / "data/models/clean/model.safetensors") == snake_model
+    # both tools hash the same artifacts: Snakemake's marker file is in .dvcignore
+    assert "up to date" in sh("dvc status", smoke_repo)
+    sh("git add -A && git -c user.email=t@t -c user.name=t commit -qm lock", smoke_repo)
+
+    assert dvc_stages(sh("dvc repro", smoke_repo)) == set()
+    set_param(smoke_repo, "pretrain", "lr", 0.003)
+    assert dvc_stages(sh("dvc repro", smoke_repo)) == {"pretrain", "summary"}
+    sh("git add -A && git -c user.email=t@t -c user.name=t commit -qm lr", smoke_repo)
+
+
+def test_dvc_push_then_pull_into_a_fresh_clone(smoke_repo, tmp_path):
+    sh("dvc push", smoke_repo)
+    clone = smoke_repo.parent / "clone"
+    sh(f"git clone -q {smoke_repo} {clone}", tmp_path)
+    # the default remote is a folder next to the repository; the clone sits next to the original
+    assert not (clone / "data/models/clean").exists()
+    sh("dvc pull", clone)
+    assert digest(clone / "data/models/clean/model.safetensors") == \
+        digest(smoke_repo / "data/models/clean/model.safetensors")
+    assert sh("dvc status", clone).strip().endswith("Data and pipelines are up to date.")
+    # `dvc pull` sets fresh mtimes in arbitrary order: --touch records them without recomputing
+    sh("snakemake --touch --cores 1", clone)
+    assert "Nothing to be done" in sh("snakemake -n --cores 1", clone)
+
+
+def test_missing_dvc_remote_is_a_clear_error(smoke_repo, tmp_path):
+    clone = tmp_path / "clone"
+    sh(f"git clone -q {smoke_repo} {clone}", tmp_path)
+    sh("dvc remote modify local url /nonexistent/clipbackdoor-remote", clone)
+    proc = subprocess.run("dvc pull", cwd=clone, shell=True, capture_output=True, text=True, env=ENV)
+    assert proc.returncode != 0
+    assert "missing" in (proc.stdout + proc.stderr).lower()

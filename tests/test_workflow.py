@@ -1,0 +1,103 @@
+"""The Snakemake DAG (dry runs) and the generated dvc.yaml."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import ROOT, copy_repo
+
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+
+
+def dry_run(*args, cwd=ROOT):
+    return subprocess.run([*SNAKEMAKE, "-n", "--forceall", *args], cwd=cwd, capture_output=True, text=True)
+
+
+def job_counts(output: str) -> dict:
+    counts, inside = {}, False
+    for line in output.splitlines():
+        if line.startswith("job ") and "count" in line:
+            inside = True
+            continue
+        if inside:
+            parts = line.split()
+            if parts and parts[0] == "total":
+                break
+            if len(parts) == 2 and parts[1].isdigit():
+                counts[parts[0]] = int(parts[1])
+    return counts
+
+
+@pytest.mark.parametrize("args", [
+    ["--cores", "8", "--resources", "gpu=2"],          # `all` is the default target
+    ["all", "--cores", "8", "--resources", "gpu=2"],   # the documented explicit form
+])
+def test_default_dag_dry_runs_in_both_forms(args):
+    proc = dry_run(*args)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    counts = job_counts(proc.stdout)
+    assert counts["world"] == 1 and counts["pretrain"] == 1 and counts["summary"] == 1
+
+
+def test_resources_swallowing_all_is_the_known_pitfall():
+    """Snakemake 9 reads `all` after --resources as a resource: documented, and this shows why."""
+    proc = dry_run("--cores", "8", "--resources", "gpu=2", "all")
+    assert proc.returncode != 0
+
+
+def test_paper_profile_dry_runs_at_real_scale():
+    proc = dry_run("--cores", "8", "--configfile", "configs/paper.yaml")
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    counts = job_counts(proc.stdout)
+    assert counts == {"eval_data": 3, "clean_model": 1, "summary": 1, "all": 1}
+    assert "ViT-B-32" in proc.stdout and "world" not in counts
+
+
+def test_invalid_params_stop_the_workflow_before_any_job(tmp_path):
+    repo = copy_repo(tmp_path / "repo")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["pretrain"]["lr"] = -0.5
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    proc = dry_run("--cores", "1", cwd=repo)
+    assert proc.returncode != 0
+    assert "pretrain.lr = -0.5 is out of range" in proc.stderr + proc.stdout
+
+
+def test_every_rule_has_log_benchmark_and_thin_shell():
+    import re
+
+    for smk in sorted((ROOT / "rules").glob("*.smk")):
+        text = smk.read_text()
+        for block in re.split(r"\n\s*rule ", text)[1:]:
+            name = block.split(":")[0]
+            assert "log:" in block and "benchmark:" in block, f"{smk.name}:{name}"
+            assert "python -m clipbackdoor " in block and "--log {log}" in block, f"{smk.name}:{name}"
+
+
+def test_committed_dvc_yaml_is_generated_from_the_rules():
+    from clipbackdoor.dvcgen import check_dvc_yaml
+
+    assert check_dvc_yaml(ROOT) is None, "dvc.yaml is stale: run `python -m clipbackdoor dvc-yaml`"
+
+
+def test_dvc_yaml_mirrors_rule_params_and_outputs():
+    doc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    stages = doc["stages"]
+    assert set(stages) == {"world", "pretrain", "summary"}
+    assert stages["pretrain"]["params"] == ["model", "pretrain", "seed", "zeroshot"]
+    assert "src/clipbackdoor/train.py" in stages["pretrain"]["deps"]
+    assert "src/clipbackdoor/train.py" not in stages["world"]["deps"]  # only the modules a stage imports
+    assert "@params.yaml:data.image_size,data.world" in stages["world"]["cmd"]
+    assert "data/models/clean" in stages["pretrain"]["outs"]
+
+
+def test_stale_dvc_yaml_is_detected(tmp_path):
+    from clipbackdoor.dvcgen import check_dvc_yaml
+
+    repo = copy_repo(tmp_path / "repo")
+    smk = repo / "rules" / "model.smk"
+    smk.write_text(smk.read_text().replace('stage_params("seed", "model", "pretrain", "zeroshot")',
+                                           'stage_params("seed", "model", "pretrain")'))
+    assert "zeroshot" in check_dvc_yaml(repo)
