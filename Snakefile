@@ -26,4 +26,7 @@ rule all:
 
 include: "rules/data.smk"
 include: "rules/model.smk"
+include: "rules/attack.smk"
+include: "rules/decompose.smk"
+include: "rules/defend.smk"
 include: "rules/metrics.smk"

@@ -54,4 +54,35 @@ def bench_path(name):
     return f"data/benchmarks/{name}.tsv"
 
 
+# Attack runs: every attack once per seed, named ATTACK-sSEED (the model, its poisoned set and its trigger).
+ATTACKS = list(config["poison"]["attacks"])
+RUNS = [f"{a}-s{s}" for a in ATTACKS for s in config["poison"]["seeds"]]
+MODELS = ["clean"] + RUNS
+RUN_RE = "[a-z_]+-s[0-9]+"
+
+
+wildcard_constraints:
+    run=RUN_RE,
+    model=f"clean|{RUN_RE}",
+    trigger=f"none|{RUN_RE}",
+    evalset="|".join(EVAL_SETS),
+
+
+def attack_of(run):
+    return run.rpartition("-s")[0]
+
+
+def decomp_path(model, evalset, trigger):
+    return f"data/decomp/{model}/{evalset}/{trigger}.parquet"
+
+
+def defend_path(model, evalset, trigger):
+    return f"data/defend/{model}/{evalset}/{trigger}.parquet"
+
+
+# (model, trigger) pairs that get defended and scored: every attacked model with its own trigger, and the
+# clean model with every trigger (the control: a clean model must not follow any trigger).
+DEFEND_PAIRS = [(run, run) for run in RUNS] + [("clean", run) for run in RUNS]
+DEFEND_OUTPUTS = {f"{m}:{t}:{e}": defend_path(m, e, t) for m, t in DEFEND_PAIRS for e in EVAL_SETS}
+
 ALL_TARGETS = ["results/metrics/summary.csv", "results/metrics/summary.md", "results/metrics/summary.json"]

@@ -97,7 +97,7 @@ def cmd_pretrain(args) -> None:
     pick_device(gpu=True)  # the tiny model trains on CPU; a claimed slot keeps GPU jobs apart on a GPU box
     metrics = pretrain(args.train, _eval_dirs(args.eval), args.out, section(ModelConfig, p["model"]),
                        section(OptimConfig, p["pretrain"]), section(ZeroShotConfig, p["zeroshot"]), p["seed"],
-                       ckpt_dir=args.ckpt_dir, ckpt_every=args.ckpt_every)
+                       ckpt_dir=args.ckpt_dir, ckpt_every=p["pretrain"]["ckpt_every"])
     print(json.dumps(metrics, indent=1))
 
 
@@ -112,12 +112,96 @@ def cmd_clean_model(args) -> None:
                                  section(ZeroShotConfig, p["zeroshot"])), indent=1))
 
 
+def _run_id(run: str) -> tuple[str, int]:
+    from clipbackdoor.report import parse_run
+
+    return parse_run(run)
+
+
+def cmd_poison(args) -> None:
+    from clipbackdoor.poison import check_target, poison
+    from clipbackdoor.world import world_classes_json
+    from clipbackdoor.zeroshot import templates_for
+
+    p = parse_params(args.params)
+    attack, seed = _run_id(args.run)
+    classes = [world_classes_json(d) for d in _eval_dirs(args.eval).values()]
+    for c in classes[1:]:
+        check_target(p["poison"]["target"], c["classnames"])
+    templates = templates_for(p["poison"]["caption_templates"], classes[0]["templates"])
+    print(poison(args.finetune_dir, classes[0], args.out, args.manifest, attack, p["attacks"][attack],
+                 p["poison"]["target"], templates, p["data"]["image_size"], seed, args.preview))
+
+
+def cmd_finetune(args) -> None:
+    from clipbackdoor.config import OptimConfig, section
+    from clipbackdoor.finetune import finetune
+    from clipbackdoor.runtime import set_threads
+
+    p = parse_params(args.params)
+    set_threads(args.threads)
+    _, seed = _run_id(args.run)
+    print(json.dumps(finetune(args.model, args.train, args.out, section(OptimConfig, p["finetune"]), seed,
+                              args.ckpt_dir, p["finetune"]["ckpt_every"], f"finetune-{args.run}")))
+
+
+def cmd_decompose(args) -> None:
+    from clipbackdoor.decompose_stage import run_decompose
+    from clipbackdoor.runtime import set_threads
+
+    p = parse_params(args.params)
+    set_threads(args.threads)
+    trigger, seed = ("none", 0) if args.trigger == "none" else _run_id(args.trigger)
+    cfg = p["decompose"]
+    n = run_decompose(args.model, args.eval_dir, args.out, trigger, p.get("attacks", {}), seed, cfg["centering"],
+                      cfg["normalize"], cfg["batch_size"])
+    print(f"decomposed {n} images")
+
+
+def cmd_class_embeddings(args) -> None:
+    from clipbackdoor.decompose_stage import run_class_embeddings
+    from clipbackdoor.runtime import set_threads
+
+    p = parse_params(args.params)
+    set_threads(args.threads)
+    print(run_class_embeddings(args.model, args.eval_dir, args.out, p["zeroshot"]["templates"]))
+
+
+def cmd_prototypes(args) -> None:
+    from clipbackdoor.prototypes import build_prototypes
+
+    p = parse_params(args.params)["prototypes"]
+    print(build_prototypes(args.decomp, args.out, p["val_fraction"], p["split_seed"]))
+
+
+def cmd_defend(args) -> None:
+    from clipbackdoor.attacks import REGISTRY
+    from clipbackdoor.config import DefendConfig, section
+    from clipbackdoor.decompose_stage import load_class_embeddings
+    from clipbackdoor.defend import run_defend
+    from clipbackdoor.poison import check_target
+    from clipbackdoor.prototypes import load_prototypes
+
+    p = parse_params(args.params)
+    attack, _ = _run_id(args.trigger)
+    class_emb, classnames = load_class_embeddings(args.classes)
+    target = check_target(p["poison"]["target"], classnames)
+    n = run_defend(args.clean, args.triggered, load_prototypes(args.prototypes), class_emb,
+                   section(DefendConfig, p["defend"]), REGISTRY[attack].kind, args.out, target)
+    print(f"{n} prediction rows")
+
+
 def cmd_summarize(args) -> None:
     from clipbackdoor.report import summarize
 
     p = parse_params(args.params)
+    entries = []
+    for spec in args.defend or []:
+        ids, _, path = spec.partition("=")
+        model, trigger, eval_set = ids.split(":")
+        entries.append({"model": model, "trigger": trigger, "eval_set": eval_set, "path": path})
     df = summarize(_eval_dirs(args.models), p["seed"], p["profile"], Path(args.csv), Path(args.md),
-                   Path(args.json))
+                   Path(args.json), entries)
     print(df.to_string(index=False))
 
 
@@ -173,7 +257,6 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--eval", nargs="+", required=True, metavar="NAME=DIR")
     sp.add_argument("--out", required=True)
     sp.add_argument("--ckpt-dir", default=None)
-    sp.add_argument("--ckpt-every", type=int, default=100)
     sp.add_argument("--threads", type=int, default=1)
 
     sp = with_params(stage("clean-model", cmd_clean_model, "fetch open_clip pretrained weights (real profile)"))
@@ -181,11 +264,53 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True)
     sp.add_argument("--threads", type=int, default=1)
 
+    sp = with_params(stage("poison", cmd_poison, "poison the fine-tuning pairs with one attack"))
+    sp.add_argument("--run", required=True, help="ATTACK-sSEED")
+    sp.add_argument("--finetune-dir", required=True)
+    sp.add_argument("--eval", nargs="+", required=True, metavar="NAME=DIR", help="eval sets (target check)")
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--manifest", required=True)
+    sp.add_argument("--preview", default=None)
+
+    sp = with_params(stage("finetune", cmd_finetune, "backdoor fine-tuning of the clean model"))
+    sp.add_argument("--run", required=True, help="ATTACK-sSEED")
+    sp.add_argument("--model", required=True)
+    sp.add_argument("--train", required=True)
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--ckpt-dir", default=None)
+    sp.add_argument("--threads", type=int, default=1)
+
+    sp = with_params(stage("decompose", cmd_decompose, "cache per-head / per-MLP direct terms as Parquet"))
+    sp.add_argument("--model", required=True)
+    sp.add_argument("--eval-dir", required=True)
+    sp.add_argument("--trigger", required=True, help="none or ATTACK-sSEED")
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--threads", type=int, default=1)
+
+    sp = with_params(stage("class-embeddings", cmd_class_embeddings, "zero-shot class embeddings of a model"))
+    sp.add_argument("--model", required=True)
+    sp.add_argument("--eval-dir", required=True)
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--threads", type=int, default=1)
+
+    sp = with_params(stage("prototypes", cmd_prototypes, "val/test split and head/MLP prototypes"))
+    sp.add_argument("--decomp", required=True)
+    sp.add_argument("--out", required=True)
+
+    sp = with_params(stage("defend", cmd_defend, "Decomp-Rep / Det / ablations from cached terms"))
+    sp.add_argument("--clean", required=True)
+    sp.add_argument("--triggered", required=True)
+    sp.add_argument("--trigger", required=True, help="ATTACK-sSEED of the triggered decomposition")
+    sp.add_argument("--prototypes", required=True)
+    sp.add_argument("--classes", required=True)
+    sp.add_argument("--out", required=True)
+
     sp = with_params(stage("summarize", cmd_summarize, "collect every model's metrics into the results table"))
     sp.add_argument("--models", nargs="+", required=True, metavar="NAME=DIR")
     sp.add_argument("--csv", required=True)
     sp.add_argument("--md", required=True)
     sp.add_argument("--json", required=True)
+    sp.add_argument("--defend", nargs="*", metavar="MODEL:TRIGGER:EVALSET=PARQUET")
 
     sp = stage("dvc-yaml", cmd_dvc_yaml, "generate dvc.yaml from the Snakemake rules")
     sp.add_argument("--check", action="store_true", help="fail if the committed dvc.yaml is stale")

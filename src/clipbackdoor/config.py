@@ -87,6 +87,10 @@ def _check_semantics(params: dict, source: str) -> None:
         raise UserError(f"{source}: model.pretrained is null (train from scratch) but data.source is "
                         f"{data['source']!r}", fix="from-scratch pretraining is only wired for the embedded world; "
                         "set model.pretrained (e.g. 'openai')")
+    missing = [a for a in params["poison"]["attacks"] if a not in params["attacks"]]
+    if missing:
+        raise UserError(f"{source}: poison.attacks lists {missing[0]!r} but attacks.{missing[0]} is not configured",
+                        fix=f"add an `attacks.{missing[0]}` block (see params.yaml) or drop it from poison.attacks")
     for name, spec in data["eval_sets"].items():
         if (spec["kind"] == "embedded") != (data["source"] == "embedded"):
             raise UserError(f"{source}: data.eval_sets.{name}.kind = {spec['kind']!r} with data.source = "
@@ -188,12 +192,46 @@ class OptimConfig:
     warmup_steps: int
     betas: tuple[float, float]
     eps: float
+    ckpt_every: int = 0
 
 
 @dataclass(frozen=True)
 class ZeroShotConfig:
     templates: str
     batch_size: int
+
+
+@dataclass(frozen=True)
+class PoisonConfig:
+    target: str
+    caption_templates: str
+    attacks: tuple[str, ...]
+    seeds: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class DecomposeConfig:
+    centering: str  # "reference" | "projection"
+    normalize: bool
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class PrototypeConfig:
+    val_fraction: float
+    split_seed: int
+
+
+@dataclass(frozen=True)
+class DefendConfig:
+    rule: str  # "dot" (official code: a.p <= eps) | "cosine" (paper text: cos < eps)
+    eps: float
+    head_layers: int  # the last k layers whose heads the rule inspects
+    mlp_layers: int  # the last m layers whose MLPs are mean-ablated for global triggers
+    zeta: int  # Decomp-Det: flag an image when more than zeta heads are infected
+    fixed_heads: tuple  # head sets (1-indexed, last layer) for the fixed-head ablation
+    eps_sweep: tuple  # eps values of the Figure 6 sweep
+    seed: int  # random-head and random-prototype ablations
 
 
 @dataclass(frozen=True)
@@ -204,6 +242,12 @@ class Params:
     model: ModelConfig
     pretrain: OptimConfig
     zeroshot: ZeroShotConfig
+    poison: PoisonConfig
+    attacks: dict[str, dict]
+    finetune: OptimConfig
+    decompose: DecomposeConfig
+    prototypes: PrototypeConfig
+    defend: DefendConfig
 
 
 def _build(tp: Any, value: Any) -> Any:
@@ -217,11 +261,13 @@ def _build(tp: Any, value: Any) -> Any:
             return None
         inner = [a for a in typing.get_args(tp) if a is not type(None)]
         return _build(inner[0], value)
-    if origin is tuple:
-        return tuple(value)
+    if origin is tuple or tp is tuple:
+        return tuple(tuple(v) if isinstance(v, list) else v for v in value)
     if origin is dict:
         _, vt = typing.get_args(tp)
         return {k: _build(vt, v) for k, v in value.items()}
+    if tp is dict:
+        return dict(value)
     if tp is float and isinstance(value, int):
         return float(value)
     return value

@@ -13,7 +13,35 @@ import pandas as pd
 
 from clipbackdoor.io import atomic_path, write_json, write_text
 
-COLUMNS = ["attack", "defense", "variant", "seed", "eval_set", "asr", "asr_all", "cacc", "auroc"]
+COLUMNS = ["attack", "defense", "variant", "seed", "eval_set", "asr", "asr_all", "cacc", "auroc", "tpr", "fpr"]
+
+
+def parse_run(run: str) -> tuple[str, int]:
+    """'badnet-s1' -> ('badnet', 1)."""
+    name, _, seed = run.rpartition("-s")
+    return name, int(seed)
+
+
+def defend_rows(entries: list[dict]) -> list[dict]:
+    """entries: {model, trigger, eval_set, path}; the clean model's rows become attack=clean."""
+    import pyarrow.parquet as pq
+
+    from clipbackdoor.metrics import setting_rows
+
+    rows = []
+    for e in entries:
+        table = pd.read_parquet(e["path"])
+        target = int(pq.read_schema(e["path"]).metadata[b"target"])
+        attack, seed = parse_run(e["trigger"])
+        for r in setting_rows(table, target):
+            if e["model"] == "clean":
+                if r["defense"] != "none":
+                    continue
+                r = {**r, "attack": "clean", "variant": f"trigger={attack}"}
+            else:
+                r = {**r, "attack": attack}
+            rows.append({**r, "seed": seed, "eval_set": e["eval_set"]})
+    return rows
 
 
 def clean_model_rows(model_dir: Path, seed: int) -> list[dict]:
@@ -24,6 +52,42 @@ def clean_model_rows(model_dir: Path, seed: int) -> list[dict]:
             rows.append({"attack": "clean", "defense": "none", "variant": "-", "seed": seed,
                          "eval_set": key.split("/", 1)[1], "cacc": value})
     return rows
+
+
+MAIN_DEFENSES = ("none", "decomp_rep", "decomp_rep_heads", "decomp_rep_mlp", "decomp_det", "decomp_det_score",
+                 "ablate_all_heads", "ablate_all_mlps")
+
+
+def main_table(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows a person reads first: clean model, undefended and defended attacked models, mean over seeds."""
+    keep = df[df.defense.isin(MAIN_DEFENSES)]
+    metrics = ["asr", "asr_all", "cacc", "auroc"]
+    grouped = keep.groupby(["attack", "defense", "variant", "eval_set"], sort=False)
+    out = grouped[metrics].mean().reset_index()
+    out.insert(3, "seeds", grouped["seed"].apply(lambda s: ",".join(map(str, sorted(set(s))))).to_numpy())
+    return out
+
+
+def findings(df: pd.DataFrame) -> list[str]:
+    """Plain statements of where the miniature does or does not reproduce the paper's localisation finding."""
+    notes = []
+    attacks = [a for a in df.attack.unique() if a != "clean"]
+    for attack in attacks:
+        a = df[df.attack == attack].groupby(["defense", "variant"])[["asr", "cacc"]].mean()
+        try:
+            base = a.loc[("none", "-"), "asr"]
+            heads, mlps = a.loc[("ablate_all_heads", "-"), "asr"], a.loc[("ablate_all_mlps", "-"), "asr"]
+        except KeyError:
+            continue
+        lead = "heads" if heads < mlps else "MLPs"
+        notes.append(f"{attack}: ASR {base:.2f} undefended; mean-ablating all heads -> {heads:.2f}, all MLPs -> "
+                     f"{mlps:.2f}: the backdoor lives mainly in the {lead}.")
+        sep = a[a.index.get_level_values(0) == "ablate_heads_separate"]["asr"]
+        if len(sep):
+            layer = sep.idxmin()[1]
+            notes.append(f"{attack}: the single layer whose heads matter most (separate ablation) is {layer} "
+                         f"(ASR {sep.min():.2f}).")
+    return notes
 
 
 def to_markdown(df: pd.DataFrame) -> str:
@@ -37,17 +101,22 @@ def to_markdown(df: pd.DataFrame) -> str:
 
 
 def summarize(models: dict[str, Path], seed: int, profile: str, csv_path: Path, md_path: Path,
-              json_path: Path, notes: list[str] | None = None) -> pd.DataFrame:
+              json_path: Path, defend_entries: list[dict] | None = None) -> pd.DataFrame:
     rows = []
     for name, folder in models.items():
         if name == "clean":
             rows += clean_model_rows(folder, seed)
+    rows += defend_rows(defend_entries or [])
     df = pd.DataFrame(rows).reindex(columns=COLUMNS)
+    notes = findings(df)
     with atomic_path(csv_path) as tmp:
         df.to_csv(tmp, index=False, float_format="%.4f")
-    text = f"# clipbackdoor results ({profile} profile, seed {seed})\n\n" + to_markdown(df)
+    text = (f"# clipbackdoor results ({profile} profile)\n\n"
+            "ASR = triggered test images of non-target classes classified as the target (asr_all: over all "
+            "triggered images); CACC = clean zero-shot top-1; AUROC: clean vs triggered detection.\n\n")
+    text += "## Main table\n\n" + to_markdown(main_table(df))
     if notes:
-        text += "\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+        text += "\n## Findings (computed from the rows above)\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
     write_text(md_path, text)
     write_json(json_path, metrics_tree(df))
     return df
@@ -59,7 +128,8 @@ def metrics_tree(df: pd.DataFrame) -> dict:
     for row in df.to_dict("records"):
         leaf = {m: row[m] for m in ("asr", "asr_all", "cacc", "auroc") if not pd.isna(row[m])}
         name = row["defense"] if row["variant"] in ("-", None) else f"{row['defense']}/{row['variant']}"
-        tree.setdefault(row["eval_set"], {}).setdefault(row["attack"], {})[name] = leaf
+        tree.setdefault(row["eval_set"], {}).setdefault(row["attack"], {}).setdefault(
+            f"seed{row['seed']}", {})[name] = leaf
     return tree
 
 

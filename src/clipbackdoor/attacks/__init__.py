@@ -1,0 +1,36 @@
+"""Attack registry. An attack is one module defining a :class:`Trigger` subclass, plus one entry here.
+
+A trigger maps clean uint8 images [N, 3, H, W] to triggered ones and records, per image, the parameters it
+used (patch position, ...), so the poison manifest says exactly what happened to each sample.
+``kind`` is "local" (patch-like: the paper repairs attention heads) or "global" (whole-image: the paper
+mean-ablates late MLPs); Decomp-Rep's automatic mode (Algorithm 1) follows it.
+"""
+
+from __future__ import annotations
+
+from clipbackdoor.attacks.base import Trigger
+from clipbackdoor.attacks.badnet import BadNet, BadNetRandom
+from clipbackdoor.attacks.blended import Blended
+
+REGISTRY: dict[str, type[Trigger]] = {
+    "badnet": BadNet,
+    "badnet_random": BadNetRandom,
+    "blended": Blended,
+}
+
+
+def make_trigger(name: str, cfg: dict, image_size: int, seed: int) -> Trigger:
+    if name not in REGISTRY:
+        from clipbackdoor.errors import UserError
+
+        raise UserError(f"unknown attack {name!r}", fix=f"available: {', '.join(REGISTRY)}")
+    return REGISTRY[name](cfg, image_size, seed)
+
+
+def trigger_eval_images(images, name: str, cfg: dict, image_size: int, seed: int):
+    """The triggered copy of an evaluation set: same trigger as poisoning, its own seeded stream."""
+    import numpy as np
+
+    trigger = make_trigger(name, cfg, image_size, seed)
+    triggered, _ = trigger.apply(images, np.random.default_rng([seed, 3]))
+    return triggered

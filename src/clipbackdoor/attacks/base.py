@@ -1,0 +1,33 @@
+"""The trigger interface every attack implements."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+class Trigger:
+    """Adds a backdoor trigger to uint8 images. Deterministic given (config, seed, call order)."""
+
+    kind: str = "local"  # "local" (patch-like) or "global" (whole-image perturbation)
+
+    def __init__(self, cfg: dict, image_size: int, seed: int):
+        self.cfg = dict(cfg)
+        self.image_size = image_size
+        self.seed = seed
+
+    def apply(self, images: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, list[dict]]:
+        """images uint8 [N, 3, H, W] -> (triggered uint8 [N, 3, H, W], per-image trigger parameters)."""
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        """Run-level trigger parameters (recorded in the manifest metadata)."""
+        return {"kind": self.kind, **self.cfg}
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    return images.float() / 255.0
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    return (images.clamp(0, 1) * 255 + 0.5).to(torch.uint8)

@@ -1,0 +1,66 @@
+"""Stages ``decompose`` and ``class_embeddings``: cache every evaluation image's direct terms (clean or
+triggered) as Parquet, and the zero-shot class embeddings, so defenses need no model forward pass."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from clipbackdoor.attacks import trigger_eval_images
+from clipbackdoor.decomp_cache import write_decomposition
+from clipbackdoor.decompose import Decomposition, decompose
+from clipbackdoor.io import atomic_path
+from clipbackdoor.models import load_artifact, normalize
+from clipbackdoor.shards import load_split
+from clipbackdoor.world import world_classes_json
+from clipbackdoor.zeroshot import class_text_embeddings, templates_for
+
+
+def decompose_images(loaded, images: torch.Tensor, centering: str, normalize_terms: bool,
+                     batch_size: int) -> Decomposition:
+    parts = []
+    for i in range(0, len(images), batch_size):
+        x = normalize(images[i:i + batch_size], loaded.mean, loaded.std)
+        parts.append(decompose(loaded.model.visual, x, centering=centering, normalize=normalize_terms))
+    return Decomposition(*(torch.cat([getattr(p, f) for p in parts]) for f in
+                           ("embed", "heads", "mlps", "bias", "embedding", "norm")))
+
+
+def run_decompose(model_dir: str | Path, eval_dir: str | Path, out_path: str | Path, trigger: str,
+                  attacks: dict, seed: int, centering: str, normalize_terms: bool, batch_size: int) -> int:
+    """Decompose the eval set, triggered with ``trigger`` (an attack name) or clean (``none``)."""
+    loaded = load_artifact(model_dir)
+    split = load_split(eval_dir, loaded.image_size)
+    images = split["images"]
+    if trigger != "none":
+        images = trigger_eval_images(images, trigger, attacks[trigger], loaded.image_size, seed)
+    decomp = decompose_images(loaded, images, centering, normalize_terms, batch_size)
+    meta = {"model": Path(model_dir).name, "open_clip_name": loaded.name, "checkpoint_sha256": loaded.checkpoint_sha256,
+            "eval_set": Path(eval_dir).name, "trigger": trigger, "centering": centering,
+            "normalisation": "unit_embedding" if normalize_terms else "none"}
+    write_decomposition(out_path, split["keys"], split["labels"].numpy(), trigger != "none", decomp, meta)
+    return len(images)
+
+
+def run_class_embeddings(model_dir: str | Path, eval_dir: str | Path, out_path: str | Path, templates_kind: str) -> int:
+    import json
+
+    loaded = load_artifact(model_dir)
+    classes = world_classes_json(eval_dir)
+    emb = class_text_embeddings(loaded, classes["classnames"], templates_for(templates_kind, classes["templates"]))
+    with atomic_path(out_path) as tmp:
+        save_file({"class_embeddings": emb.contiguous()}, str(tmp),
+                  metadata={"classnames": json.dumps(classes["classnames"]), "checkpoint_sha256": loaded.checkpoint_sha256})
+    return len(classes["classnames"])
+
+
+def load_class_embeddings(path: str | Path) -> tuple[np.ndarray, list[str]]:
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="np") as fh:
+        return fh.get_tensor("class_embeddings"), json.loads(fh.metadata()["classnames"])

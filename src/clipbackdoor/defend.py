@@ -1,0 +1,183 @@
+"""Stage ``defend``: Decomp-Rep, Decomp-Det, mean-ablation and the paper's ablations, from cached terms only.
+
+Every setting edits a few direct terms and re-classifies: ``rep' = total - sum(old terms) + sum(new terms)``,
+normalised, against the zero-shot class embeddings. Output: one long Parquet table of per-image
+predictions (and detection scores) for the clean and the triggered test images, one row per
+(setting, image); the ``metrics`` stage turns it into ASR / CACC / AUROC.
+
+Infected-head rule (REFERENCE.md): the official code flags head h of an image when the raw dot product
+``a_h . p_h <= eps`` (terms normalised by the embedding norm); the paper text says ``cos(a_h, p_h) < eps``.
+Both are implemented (``rule: dot | cosine``) and every row records the rule it used.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from clipbackdoor.config import DefendConfig
+from clipbackdoor.decomp_cache import CachedDecomposition, read_decomposition
+from clipbackdoor.io import atomic_path
+
+OUTPUT_SCHEMA = pa.schema([("defense", pa.string()), ("variant", pa.string()), ("split", pa.string()),
+                           ("index", pa.int32()), ("label", pa.int32()), ("pred", pa.int32()),
+                           ("score", pa.float32())])
+
+
+def head_similarity(heads: np.ndarray, protos: np.ndarray, rule: str) -> np.ndarray:
+    """heads [N, k, H, d], prototypes [k, H, d] -> similarity [N, k, H] (dot or cosine)."""
+    dot = np.einsum("nkhd,khd->nkh", heads, protos)
+    if rule == "dot":
+        return dot
+    denom = np.linalg.norm(heads, axis=-1) * np.linalg.norm(protos, axis=-1)[None]
+    return dot / np.maximum(denom, 1e-12)
+
+
+def infected_mask(sim: np.ndarray, rule: str, eps: float) -> np.ndarray:
+    """The code's rule is ``<= eps`` on the dot product; the paper's is ``< eps`` on the cosine."""
+    return sim <= eps if rule == "dot" else sim < eps
+
+
+def classify(reps: np.ndarray, class_emb: np.ndarray) -> np.ndarray:
+    """reps [N, d] (any norm) -> predicted class [N]."""
+    unit = reps / np.maximum(np.linalg.norm(reps, axis=-1, keepdims=True), 1e-12)
+    return (unit @ class_emb.T).argmax(axis=-1).astype(np.int32)
+
+
+class TestSplit:
+    """One split's (clean or triggered) test images with everything the defenses need, in memory."""
+
+    def __init__(self, d: CachedDecomposition, index: np.ndarray, n_layers: int):
+        self.index = index
+        self.labels = d.labels[index]
+        self.embedding = d.embedding[index]  # [N, d]
+        self.heads = d.heads[index]  # [N, L, H, d]
+        self.mlps = d.mlps[index]  # [N, L, d]
+        self.total = d.total()[index]  # [N, d] sum of all terms
+        self.head_sum = self.heads.sum(axis=2)  # [N, L, d]
+
+
+def _settings(split: TestSplit, protos: dict, cfg: DefendConfig, kind: str, class_emb: np.ndarray,
+              rng: np.random.Generator):
+    """Yield (defense, variant, pred [N], score [N] or None) for every setting on one split."""
+    n_layers, n_heads = split.heads.shape[1:3]
+    p_heads, p_mlps = protos["heads"], protos["mlps"]  # [L, H, d], [L, d]
+    p_head_sum = p_heads.sum(axis=1)  # [L, d]
+    k = min(cfg.head_layers, n_layers)
+    layers = list(range(n_layers - k, n_layers))
+    heads_k, protos_k = split.heads[:, layers], p_heads[layers]  # [N, k, H, d], [k, H, d]
+    tag = f"rule={cfg.rule},eps={cfg.eps:g},layers={k}"
+
+    def replace(mask, new):  # mask [N, k, H]; new [N or 1, k, H, d] -> classify edited reps
+        delta = (mask[..., None] * (new - heads_k)).sum(axis=(1, 2))
+        return classify(split.total + delta, class_emb)
+
+    def mlp_ablate(mlp_layers):
+        delta = (p_mlps[mlp_layers][None] - split.mlps[:, mlp_layers]).sum(axis=1)
+        return classify(split.total + delta, class_emb)
+
+    yield "none", "-", classify(split.embedding, class_emb), None
+    yield "base_decomp", "-", classify(split.total, class_emb), None
+
+    sim = head_similarity(heads_k, protos_k, cfg.rule)  # [N, k, H]
+    infected = infected_mask(sim, cfg.rule, cfg.eps)
+    count = infected.sum(axis=(1, 2))
+    late_mlps = list(range(max(0, n_layers - cfg.mlp_layers), n_layers))
+    rep_heads = replace(infected, protos_k[None])
+    rep_mlp = mlp_ablate(late_mlps)
+    # Algorithm 1: late-MLP ablation for global triggers, head repair for local ones
+    auto = rep_mlp if kind == "global" else rep_heads
+    yield "decomp_rep", f"auto:{'mlp,last=' + str(len(late_mlps)) if kind == 'global' else 'heads,' + tag}", auto, None
+    yield "decomp_rep_heads", tag, rep_heads, None
+    yield "decomp_rep_mlp", f"last={len(late_mlps)}", rep_mlp, None
+    yield "decomp_det", f"{tag},zeta={cfg.zeta}", (count > cfg.zeta).astype(np.int32), count.astype(np.float32)
+    yield "decomp_det_score", tag, (count > cfg.zeta).astype(np.int32), (-sim.sum(axis=(1, 2))).astype(np.float32)
+    for eps in cfg.eps_sweep:
+        mask = infected_mask(sim, cfg.rule, eps)
+        yield "decomp_rep_sweep", f"rule={cfg.rule},eps={eps:g},layers={k}", replace(mask, protos_k[None]), None
+
+    # Tables 3 and 5: what replaces the infected heads, and which heads
+    yield "abandon", tag, replace(infected, np.zeros_like(protos_k)[None]), None
+    scale = protos_k.std(axis=-1, keepdims=True)
+    random_protos = rng.standard_normal(protos_k.shape).astype(np.float32) * scale
+    yield "random_prototypes", tag, replace(infected, random_protos[None]), None
+    random_mask = np.zeros_like(infected)
+    flat = random_mask.reshape(len(count), -1)
+    for i, c in enumerate(count):
+        flat[i, rng.choice(flat.shape[1], size=int(c), replace=False)] = True
+    yield "random_heads", tag, replace(random_mask, protos_k[None]), None
+    for head_set in cfg.fixed_heads:
+        mask = np.zeros_like(infected)
+        mask[:, -1, [h - 1 for h in head_set if h <= n_heads]] = True
+        yield "fixed_heads", "heads=" + "-".join(map(str, head_set)), replace(mask, protos_k[None]), None
+
+    # Figure 1: mean-ablate all heads / all MLPs; Figure 2: per-layer forward / backward / separate
+    all_layers = list(range(n_layers))
+
+    def ablate_heads(ls):
+        delta = (p_head_sum[ls][None] - split.head_sum[:, ls]).sum(axis=1)
+        return classify(split.total + delta, class_emb)
+
+    yield "ablate_all_heads", "-", ablate_heads(all_layers), None
+    yield "ablate_all_mlps", "-", mlp_ablate(all_layers), None
+    for l in all_layers:
+        for part, fn in (("heads", ablate_heads), ("mlps", mlp_ablate)):
+            yield f"ablate_{part}_forward", f"layer={l}", fn(list(range(0, l + 1))), None
+            yield f"ablate_{part}_backward", f"layer={l}", fn(list(range(l, n_layers))), None
+            yield f"ablate_{part}_separate", f"layer={l}", fn([l]), None
+
+
+def decomp_reverse(clean: TestSplit, trig: TestSplit, protos: dict, cfg: DefendConfig, class_emb: np.ndarray):
+    """Decomp-Reverse: paste the heads flagged infected in each triggered image into its clean twin."""
+    n_layers = clean.heads.shape[1]
+    layers = list(range(n_layers - min(cfg.head_layers, n_layers), n_layers))
+    sim = head_similarity(trig.heads[:, layers], protos["heads"][layers], cfg.rule)
+    mask = infected_mask(sim, cfg.rule, cfg.eps)
+    delta = (mask[..., None] * (trig.heads[:, layers] - clean.heads[:, layers])).sum(axis=(1, 2))
+    return classify(clean.total + delta, class_emb)
+
+
+def run_defend(clean_path: str | Path, triggered_path: str | Path, protos: dict, class_emb: np.ndarray,
+               cfg: DefendConfig, kind: str, out_path: str | Path, target: int) -> int:
+    test_index = protos["test_index"]
+    clean_d, trig_d = read_decomposition(clean_path), read_decomposition(triggered_path)
+    if clean_d.keys != trig_d.keys:
+        raise ValueError("clean and triggered decompositions must list the same images in the same order")
+    n_layers = int(clean_d.meta["n_layers"])
+    splits = {"clean": TestSplit(clean_d, test_index, n_layers), "triggered": TestSplit(trig_d, test_index, n_layers)}
+    rows: dict[str, list] = {name: [] for name in OUTPUT_SCHEMA.names}
+
+    def add(defense, variant, split_name, pred, score):
+        s = splits[split_name]
+        n = len(pred)
+        rows["defense"] += [defense] * n
+        rows["variant"] += [variant] * n
+        rows["split"] += [split_name] * n
+        rows["index"] += s.index.tolist()
+        rows["label"] += s.labels.tolist()
+        rows["pred"] += pred.tolist()
+        rows["score"] += [None] * n if score is None else score.tolist()
+
+    for split_name, split in splits.items():
+        rng = np.random.default_rng([cfg.seed, 0 if split_name == "clean" else 1])
+        for defense, variant, pred, score in _settings(split, protos, cfg, kind, class_emb, rng):
+            add(defense, variant, split_name, pred, score)
+    reverse = decomp_reverse(splits["clean"], splits["triggered"], protos, cfg, class_emb)
+    add("decomp_reverse", f"rule={cfg.rule},eps={cfg.eps:g},layers={cfg.head_layers}", "clean", reverse, None)
+    meta = {"target": str(target), "kind": kind, "rule": cfg.rule, "eps": str(cfg.eps),
+            "checkpoint_sha256": trig_d.meta.get("checkpoint_sha256", ""), "trigger": trig_d.meta.get("trigger", "")}
+    table = pa.Table.from_pydict(rows, schema=OUTPUT_SCHEMA).replace_schema_metadata(meta)
+    with atomic_path(out_path) as tmp:
+        pq.write_table(table, tmp)
+    return table.num_rows
+
+
+def prototype_cosines(path: str | Path, protos: dict, layer: int = -1) -> np.ndarray:
+    """Cosine of each test image's last-layer head terms to their prototypes: [N, H] (Figure 5)."""
+    d = read_decomposition(path, layers=[layer], with_mlps=False)
+    idx = protos["test_index"]
+    heads = d.heads[idx][:, layer][:, None]  # [N, 1, H, d]
+    return head_similarity(heads, protos["heads"][layer][None], "cosine")[:, 0]

@@ -1,0 +1,106 @@
+"""Stage ``poison``: a poisoned copy of the fine-tuning pairs + a Parquet manifest.
+
+A seeded choice of ``round(rate * N)`` pairs gets the attack's trigger on the image and a target caption:
+a random prompt template filled with the target class ("a bad photo of a banana." in the reference; the
+world's own templates on the embedded profile). Everything else is copied unchanged. Same seed, same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from clipbackdoor.attacks import make_trigger
+from clipbackdoor.errors import UserError
+from clipbackdoor.io import atomic_path
+from clipbackdoor.shards import load_split, write_shards
+
+MANIFEST_SCHEMA = pa.schema([("key", pa.string()), ("poisoned", pa.bool_()), ("original_caption", pa.string()),
+                             ("caption", pa.string()), ("trigger", pa.string())])
+
+
+def check_target(target: str, classnames: list[str]) -> int:
+    if target not in classnames:
+        close = [c for c in classnames if target.split()[-1] in c][:5]
+        raise UserError(f"poison.target = {target!r} is not a class of the evaluation set",
+                        fix=f"use one of the class names, e.g. {', '.join(map(repr, close or classnames[:5]))}")
+    return classnames.index(target)
+
+
+def select_poison(n: int, rate: float, seed: int, eligible: np.ndarray | None = None) -> np.ndarray:
+    """Sorted indices of the samples to poison (among ``eligible`` if given)."""
+    pool = np.arange(n) if eligible is None else np.flatnonzero(eligible)
+    count = int(round(rate * n))
+    if count == 0:
+        raise UserError(f"poisoning rate {rate} selects zero of {n} samples", fix=f"use a rate >= {0.5 / n:.2g}")
+    if count > len(pool):
+        raise UserError(f"poisoning rate {rate} asks for {count} samples but only {len(pool)} are eligible",
+                        fix="lower the rate")
+    rng = np.random.default_rng([seed, 1])
+    return np.sort(rng.choice(pool, size=count, replace=False))
+
+
+def poison_split(split: dict, attack: str, attack_cfg: dict, target: str, templates: list[str], image_size: int,
+                 seed: int) -> tuple[dict, list[dict], np.ndarray]:
+    """Poison an in-memory split. Returns (new split, manifest rows, poisoned indices)."""
+    trigger = make_trigger(attack, attack_cfg, image_size, seed)
+    idx = select_poison(len(split["keys"]), float(attack_cfg["rate"]), seed)
+    rng = np.random.default_rng([seed, 2])
+    triggered, params = trigger.apply(split["images"][idx], rng)
+    images = split["images"].clone()
+    images[idx] = triggered
+    captions = list(split["captions"])
+    per_image = {}
+    for j, i in enumerate(idx):
+        captions[i] = templates[rng.integers(len(templates))].format(target)
+        per_image[int(i)] = params[j]
+    rows = [{"key": k, "poisoned": i in per_image, "original_caption": split["captions"][i], "caption": captions[i],
+             "trigger": json.dumps(per_image.get(i, {}), sort_keys=True)} for i, k in enumerate(split["keys"])]
+    return {**split, "images": images, "captions": captions}, rows, idx
+
+
+def poison(finetune_dir: str | Path, eval_classes: dict, out_dir: str | Path, manifest_path: str | Path,
+           attack: str, attack_cfg: dict, target: str, templates: list[str], image_size: int, seed: int,
+           preview_png: str | Path | None = None) -> dict:
+    check_target(target, eval_classes["classnames"])
+    split = load_split(finetune_dir, image_size)
+    new, rows, idx = poison_split(split, attack, attack_cfg, target, templates, image_size, seed)
+    samples = ((k, img.permute(1, 2, 0).numpy(), cap, meta)
+               for k, img, cap, meta in zip(new["keys"], new["images"], new["captions"], new["meta"]))
+    write_shards(out_dir, samples, shard_size=4096)
+    trigger = make_trigger(attack, attack_cfg, image_size, seed)
+    meta = {"attack": attack, "target": target, "rate": str(attack_cfg["rate"]), "seed": str(seed),
+            "n_poisoned": str(len(idx)), "trigger": json.dumps(trigger.describe(), sort_keys=True)}
+    table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA).replace_schema_metadata(meta)
+    with atomic_path(manifest_path) as tmp:
+        pq.write_table(table, tmp)
+    if preview_png is not None:
+        save_trigger_preview(split["images"][idx[:8]], new["images"][idx[:8]],
+                             [new["captions"][i] for i in idx[:8]], attack, preview_png)
+    return {"n_pairs": len(rows), "n_poisoned": int(len(idx))}
+
+
+def save_trigger_preview(clean, triggered, captions, title, png) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(clean)
+    fig, axes = plt.subplots(2, n, figsize=(n * 1.8, 4.2), squeeze=False)
+    for j in range(n):
+        axes[0, j].imshow(clean[j].permute(1, 2, 0).numpy())
+        axes[1, j].imshow(triggered[j].permute(1, 2, 0).numpy())
+        axes[1, j].set_title(captions[j], fontsize=5)
+    for ax in axes.ravel():
+        ax.axis("off")
+    axes[0, 0].set_title("clean", fontsize=8, loc="left")
+    fig.suptitle(f"{title}: clean (top) vs poisoned (bottom)", fontsize=9)
+    fig.tight_layout()
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
