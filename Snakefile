@@ -15,6 +15,9 @@ if not workflow.config_settings.configfiles:
     configfile: "params.yaml"
 
 
+report: "results/README.md"
+
+
 include: "rules/common.smk"
 
 

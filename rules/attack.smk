@@ -10,7 +10,7 @@ rule poison:
         manifest="data/poisoned/{run}.manifest.parquet",
         preview="results/attacks/{run}.png",
     params:
-        cfg=lambda wc: stage_params(f"attacks.{attack_of(wc.run)}", "poison.target", "poison.caption_templates",
+        cfg=lambda wc: params_json(f"attacks.{attack_of(wc.run)}", "poison.target", "poison.caption_templates",
                                     "data.image_size"),
         evals=eval_args(),
     log:

@@ -30,12 +30,19 @@ def get_key(dotted):
     return node
 
 
-def stage_params(*keys):
+def params_json(*keys):
     """The exact parameters a rule reads, as canonical JSON keyed by dotted path.
 
     Passed to the stage CLI with --params, so Snakemake's params rerun trigger sees every value the stage
     uses and nothing else; the dvc.yaml generator turns the same keys into the stage's `params:`."""
     return json.dumps({k: get_key(k) for k in keys}, sort_keys=True, separators=(",", ":"))
+
+
+def stage_params(*keys):
+    """params_json as a function of the wildcards: Snakemake never brace-expands a function's result, and
+    values such as a shard pattern `cc3m-{0000..0575}.tar` must reach the stage untouched."""
+    text = params_json(*keys)
+    return lambda wildcards: text
 
 
 def eval_dir(name):
@@ -85,4 +92,10 @@ def defend_path(model, evalset, trigger):
 DEFEND_PAIRS = [(run, run) for run in RUNS] + [("clean", run) for run in RUNS]
 DEFEND_OUTPUTS = {f"{m}:{t}:{e}": defend_path(m, e, t) for m, t in DEFEND_PAIRS for e in EVAL_SETS}
 
-ALL_TARGETS = ["results/metrics/summary.csv", "results/metrics/summary.md", "results/metrics/summary.json"]
+ALL_TARGETS = [
+    "results/metrics/summary.csv",
+    "results/metrics/summary.md",
+    "results/metrics/summary.json",
+    "results/figures/fig2_layerwise_ablation.png",
+    "results/figures/fig5_prototype_cosine.png",
+]

@@ -37,7 +37,7 @@ else:
         wildcard_constraints:
             evalset="|".join(EVAL_SETS),
         params:
-            cfg=lambda wc: stage_params(f"data.eval_sets.{wc.evalset}", "data.image_size", "zeroshot.templates", "seed"),
+            cfg=lambda wc: params_json(f"data.eval_sets.{wc.evalset}", "data.image_size", "zeroshot.templates", "seed"),
         log:
             log_path("eval_data_{evalset}"),
         benchmark:

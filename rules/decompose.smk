@@ -8,7 +8,7 @@ rule decompose:
     output:
         decomp_path("{model}", "{evalset}", "{trigger}"),
     params:
-        cfg=lambda wc: stage_params("decompose", *([] if wc.trigger == "none" else [f"attacks.{attack_of(wc.trigger)}"])),
+        cfg=lambda wc: params_json("decompose", *([] if wc.trigger == "none" else [f"attacks.{attack_of(wc.trigger)}"])),
     threads: TORCH_THREADS
     resources:
         gpu=1,

@@ -7,7 +7,7 @@ rule summary:
         defend=list(DEFEND_OUTPUTS.values()),
     output:
         csv="results/metrics/summary.csv",
-        md="results/metrics/summary.md",
+        md=report("results/metrics/summary.md", category="Results"),
         json="results/metrics/summary.json",
     params:
         cfg=stage_params("seed", "profile"),
@@ -20,3 +20,30 @@ rule summary:
     shell:
         "python -m clipbackdoor summarize --params {params.cfg:q} --models {params.models}"
         " --defend {params.defend} --csv {output.csv} --md {output.md} --json {output.json} --log {log}"
+
+
+# One seed per attack in Figure 5 keeps it readable; Figure 2 averages over seeds.
+FIG5_RUNS = [f"{a}-s{config['poison']['seeds'][0]}" for a in ATTACKS]
+FIG_EVAL = EVAL_SETS[0]
+
+
+rule figures:
+    input:
+        summary="results/metrics/summary.csv",
+        decomps=[decomp_path(r, FIG_EVAL, t) for r in FIG5_RUNS for t in ("none", r)],
+        prototypes=[f"data/prototypes/{r}/{FIG_EVAL}.safetensors" for r in FIG5_RUNS],
+    output:
+        layerwise=report("results/figures/fig2_layerwise_ablation.png", category="Figures"),
+        proto_cosine=report("results/figures/fig5_prototype_cosine.png", category="Figures"),
+    params:
+        runs=" ".join(
+            f"{r}={decomp_path(r, FIG_EVAL, 'none')},{decomp_path(r, FIG_EVAL, r)},data/prototypes/{r}/{FIG_EVAL}.safetensors"
+            for r in FIG5_RUNS
+        ),
+    log:
+        log_path("figures"),
+    benchmark:
+        bench_path("figures")
+    shell:
+        "python -m clipbackdoor figures --summary {input.summary} --runs {params.runs}"
+        " --layerwise {output.layerwise} --proto-cosine {output.proto_cosine} --log {log}"

@@ -42,6 +42,17 @@ def digest(path: Path) -> str:
     return h.hexdigest()
 
 
+ALL = {"world", "pretrain", "poison", "finetune", "decompose", "class_embeddings", "prototypes", "defend",
+       "summary", "figures"}
+AFTER_DEFEND = {"defend", "summary", "figures"}
+
+
+def dvc_rules(out: str) -> set[str]:
+    """DVC stage names -> the rule they come from (stage = rule + wildcard values)."""
+    return {name.split("_")[0] if not name.startswith("class_embeddings") else "class_embeddings"
+            for name in dvc_stages(out)}
+
+
 def set_param(repo: Path, section: str, key: str, value) -> None:
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params[section][key] = value
@@ -59,23 +70,26 @@ def smoke_repo(tmp_path_factory):
 
 def test_snakemake_runs_the_pipeline_and_reruns_only_what_changed(smoke_repo):
     out = sh("snakemake --cores 2", smoke_repo)
-    assert snakemake_jobs(out) == {"world", "pretrain", "summary"}
+    assert snakemake_jobs(out) == ALL
     summary = (smoke_repo / "results/metrics/summary.csv").read_text()
     assert summary.startswith("attack,defense,variant,seed,eval_set,asr,asr_all,cacc,auroc")
-    assert "clean,none,-,0,world" in summary
+    assert "clean,none,-,0,world" in summary and "badnet,decomp_rep," in summary
     assert (smoke_repo / "data/benchmarks/pretrain.tsv").exists() and (smoke_repo / "data/logs/world.log").exists()
+    assert (smoke_repo / "results/figures/fig5_prototype_cosine.png").stat().st_size > 10_000
 
     assert "Nothing to be done" in sh("snakemake -n --cores 2", smoke_repo)
-    set_param(smoke_repo, "pretrain", "steps", 31)
-    assert snakemake_jobs(sh("snakemake -n --cores 2", smoke_repo)) == {"pretrain", "summary"}
-    assert snakemake_jobs(sh("snakemake --cores 2", smoke_repo)) == {"pretrain", "summary"}
+    set_param(smoke_repo, "pretrain", "steps", 31)  # a pretraining edit: pretraining and everything after it
+    assert snakemake_jobs(sh("snakemake -n --cores 2", smoke_repo)) == ALL - {"world"}
+    set_param(smoke_repo, "pretrain", "steps", 30)
+    set_param(smoke_repo, "defend", "eps", 0.25)  # a defend edit: only defend and what reads it
+    assert snakemake_jobs(sh("snakemake --cores 2", smoke_repo)) == AFTER_DEFEND
 
 
 def test_dvc_repro_reproduces_snakemake_and_reruns_only_dependants(smoke_repo):
     snake_world = digest(smoke_repo / "data/datasets/train")
     snake_model = digest(smoke_repo / "data/models/clean/model.safetensors")
     out = sh("dvc repro", smoke_repo)
-    assert dvc_stages(out) == {"world", "pretrain", "summary"}  # no dvc.lock yet: everything runs once
+    assert dvc_rules(out) == ALL  # no dvc.lock yet: everything runs once
     assert digest(smoke_repo / "data/datasets/train") == snake_world  # byte-identical artifacts
     assert digest(smoke_repo / "data/models/clean/model.safetensors") == snake_model
     # both tools hash the same artifacts: Snakemake's marker file is in .dvcignore
@@ -84,7 +98,10 @@ def test_dvc_repro_reproduces_snakemake_and_reruns_only_dependants(smoke_repo):
 
     assert dvc_stages(sh("dvc repro", smoke_repo)) == set()
     set_param(smoke_repo, "pretrain", "lr", 0.003)
-    assert dvc_stages(sh("dvc repro", smoke_repo)) == {"pretrain", "summary"}
+    assert dvc_rules(sh("dvc repro --dry", smoke_repo)) == ALL - {"world"}
+    set_param(smoke_repo, "pretrain", "lr", 0.002)
+    set_param(smoke_repo, "defend", "eps", 0.2)
+    assert dvc_rules(sh("dvc repro", smoke_repo)) == AFTER_DEFEND
     sh("git add -A && git -c user.email=t@t -c user.name=t commit -qm lr", smoke_repo)
 
 

@@ -38,7 +38,12 @@ def test_default_dag_dry_runs_in_both_forms(args):
     proc = dry_run(*args)
     assert proc.returncode == 0, proc.stderr + proc.stdout
     counts = job_counts(proc.stdout)
+    runs = 2 * 2  # (badnet, blended) x seeds (0, 1)
     assert counts["world"] == 1 and counts["pretrain"] == 1 and counts["summary"] == 1
+    assert counts["poison"] == runs and counts["finetune"] == runs
+    # clean model: clean + every trigger; each attacked model: clean + its own trigger
+    assert counts["decompose"] == (1 + runs) + 2 * runs
+    assert counts["defend"] == 2 * runs  # attacked models with their trigger + the clean-model controls
 
 
 def test_resources_swallowing_all_is_the_known_pitfall():
@@ -51,7 +56,11 @@ def test_paper_profile_dry_runs_at_real_scale():
     proc = dry_run("--cores", "8", "--configfile", "configs/paper.yaml")
     assert proc.returncode == 0, proc.stderr + proc.stdout
     counts = job_counts(proc.stdout)
-    assert counts == {"eval_data": 3, "clean_model": 1, "summary": 1, "all": 1}
+    sets, runs = 3, 2
+    assert counts == {"cc3m": 1, "eval_data": sets, "clean_model": 1, "poison": runs, "finetune": runs,
+                      "decompose": sets * ((1 + runs) + 2 * runs), "class_embeddings": sets * (1 + runs),
+                      "prototypes": sets * (1 + runs), "defend": sets * 2 * runs, "summary": 1, "figures": 1,
+                      "all": 1}
     assert "ViT-B-32" in proc.stdout and "world" not in counts
 
 
@@ -85,7 +94,12 @@ def test_committed_dvc_yaml_is_generated_from_the_rules():
 def test_dvc_yaml_mirrors_rule_params_and_outputs():
     doc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
     stages = doc["stages"]
-    assert set(stages) == {"world", "pretrain", "summary"}
+    assert {"world", "pretrain", "summary", "figures", "poison_badnet-s0", "finetune_blended-s1",
+            "decompose_clean_world_badnet-s1", "defend_badnet-s0_world_badnet-s0"} <= set(stages)
+    assert stages["decompose_clean_world_badnet-s1"]["params"] == ["attacks.badnet", "decompose"]
+    assert stages["decompose_clean_world_none"]["params"] == ["decompose"]
+    assert doc["metrics"] == ["results/metrics/summary.json"]
+    assert "results/figures/fig2_layerwise_ablation.png" in doc["plots"]
     assert stages["pretrain"]["params"] == ["model", "pretrain", "seed", "zeroshot"]
     assert "src/clipbackdoor/train.py" in stages["pretrain"]["deps"]
     assert "src/clipbackdoor/train.py" not in stages["world"]["deps"]  # only the modules a stage imports

@@ -205,6 +205,18 @@ def cmd_summarize(args) -> None:
     print(df.to_string(index=False))
 
 
+def cmd_figures(args) -> None:
+    from clipbackdoor.figures import layerwise_figure, prototype_cosine_figure
+
+    layerwise_figure(args.summary, args.layerwise)
+    entries = []
+    for spec in args.runs:
+        run, _, paths = spec.partition("=")
+        clean, trig, protos = paths.split(",")
+        entries.append((run, Path(clean), Path(trig), Path(protos)))
+    prototype_cosine_figure(entries, args.proto_cosine)
+
+
 def cmd_dvc_yaml(args) -> None:
     from clipbackdoor.dvcgen import check_dvc_yaml, write_dvc_yaml
 
@@ -311,6 +323,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--md", required=True)
     sp.add_argument("--json", required=True)
     sp.add_argument("--defend", nargs="*", metavar="MODEL:TRIGGER:EVALSET=PARQUET")
+
+    sp = stage("figures", cmd_figures, "Figure 2 and Figure 5 analogues from artifacts")
+    sp.add_argument("--summary", required=True)
+    sp.add_argument("--runs", nargs="+", required=True, metavar="RUN=CLEAN,TRIGGERED,PROTOTYPES")
+    sp.add_argument("--layerwise", required=True)
+    sp.add_argument("--proto-cosine", required=True)
 
     sp = stage("dvc-yaml", cmd_dvc_yaml, "generate dvc.yaml from the Snakemake rules")
     sp.add_argument("--check", action="store_true", help="fail if the committed dvc.yaml is stale")

@@ -58,7 +58,10 @@ def write_decomposition(path: str | Path, keys: list[str], labels: np.ndarray, t
                  "n_layers": str(n_layers), "n_heads": str(n_heads), "dim": str(d), "dtype": "float16"}
     table = pa.table(cols).replace_schema_metadata({k: v.encode() for k, v in full_meta.items()})
     with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, row_group_size=ROW_GROUP_SIZE, compression="none", use_dictionary=["key"])
+        # no compression (fp16 noise does not compress) and no min/max statistics on the binary component
+        # columns (they would add two values per column chunk and are never used for filtering)
+        pq.write_table(table, tmp, row_group_size=ROW_GROUP_SIZE, compression="none", use_dictionary=False,
+                       write_statistics=["key", "label", "triggered", "norm"])
 
 
 @dataclass
@@ -101,12 +104,11 @@ def read_decomposition(path: str | Path, layers: list[int] | None = None, with_m
     head_cols = [f"L{l}H{h}" for l in layers for h in range(n_heads)]
     mlp_cols = [f"L{l}_mlp" for l in range(n_layers)] if with_mlps else []
     columns = ["key", "label", "triggered", "norm", "embedding", "embed", "bias", *head_cols, *mlp_cols]
-    table = pq.read_table(path, columns=columns)
     expected = set(component_names(n_layers, n_heads)) | {"key", "label", "triggered", "norm", "embedding"}
-    names = set(pq.read_schema(path).names)
-    if names != expected:
+    if set(pq.read_schema(path).names) != expected:
         raise UserError(f"{path}: columns do not match the recorded shape ({n_layers} layers x {n_heads} heads)",
                         fix="the cache is from another model or was edited: rerun `decompose`")
+    table = pq.read_table(path, columns=columns)
     for name in ("embedding", *head_cols):
         if table.schema.field(name).type != pa.binary(2 * d):
             raise UserError(f"{path}: column {name} is not {d} float16 values", fix="rerun `decompose`")

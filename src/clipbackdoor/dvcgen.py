@@ -107,13 +107,14 @@ def job_to_stage(job, root: Path) -> tuple[str, dict]:
 
 
 def render_dvc_yaml(root: Path) -> str:
-    stages = {}
+    stages, plots = {}, []
     for job in _workflow_jobs(root):
         if job.rule.name == "all" or not job.rule.shellcmd:
             continue
         name, stage = job_to_stage(job, root)
         stages[name] = stage
-    doc = {"stages": stages, "metrics": ["results/metrics/summary.json"]}
+        plots += [str(f) for f in job.output if str(f).startswith("results/figures/")]
+    doc = {"stages": stages, "metrics": ["results/metrics/summary.json"], "plots": sorted(plots)}
     return HEADER + yaml.safe_dump(doc, sort_keys=False, width=120)
 
 

@@ -69,24 +69,36 @@ def main_table(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def findings(df: pd.DataFrame) -> list[str]:
-    """Plain statements of where the miniature does or does not reproduce the paper's localisation finding."""
+    """Plain statements of where the miniature does or does not reproduce the paper's localisation finding
+    (seed 001: patch triggers live in last-layer heads, global triggers in late MLPs)."""
+    from clipbackdoor.attacks import REGISTRY
+
     notes = []
-    attacks = [a for a in df.attack.unique() if a != "clean"]
-    for attack in attacks:
+    for attack in [a for a in df.attack.unique() if a != "clean"]:
         a = df[df.attack == attack].groupby(["defense", "variant"])[["asr", "cacc"]].mean()
         try:
             base = a.loc[("none", "-"), "asr"]
             heads, mlps = a.loc[("ablate_all_heads", "-"), "asr"], a.loc[("ablate_all_mlps", "-"), "asr"]
         except KeyError:
             continue
-        lead = "heads" if heads < mlps else "MLPs"
-        notes.append(f"{attack}: ASR {base:.2f} undefended; mean-ablating all heads -> {heads:.2f}, all MLPs -> "
-                     f"{mlps:.2f}: the backdoor lives mainly in the {lead}.")
+        if base < 0.5:
+            notes.append(f"{attack}: undefended ASR is only {base:.2f}: the backdoor was not learned, so its "
+                         "localisation cannot be assessed.")
+            continue
+        kind = REGISTRY[attack].kind if attack in REGISTRY else "local"
+        expected = "heads" if kind == "local" else "MLPs"
+        exp_asr, other_asr = (heads, mlps) if kind == "local" else (mlps, heads)
+        ok = exp_asr <= 0.5 * base and exp_asr < other_asr
+        notes.append(f"{attack} ({kind} trigger): the paper locates it in the {expected}. Here, undefended ASR "
+                     f"{base:.2f}; mean-ablating all heads -> {heads:.2f}, all MLPs -> {mlps:.2f}: "
+                     + ("REPRODUCED." if ok else "NOT reproduced in this miniature."))
         sep = a[a.index.get_level_values(0) == "ablate_heads_separate"]["asr"]
         if len(sep):
-            layer = sep.idxmin()[1]
-            notes.append(f"{attack}: the single layer whose heads matter most (separate ablation) is {layer} "
-                         f"(ASR {sep.min():.2f}).")
+            layer = sep.idxmin()[1].removeprefix("layer=")
+            last = str(len(sep) - 1)
+            notes.append(f"{attack}: ablating a single layer's heads lowers ASR most at layer {layer} (ASR "
+                         f"{sep.min():.2f}); the paper finds the last layer ({last}) "
+                         + ("- consistent." if layer == last else "- not the case here."))
     return notes
 
 

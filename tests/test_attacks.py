@@ -1,0 +1,97 @@
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from clipbackdoor.attacks import REGISTRY, make_trigger, trigger_eval_images
+from clipbackdoor.errors import UserError
+from clipbackdoor.poison import check_target, poison, poison_split, select_poison
+from clipbackdoor.shards import load_split
+
+BADNET = {"rate": 0.1, "patch_size": 4, "location": "bottom_right", "pattern": "random"}
+RANDOM = {"rate": 0.1, "patch_size": 5}
+BLENDED = {"rate": 0.1, "alpha": 0.2, "pattern": "noise"}
+
+
+def images(n=6, size=32, seed=0):
+    return torch.from_numpy(np.random.default_rng(seed).integers(0, 256, (n, 3, size, size), dtype=np.uint8))
+
+
+def test_badnet_fixed_patch_is_confined_to_its_box_and_identical():
+    x = images()
+    y, params = make_trigger("badnet", BADNET, 32, seed=1).apply(x, np.random.default_rng(0))
+    changed = (y != x).any(dim=1)  # [N, H, W]
+    assert not changed[:, :28, :].any() and not changed[:, :, :28].any()  # only the 4x4 bottom-right box
+    assert all(torch.equal(y[0, :, 28:, 28:], y[i, :, 28:, 28:]) for i in range(len(y)))
+    assert params[0] == {"row": 28, "col": 28}
+    other = make_trigger("badnet", BADNET, 32, seed=2).apply(x, np.random.default_rng(0))[0]
+    assert not torch.equal(other, y)  # the pattern comes from the run seed
+
+
+def test_badnet_random_is_mean_plus_noise_at_recorded_random_positions():
+    x = images(20)
+    y, params = make_trigger("badnet_random", RANDOM, 32, seed=0).apply(x, np.random.default_rng(5))
+    assert len({(p["row"], p["col"]) for p in params}) > 10
+    for i, p in enumerate(params):
+        changed = (y[i] != x[i]).any(dim=0)
+        box = torch.zeros_like(changed)
+        box[p["row"]:p["row"] + 5, p["col"]:p["col"] + 5] = True
+        assert not (changed & ~box).any()
+    y2, _ = make_trigger("badnet_random", RANDOM, 32, seed=0).apply(x, np.random.default_rng(5))
+    assert torch.equal(y, y2)
+
+
+def test_blended_ratio():
+    x = images()
+    trig = make_trigger("blended", BLENDED, 32, seed=0)
+    y, _ = trig.apply(x, np.random.default_rng(0))
+    expected = 0.2 * trig.pattern + 0.8 * x.float() / 255
+    assert torch.allclose(y.float() / 255, expected, atol=1 / 255 + 1e-6)
+    assert trig.kind == "global" and REGISTRY["badnet"].kind == "local"
+
+
+def test_eval_triggering_is_deterministic():
+    x = images(8)
+    assert torch.equal(trigger_eval_images(x, "badnet_random", RANDOM, 32, 3),
+                       trigger_eval_images(x, "badnet_random", RANDOM, 32, 3))
+
+
+def test_unknown_attack():
+    with pytest.raises(UserError, match="unknown attack 'wanet2'"):
+        make_trigger("wanet2", {}, 32, 0)
+
+
+def test_selection_counts_and_errors():
+    idx = select_poison(1000, 0.03, seed=0)
+    assert len(idx) == 30 and len(set(idx)) == 30 and np.array_equal(idx, select_poison(1000, 0.03, seed=0))
+    with pytest.raises(UserError, match="selects zero of 100 samples"):
+        select_poison(100, 0.001, seed=0)
+    with pytest.raises(UserError, match="not a class"):
+        check_target("banana", ["red circle", "blue square"])
+
+
+def test_poison_split_changes_exactly_the_selected_pairs(world_dirs):
+    split = load_split(world_dirs / "train" / "finetune", 32)
+    new, rows, idx = poison_split(split, "badnet", {**BADNET, "rate": 0.25}, "red circle",
+                                  ["a photo of a {}."], 32, seed=0)
+    assert len(idx) == 8 and sum(r["poisoned"] for r in rows) == 8
+    for i in range(len(rows)):
+        same = torch.equal(new["images"][i], split["images"][i]) and new["captions"][i] == split["captions"][i]
+        assert same == (i not in set(idx.tolist()))
+    assert all(new["captions"][i] == "a photo of a red circle." for i in idx)
+
+
+def test_poison_stage_is_byte_identical_and_writes_manifest(world_dirs, tmp_path):
+    classes = {"classnames": ["red circle", "blue square"], "templates": ["a {}."]}
+    outs = []
+    for run in ("a", "b"):
+        poison(world_dirs / "train" / "finetune", classes, tmp_path / run, tmp_path / f"{run}.parquet", "blended",
+               {**BLENDED, "rate": 0.25}, "red circle", ["a {}."], 32, seed=4, preview_png=tmp_path / f"{run}.png")
+        outs.append((tmp_path / run / "shard-000000.tar").read_bytes())
+    assert outs[0] == outs[1]
+    table = pq.read_table(tmp_path / "a.parquet")
+    assert table.column_names == ["key", "poisoned", "original_caption", "caption", "trigger"]
+    assert sum(table["poisoned"].to_pylist()) == 8
+    meta = table.schema.metadata
+    assert meta[b"attack"] == b"blended" and b"alpha" in meta[b"trigger"]
+    assert (tmp_path / "a.png").stat().st_size > 1000

@@ -1,0 +1,113 @@
+"""Defenses and metrics on synthetic decompositions where the answer is known."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from clipbackdoor.config import DefendConfig
+from clipbackdoor.decomp_cache import write_decomposition
+from clipbackdoor.decompose import Decomposition
+from clipbackdoor.defend import head_similarity, infected_mask, run_defend
+from clipbackdoor.metrics import attack_success, clean_accuracy, detection_auroc, setting_rows
+from clipbackdoor.prototypes import build_prototypes, load_prototypes, split_indices
+
+N, L, H, D, C = 200, 3, 4, 16, 4
+TARGET = 3
+
+
+def synthetic(trigger: bool, seed=0):
+    """Class c is direction e_c, carried by head L0H0 and L1H1; every head also has a stable prototype-like
+    component. With the trigger, head L2H3 (last layer) writes a strong target direction e_TARGET."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(N) % C
+    eye = torch.eye(D)
+    heads = 0.02 * torch.randn(N, L, H, D, generator=g)
+    heads += 0.3 * torch.eye(D)[8 + torch.arange(H)][None, None]  # per-head stable direction (prototype)
+    heads[:, 0, 0] += eye[labels]
+    heads[:, 1, 1] += eye[labels]
+    if trigger:
+        heads[:, 2, 3] = 3.0 * eye[TARGET] + 0.02 * torch.randn(N, D, generator=g)
+    mlps = 0.01 * torch.randn(N, L, D, generator=g)
+    zeros = torch.zeros(N, D)
+    d = Decomposition(embed=zeros, heads=heads, mlps=mlps, bias=zeros, embedding=zeros, norm=torch.ones(N))
+    d.embedding = d.total()
+    return d, labels.numpy()
+
+
+@pytest.fixture
+def cached(tmp_path):
+    keys = [f"k{i}" for i in range(N)]
+    for name, trig in (("clean", False), ("trig", True)):
+        d, labels = synthetic(trig)
+        write_decomposition(tmp_path / f"{name}.parquet", keys, labels, trig, d, {"trigger": name})
+    build_prototypes(tmp_path / "clean.parquet", tmp_path / "protos.safetensors", 0.2, 123)
+    return tmp_path
+
+
+CFG = DefendConfig(rule="cosine", eps=0.5, head_layers=1, mlp_layers=1, zeta=0, fixed_heads=((1,), (4,)),
+                   eps_sweep=(0.2,), seed=0)
+
+
+def results(cached, cfg=CFG, kind="local"):
+    out = cached / "defend.parquet"
+    run_defend(cached / "clean.parquet", cached / "trig.parquet", load_prototypes(cached / "protos.safetensors"),
+               np.eye(D, dtype=np.float32)[:C], cfg, kind, out, TARGET)
+    return {(r["defense"], r["variant"]): r for r in setting_rows(pd.read_parquet(out), TARGET)}
+
+
+def test_split_is_seeded_and_disjoint():
+    val, test = split_indices(100, 0.2, 123)
+    assert len(val) == 20 and len(test) == 80 and not set(val) & set(test)
+    assert np.array_equal(val, split_indices(100, 0.2, 123)[0])
+
+
+def test_prototypes_are_clean_validation_means(cached):
+    p = load_prototypes(cached / "protos.safetensors")
+    d, _ = synthetic(False)
+    assert np.allclose(p["heads"], d.heads.numpy()[p["val_index"]].mean(0), atol=2e-3)
+    assert p["heads"].shape == (L, H, D) and p["mlps"].shape == (L, D)
+
+
+def test_planted_backdoor_is_repaired_and_detected(cached):
+    r = results(cached)
+    assert r[("none", "-")]["asr"] == 1.0 and r[("none", "-")]["cacc"] == 1.0
+    rep = r[("decomp_rep_heads", "rule=cosine,eps=0.5,layers=1")]
+    assert rep["asr"] == 0.0 and rep["cacc"] == 1.0  # the infected head is replaced by its prototype
+    det = r[("decomp_det", "rule=cosine,eps=0.5,layers=1,zeta=0")]
+    assert det["auroc"] == 1.0 and det["tpr"] == 1.0 and det["fpr"] == 0.0
+    # mean-ablating the MLPs does nothing against a head backdoor; ablating all heads removes it
+    assert r[("ablate_all_mlps", "-")]["asr"] == 1.0 and r[("ablate_all_heads", "-")]["asr"] < 0.5
+    assert r[("ablate_heads_separate", "layer=2")]["asr"] == 0.0
+    assert r[("ablate_heads_separate", "layer=0")]["asr"] == 1.0
+    # fixed heads: only the set containing head 4 (the planted one) helps
+    assert r[("fixed_heads", "heads=4")]["asr"] == 0.0 and r[("fixed_heads", "heads=1")]["asr"] == 1.0
+    # Decomp-Reverse: the flagged heads carry the backdoor into clean images
+    assert r[("decomp_reverse", "rule=cosine,eps=0.5,layers=1")]["asr"] == 1.0
+    # zero instead of prototype also removes this backdoor
+    assert r[("abandon", "rule=cosine,eps=0.5,layers=1")]["asr"] == 0.0
+
+
+def test_algorithm_1_picks_mlps_for_global_triggers(cached):
+    r = results(cached, kind="global")
+    auto = [k for k in r if k[0] == "decomp_rep"]
+    assert auto == [("decomp_rep", "auto:mlp,last=1")] and r[auto[0]]["asr"] == 1.0
+
+
+def test_dot_rule_uses_le_and_cosine_rule_uses_lt():
+    sim = np.array([0.1, 0.2, 0.3])
+    assert infected_mask(sim, "dot", 0.2).tolist() == [True, True, False]
+    assert infected_mask(sim, "cosine", 0.2).tolist() == [True, False, False]
+    a = np.ones((1, 1, 1, 4), np.float32)
+    p = 2 * np.ones((1, 1, 4), np.float32)
+    assert head_similarity(a, p, "dot")[0, 0, 0] == 8.0 and np.isclose(head_similarity(a, p, "cosine")[0, 0, 0], 1)
+
+
+def test_asr_definitions_on_a_hand_made_case():
+    labels = np.array([0, 1, 2, 3, 3])
+    pred = np.array([3, 3, 2, 3, 1])  # target 3
+    asr, asr_all = attack_success(pred, labels, target=3)
+    assert asr == pytest.approx(2 / 3)  # non-target images 0, 1, 2: two flipped to the target
+    assert asr_all == pytest.approx(3 / 5)  # all triggered images predicted as target
+    assert clean_accuracy(pred, labels) == pytest.approx(2 / 5)
+    assert detection_auroc(np.array([0.1, 0.2]), np.array([0.3, 0.15])) == pytest.approx(0.75)
