@@ -94,10 +94,10 @@ def cmd_pretrain(args) -> None:
 
     p = parse_params(args.params)
     set_threads(args.threads)
-    pick_device(gpu=True)  # the tiny model trains on CPU; a claimed slot keeps GPU jobs apart on a GPU box
     metrics = pretrain(args.train, _eval_dirs(args.eval), args.out, section(ModelConfig, p["model"]),
                        section(OptimConfig, p["pretrain"]), section(ZeroShotConfig, p["zeroshot"]), p["seed"],
-                       ckpt_dir=args.ckpt_dir, ckpt_every=p["pretrain"]["ckpt_every"])
+                       ckpt_dir=args.ckpt_dir, ckpt_every=p["pretrain"]["ckpt_every"],
+                       device=pick_device(gpu=True))
     print(json.dumps(metrics, indent=1))
 
 
@@ -147,14 +147,14 @@ def cmd_finetune(args) -> None:
 
 def cmd_decompose(args) -> None:
     from clipbackdoor.decompose_stage import run_decompose
-    from clipbackdoor.runtime import set_threads
+    from clipbackdoor.runtime import pick_device, set_threads
 
     p = parse_params(args.params)
     set_threads(args.threads)
     trigger, seed = ("none", 0) if args.trigger == "none" else _run_id(args.trigger)
     cfg = p["decompose"]
     n = run_decompose(args.model, args.eval_dir, args.out, trigger, p.get("attacks", {}), seed, cfg["centering"],
-                      cfg["normalize"], cfg["batch_size"])
+                      cfg["normalize"], cfg["batch_size"], device=pick_device(gpu=True))
     print(f"decomposed {n} images")
 
 

@@ -21,18 +21,20 @@ from clipbackdoor.zeroshot import class_text_embeddings, templates_for
 
 def decompose_images(loaded, images: torch.Tensor, centering: str, normalize_terms: bool,
                      batch_size: int) -> Decomposition:
+    device = next(loaded.model.parameters()).device
     parts = []
     for i in range(0, len(images), batch_size):
-        x = normalize(images[i:i + batch_size], loaded.mean, loaded.std)
+        x = normalize(images[i:i + batch_size].to(device), loaded.mean, loaded.std)
         parts.append(decompose(loaded.model.visual, x, centering=centering, normalize=normalize_terms))
-    return Decomposition(*(torch.cat([getattr(p, f) for p in parts]) for f in
+    return Decomposition(*(torch.cat([getattr(p, f).cpu() for p in parts]) for f in
                            ("embed", "heads", "mlps", "bias", "embedding", "norm")))
 
 
 def run_decompose(model_dir: str | Path, eval_dir: str | Path, out_path: str | Path, trigger: str,
-                  attacks: dict, seed: int, centering: str, normalize_terms: bool, batch_size: int) -> int:
+                  attacks: dict, seed: int, centering: str, normalize_terms: bool, batch_size: int,
+                  device: str = "cpu") -> int:
     """Decompose the eval set, triggered with ``trigger`` (an attack name) or clean (``none``)."""
-    loaded = load_artifact(model_dir)
+    loaded = load_artifact(model_dir, device)
     split = load_split(eval_dir, loaded.image_size)
     images = split["images"]
     if trigger != "none":
@@ -52,7 +54,7 @@ def run_class_embeddings(model_dir: str | Path, eval_dir: str | Path, out_path: 
     classes = world_classes_json(eval_dir)
     emb = class_text_embeddings(loaded, classes["classnames"], templates_for(templates_kind, classes["templates"]))
     with atomic_path(out_path) as tmp:
-        save_file({"class_embeddings": emb.contiguous()}, str(tmp),
+        save_file({"class_embeddings": emb.cpu().contiguous()}, str(tmp),
                   metadata={"classnames": json.dumps(classes["classnames"]), "checkpoint_sha256": loaded.checkpoint_sha256})
     return len(classes["classnames"])
 

@@ -27,9 +27,10 @@ def evaluate_zeroshot(loaded, eval_dirs: dict[str, Path], zs: ZeroShotConfig) ->
 
 def pretrain(train_dir: str | Path, eval_dirs: dict[str, Path], out_dir: str | Path, model_cfg: ModelConfig,
              opt: OptimConfig, zs: ZeroShotConfig, seed: int, ckpt_dir: str | Path | None = None,
-             ckpt_every: int = 100) -> dict:
+             ckpt_every: int = 100, device: str = "cpu") -> dict:
     """Train a CLIP from scratch on the ``pretrain`` split; write the artifact; return its metrics."""
     loaded = create(model_cfg.name, pretrained=None)
+    loaded.model.to(device)
     split = load_split(Path(train_dir) / "pretrain", loaded.image_size)
     tokens = loaded.tokenizer(split["captions"])
     t0 = time.time()
@@ -38,6 +39,7 @@ def pretrain(train_dir: str | Path, eval_dirs: dict[str, Path], out_dir: str | P
     metrics = {"train_seconds": round(time.time() - t0, 1), "final_loss": history[-1]["loss"],
                "first_loss": history[0]["loss"], "steps": len(history), "n_pairs": len(tokens)}
     metrics.update(evaluate_zeroshot(loaded, eval_dirs, zs))
+    loaded.model.cpu()
     save_artifact(loaded, out_dir, metrics, provenance={"stage": "pretrain", "seed": seed})
     return metrics
 

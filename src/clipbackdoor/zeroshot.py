@@ -41,6 +41,6 @@ def predict(image_emb: torch.Tensor, class_emb: torch.Tensor) -> torch.Tensor:
 
 def top1(loaded: LoadedModel, images: torch.Tensor, labels: torch.Tensor, classnames, templates,
          batch_size: int = 256) -> float:
-    cls = class_text_embeddings(loaded, classnames, templates)
+    cls = class_text_embeddings(loaded, classnames, templates).cpu()
     pred = predict(image_embeddings(loaded, images, batch_size), cls)
     return float((pred == labels).float().mean())
