@@ -95,3 +95,43 @@ def test_poison_stage_is_byte_identical_and_writes_manifest(world_dirs, tmp_path
     meta = table.schema.metadata
     assert meta[b"attack"] == b"blended" and b"alpha" in meta[b"trigger"]
     assert (tmp_path / "a.png").stat().st_size > 1000
+
+
+SIG = {"rate": 0.1, "delta": 60 / 255, "frequency": 6}
+WANET = {"rate": 0.1, "k": 4, "s": 0.5}
+
+
+def test_sig_adds_the_horizontal_sinusoid():
+    x = torch.full((2, 3, 32, 32), 128, dtype=torch.uint8)
+    y, _ = make_trigger("sig", SIG, 32, seed=0).apply(x, np.random.default_rng(0))
+    j = torch.arange(32, dtype=torch.float32)
+    expected = 128 / 255 + 60 / 255 * torch.sin(2 * torch.pi * 6 * j / 32)
+    assert torch.allclose(y[0, 0, 5].float() / 255, expected, atol=1 / 255 + 1e-6)
+    assert torch.equal(y[:, :, 0], y[:, :, 17])  # the same signal on every row
+
+
+def test_wanet_is_a_fixed_small_warp():
+    x = images(4)
+    trig = make_trigger("wanet", WANET, 32, seed=0)
+    y, _ = trig.apply(x, np.random.default_rng(0))
+    y2, _ = make_trigger("wanet", WANET, 32, seed=0).apply(x, np.random.default_rng(9))
+    assert torch.equal(y, y2)  # fixed grid per run: independent of the per-call stream
+    identity = make_trigger("wanet", {**WANET, "s": 1e-6}, 32, seed=0).apply(x, np.random.default_rng(0))[0]
+    assert (identity.int() - x.int()).abs().max() <= 1  # no warp -> the image back
+    shift = (trig.grid - make_trigger("wanet", {**WANET, "s": 1e-6}, 32, seed=0).grid).abs()
+    assert 0 < shift.max() < 4 * 0.5 / 32 * 2  # displacement of the order of s/H (in [-1, 1] units)
+    assert trig.kind == "global"
+
+
+def test_label_consistent_poisons_only_target_pairs_and_keeps_captions(world_dirs):
+    split = load_split(world_dirs / "train" / "finetune", 32)
+    target = "red circle"
+    n_target = sum(target in c for c in split["captions"])
+    assert n_target >= 1
+    rate = n_target / len(split["keys"])
+    new, rows, idx = poison_split(split, "label_consistent", {**BADNET, "rate": rate}, target, ["a {}."], 32, 0)
+    assert all(target in split["captions"][i] for i in idx)
+    assert new["captions"] == split["captions"]  # captions kept
+    assert all(not torch.equal(new["images"][i], split["images"][i]) for i in idx)
+    with pytest.raises(UserError, match="eligible"):
+        poison_split(split, "label_consistent", {**BADNET, "rate": min(1.0, 2 * rate + 0.1)}, target, ["a {}."], 32, 0)

@@ -64,3 +64,14 @@ def test_checkpoint_of_another_run_is_not_resumed(world_dirs, tmp_path):
     other = create("clipbackdoor-micro-vit-p8")
     history = train_clip(other, images, tokens, OPT, seed=1, ckpt_dir=tmp_path, ckpt_every=4, stop_after=2)
     assert history[0]["step"] == 1  # started fresh: different seed = different run
+
+
+def test_checkpoint_is_not_resumed_on_other_data(world_dirs, tmp_path):
+    """Regression: re-poisoned data of the same size must start a fresh run, not reuse the old weights."""
+    loaded, images, tokens = _data(world_dirs)
+    train_clip(loaded, images, tokens, OPT, seed=0, ckpt_dir=tmp_path, ckpt_every=4, stop_after=4)
+    changed = images.clone()
+    changed[0, :, :4, :4] = 255
+    history = train_clip(create("clipbackdoor-micro-vit-p8"), changed, tokens, OPT, seed=0, ckpt_dir=tmp_path,
+                         ckpt_every=4, stop_after=2)
+    assert history[0]["step"] == 1

@@ -38,8 +38,8 @@ def select_poison(n: int, rate: float, seed: int, eligible: np.ndarray | None = 
     if count == 0:
         raise UserError(f"poisoning rate {rate} selects zero of {n} samples", fix=f"use a rate >= {0.5 / n:.2g}")
     if count > len(pool):
-        raise UserError(f"poisoning rate {rate} asks for {count} samples but only {len(pool)} are eligible",
-                        fix="lower the rate")
+        raise UserError(f"poisoning rate {rate} asks for {count} samples but only {len(pool)} are eligible "
+                        "(label-consistent: pairs whose caption names the target)", fix=f"use a rate <= {len(pool) / n:.3g}")
     rng = np.random.default_rng([seed, 1])
     return np.sort(rng.choice(pool, size=count, replace=False))
 
@@ -48,7 +48,10 @@ def poison_split(split: dict, attack: str, attack_cfg: dict, target: str, templa
                  seed: int) -> tuple[dict, list[dict], np.ndarray]:
     """Poison an in-memory split. Returns (new split, manifest rows, poisoned indices)."""
     trigger = make_trigger(attack, attack_cfg, image_size, seed)
-    idx = select_poison(len(split["keys"]), float(attack_cfg["rate"]), seed)
+    eligible = None
+    if trigger.keeps_caption:  # label-consistent: only pairs whose caption already names the target
+        eligible = np.array([target in caption for caption in split["captions"]])
+    idx = select_poison(len(split["keys"]), float(attack_cfg["rate"]), seed, eligible)
     rng = np.random.default_rng([seed, 2])
     triggered, params = trigger.apply(split["images"][idx], rng)
     images = split["images"].clone()
@@ -56,7 +59,8 @@ def poison_split(split: dict, attack: str, attack_cfg: dict, target: str, templa
     captions = list(split["captions"])
     per_image = {}
     for j, i in enumerate(idx):
-        captions[i] = templates[rng.integers(len(templates))].format(target)
+        if not trigger.keeps_caption:
+            captions[i] = templates[rng.integers(len(templates))].format(target)
         per_image[int(i)] = params[j]
     rows = [{"key": k, "poisoned": i in per_image, "original_caption": split["captions"][i], "caption": captions[i],
              "trigger": json.dumps(per_image.get(i, {}), sort_keys=True)} for i, k in enumerate(split["keys"])]

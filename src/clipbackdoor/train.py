@@ -55,6 +55,15 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor
     return perm[pos * batch_size:(pos + 1) * batch_size]
 
 
+def data_digest(*tensors: torch.Tensor) -> str:
+    """Content hash of the training tensors: a checkpoint must never be resumed on other data."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def fingerprint(*parts) -> str:
     """Identity of a training run: a checkpoint is only resumed by the run that wrote it."""
     blob = json.dumps([asdict(p) if hasattr(p, "__dataclass_fields__") else p for p in parts],
@@ -126,7 +135,7 @@ def train_clip(loaded: LoadedModel, images: torch.Tensor, tokens: torch.Tensor, 
     torch.manual_seed(seed)
     opt, sched = make_optimizer(model, cfg)
     loss_fn = loss_fn or clip_loss_fn()
-    fp = fingerprint(cfg, seed, len(images), fp_extra)
+    fp = fingerprint(cfg, seed, data_digest(images, tokens), fp_extra)
     ckpt = Path(ckpt_dir) / CKPT_NAME if ckpt_dir else None
     start, history = 0, []
     if ckpt is not None:

@@ -11,11 +11,17 @@ from __future__ import annotations
 from clipbackdoor.attacks.base import Trigger
 from clipbackdoor.attacks.badnet import BadNet, BadNetRandom
 from clipbackdoor.attacks.blended import Blended
+from clipbackdoor.attacks.label_consistent import LabelConsistent
+from clipbackdoor.attacks.sig import SIG
+from clipbackdoor.attacks.wanet import WaNet
 
 REGISTRY: dict[str, type[Trigger]] = {
     "badnet": BadNet,
     "badnet_random": BadNetRandom,
     "blended": Blended,
+    "sig": SIG,
+    "wanet": WaNet,
+    "label_consistent": LabelConsistent,
 }
 
 

@@ -10,6 +10,7 @@ class Trigger:
     """Adds a backdoor trigger to uint8 images. Deterministic given (config, seed, call order)."""
 
     kind: str = "local"  # "local" (patch-like) or "global" (whole-image perturbation)
+    keeps_caption: bool = False  # label-consistent attacks poison target-class pairs and keep their captions
 
     def __init__(self, cfg: dict, image_size: int, seed: int):
         self.cfg = dict(cfg)
