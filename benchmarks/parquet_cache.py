@@ -30,12 +30,12 @@ def synthetic(n, layers, heads, dim):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--images", type=int, default=10_000)
+    ap.add_argument("--images", type=int, default=10_000, help="images for the tiny shape")
+    ap.add_argument("--images-b32", type=int, default=2_000, help="images for the ViT-B-32 shape (1.6 MB each)")
     ap.add_argument("--out", default=str(Path(__file__).with_name("results") / "parquet_cache.json"))
     args = ap.parse_args()
     rows = []
-    for name, layers, heads, dim in (("tiny", 6, 8, 128), ("ViT-B-32", 12, 12, 512)):
-        n = args.images
+    for name, layers, heads, dim, n in (("tiny", 6, 8, 128, args.images), ("ViT-B-32", 12, 12, 512, args.images_b32)):
         d = synthetic(n, layers, heads, dim)
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "d.parquet"
