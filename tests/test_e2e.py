@@ -78,8 +78,8 @@ def test_snakemake_runs_the_pipeline_and_reruns_only_what_changed(smoke_repo):
     assert (smoke_repo / "results/figures/fig5_prototype_cosine.png").stat().st_size > 10_000
 
     assert "Nothing to be done" in sh("snakemake -n --cores 2", smoke_repo)
-    set_param(smoke_repo, "pretrain", "steps", 31)  # a pretraining edit: pretraining and everything after it
-    assert snakemake_jobs(sh("snakemake -n --cores 2", smoke_repo)) == ALL - {"world"}
+    set_param(smoke_repo, "pretrain", "steps", 31)  # a pretraining edit: pretraining and what depends on it
+    assert snakemake_jobs(sh("snakemake -n --cores 2", smoke_repo)) == ALL - {"world", "poison"}
     set_param(smoke_repo, "pretrain", "steps", 30)
     set_param(smoke_repo, "defend", "eps", 0.25)  # a defend edit: only defend and what reads it
     assert snakemake_jobs(sh("snakemake --cores 2", smoke_repo)) == AFTER_DEFEND
@@ -98,7 +98,7 @@ def test_dvc_repro_reproduces_snakemake_and_reruns_only_dependants(smoke_repo):
 
     assert dvc_stages(sh("dvc repro", smoke_repo)) == set()
     set_param(smoke_repo, "pretrain", "lr", 0.003)
-    assert dvc_rules(sh("dvc repro --dry", smoke_repo)) == ALL - {"world"}
+    assert dvc_rules(sh("dvc repro --dry", smoke_repo)) == ALL - {"world", "poison"}
     set_param(smoke_repo, "pretrain", "lr", 0.002)
     set_param(smoke_repo, "defend", "eps", 0.2)
     assert dvc_rules(sh("dvc repro", smoke_repo)) == AFTER_DEFEND
