@@ -40,7 +40,8 @@ def parse_params(value: str) -> dict:
     return nest_dotted(flat)
 
 
-def _eval_dirs(pairs: list[str]) -> dict[str, Path]:
+def _name_paths(pairs: list[str]) -> dict[str, Path]:
+    """NAME=PATH arguments -> {name: path}."""
     out = {}
     for pair in pairs:
         name, _, path = pair.partition("=")
@@ -94,7 +95,7 @@ def cmd_pretrain(args) -> None:
 
     p = parse_params(args.params)
     set_threads(args.threads)
-    metrics = pretrain(args.train, _eval_dirs(args.eval), args.out, section(ModelConfig, p["model"]),
+    metrics = pretrain(args.train, _name_paths(args.eval), args.out, section(ModelConfig, p["model"]),
                        section(OptimConfig, p["pretrain"]), section(ZeroShotConfig, p["zeroshot"]), p["seed"],
                        ckpt_dir=args.ckpt_dir, ckpt_every=p["pretrain"]["ckpt_every"],
                        device=pick_device(gpu=True))
@@ -108,7 +109,7 @@ def cmd_clean_model(args) -> None:
 
     p = parse_params(args.params)
     set_threads(args.threads)
-    print(json.dumps(clean_model(_eval_dirs(args.eval), args.out, section(ModelConfig, p["model"]),
+    print(json.dumps(clean_model(_name_paths(args.eval), args.out, section(ModelConfig, p["model"]),
                                  section(ZeroShotConfig, p["zeroshot"])), indent=1))
 
 
@@ -125,7 +126,7 @@ def cmd_poison(args) -> None:
 
     p = parse_params(args.params)
     attack, seed = _run_id(args.run)
-    classes = [world_classes_json(d) for d in _eval_dirs(args.eval).values()]
+    classes = [world_classes_json(d) for d in _name_paths(args.eval).values()]
     for c in classes[1:]:
         check_target(p["poison"]["target"], c["classnames"])
     templates = templates_for(p["poison"]["caption_templates"], classes[0]["templates"])
@@ -200,7 +201,7 @@ def cmd_summarize(args) -> None:
         ids, _, path = spec.partition("=")
         model, trigger, eval_set = ids.split(":")
         entries.append({"model": model, "trigger": trigger, "eval_set": eval_set, "path": path})
-    df = summarize(_eval_dirs(args.models), p["seed"], p["profile"], Path(args.csv), Path(args.md),
+    df = summarize(_name_paths(args.models), p["seed"], p["profile"], Path(args.csv), Path(args.md),
                    Path(args.json), entries)
     print(df.to_string(index=False))
 

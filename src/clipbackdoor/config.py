@@ -10,7 +10,7 @@ import dataclasses
 import json
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -287,6 +287,3 @@ def section(tp: type, value: Any) -> Any:
     """Build one section's dataclass from the JSON a rule passes on the command line."""
     return _build(tp, value)
 
-
-__all__ = [name for name in dir() if name.endswith("Config")] + [
-    "Params", "load_params", "load_yaml", "validate_params", "section", "build", "load_schema", "field"]

@@ -46,11 +46,9 @@ class Decomposition:
 def _check_supported(visual: nn.Module) -> None:
     if getattr(visual, "attn_pool", None) is not None or getattr(visual, "pool_type", "tok") != "tok":
         raise NotImplementedError("decomposition needs class-token pooling (no attentional pooler)")
-    if getattr(visual, "final_ln_after_pool", False):
-        pass  # pooling before ln_post changes nothing for 'tok' pooling
     for blk in visual.transformer.resblocks:
-        if not isinstance(blk.attn, nn.MultiheadAttention) or hasattr(blk, "ln_attn") and not isinstance(
-                blk.ln_attn, nn.Identity):
+        scaled_attn = not isinstance(getattr(blk, "ln_attn", nn.Identity()), nn.Identity)
+        if not isinstance(blk.attn, nn.MultiheadAttention) or scaled_attn:
             raise NotImplementedError("decomposition supports open_clip ViT blocks with nn.MultiheadAttention")
 
 
