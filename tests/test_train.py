@@ -75,3 +75,28 @@ def test_checkpoint_is_not_resumed_on_other_data(world_dirs, tmp_path):
     history = train_clip(create("clipbackdoor-micro-vit-p8"), changed, tokens, OPT, seed=0, ckpt_dir=tmp_path,
                          ckpt_every=4, stop_after=2)
     assert history[0]["step"] == 1
+
+
+PRETRAIN_SCRIPT = """
+import hashlib, sys
+from pathlib import Path
+import torch
+import clipbackdoor
+from clipbackdoor.config import ModelConfig, OptimConfig, ZeroShotConfig
+from clipbackdoor.pretrain import pretrain
+torch.set_num_threads(1)
+root = Path(sys.argv[1])
+pretrain(root / "train", {"world": root / "eval"}, Path(sys.argv[2]), ModelConfig("clipbackdoor-micro-vit-p8", None),
+         OptimConfig(3, 16, 1e-3, 0.1, 1, (0.9, 0.98), 1e-6), ZeroShotConfig("embedded", 64), seed=5)
+print(hashlib.sha256((Path(sys.argv[2]) / "model.safetensors").read_bytes()).hexdigest())
+"""
+
+
+def test_pretraining_is_byte_identical_across_processes(world_dirs, tmp_path):
+    """torch seeds itself randomly per process; the model init must come from params.seed."""
+    import subprocess
+    import sys
+
+    digests = [subprocess.run([sys.executable, "-c", PRETRAIN_SCRIPT, str(world_dirs), str(tmp_path / f"m{i}")],
+                              capture_output=True, text=True, check=True).stdout.split()[-1] for i in range(2)]
+    assert digests[0] == digests[1]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from clipbackdoor.config import ModelConfig, OptimConfig, ZeroShotConfig
 from clipbackdoor.models import create, save_artifact
+from clipbackdoor.runtime import seed_everything
 from clipbackdoor.shards import load_split
 from clipbackdoor.train import train_clip
 from clipbackdoor.world import world_classes_json
@@ -29,6 +30,7 @@ def pretrain(train_dir: str | Path, eval_dirs: dict[str, Path], out_dir: str | P
              opt: OptimConfig, zs: ZeroShotConfig, seed: int, ckpt_dir: str | Path | None = None,
              ckpt_every: int = 100, device: str = "cpu") -> dict:
     """Train a CLIP from scratch on the ``pretrain`` split; write the artifact; return its metrics."""
+    seed_everything(seed)  # the random initialisation must come from the params, not the process
     loaded = create(model_cfg.name, pretrained=None)
     loaded.model.to(device)
     split = load_split(Path(train_dir) / "pretrain", loaded.image_size)

@@ -132,7 +132,7 @@ def train_clip(loaded: LoadedModel, images: torch.Tensor, tokens: torch.Tensor, 
     model = loaded.model
     device = next(model.parameters()).device
     model.train()
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # torch seeds itself randomly per process: every random draw must come from here
     opt, sched = make_optimizer(model, cfg)
     loss_fn = loss_fn or clip_loss_fn()
     fp = fingerprint(cfg, seed, data_digest(images, tokens), fp_extra)
