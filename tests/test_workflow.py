@@ -103,6 +103,8 @@ def test_dvc_yaml_mirrors_rule_params_and_outputs():
     assert stages["pretrain"]["params"] == ["model", "pretrain", "seed", "zeroshot"]
     assert "src/clipbackdoor/train.py" in stages["pretrain"]["deps"]
     assert "src/clipbackdoor/train.py" not in stages["world"]["deps"]  # only the modules a stage imports
+    assert "src/clipbackdoor/attacks" in stages["poison_badnet-s0"]["deps"]  # sub-packages as folders
+    assert "src/clipbackdoor/attacks" in stages["defend_badnet-s0_world_badnet-s0"]["deps"]
     assert "@params.yaml:data.image_size,data.world" in stages["world"]["cmd"]
     assert "data/models/clean" in stages["pretrain"]["outs"]
 

@@ -113,19 +113,14 @@ def cmd_clean_model(args) -> None:
                                  section(ZeroShotConfig, p["zeroshot"])), indent=1))
 
 
-def _run_id(run: str) -> tuple[str, int]:
-    from clipbackdoor.report import parse_run
-
-    return parse_run(run)
-
-
 def cmd_poison(args) -> None:
     from clipbackdoor.poison import check_target, poison
+    from clipbackdoor.attacks import parse_run
     from clipbackdoor.world import world_classes_json
     from clipbackdoor.zeroshot import templates_for
 
     p = parse_params(args.params)
-    attack, seed = _run_id(args.run)
+    attack, seed = parse_run(args.run)
     classes = [world_classes_json(d) for d in _name_paths(args.eval).values()]
     for c in classes[1:]:
         check_target(p["poison"]["target"], c["classnames"])
@@ -137,22 +132,24 @@ def cmd_poison(args) -> None:
 def cmd_finetune(args) -> None:
     from clipbackdoor.config import OptimConfig, section
     from clipbackdoor.finetune import finetune
+    from clipbackdoor.attacks import parse_run
     from clipbackdoor.runtime import set_threads
 
     p = parse_params(args.params)
     set_threads(args.threads)
-    _, seed = _run_id(args.run)
+    _, seed = parse_run(args.run)
     print(json.dumps(finetune(args.model, args.train, args.out, section(OptimConfig, p["finetune"]), seed,
                               args.ckpt_dir, p["finetune"]["ckpt_every"], f"finetune-{args.run}")))
 
 
 def cmd_decompose(args) -> None:
     from clipbackdoor.decompose_stage import run_decompose
+    from clipbackdoor.attacks import parse_run
     from clipbackdoor.runtime import pick_device, set_threads
 
     p = parse_params(args.params)
     set_threads(args.threads)
-    trigger, seed = ("none", 0) if args.trigger == "none" else _run_id(args.trigger)
+    trigger, seed = ("none", 0) if args.trigger == "none" else parse_run(args.trigger)
     cfg = p["decompose"]
     n = run_decompose(args.model, args.eval_dir, args.out, trigger, p.get("attacks", {}), seed, cfg["centering"],
                       cfg["normalize"], cfg["batch_size"], device=pick_device(gpu=True))
@@ -176,7 +173,7 @@ def cmd_prototypes(args) -> None:
 
 
 def cmd_defend(args) -> None:
-    from clipbackdoor.attacks import REGISTRY
+    from clipbackdoor.attacks import REGISTRY, parse_run
     from clipbackdoor.config import DefendConfig, section
     from clipbackdoor.decompose_stage import load_class_embeddings
     from clipbackdoor.defend import run_defend
@@ -184,7 +181,7 @@ def cmd_defend(args) -> None:
     from clipbackdoor.prototypes import load_prototypes
 
     p = parse_params(args.params)
-    attack, _ = _run_id(args.trigger)
+    attack, _ = parse_run(args.trigger)
     class_emb, classnames = load_class_embeddings(args.classes)
     target = check_target(p["poison"]["target"], classnames)
     n = run_defend(args.clean, args.triggered, load_prototypes(args.prototypes), class_emb,

@@ -10,7 +10,6 @@ normalisation, centering and shapes; readers check them before trusting the data
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,7 +124,3 @@ def read_decomposition(path: str | Path, layers: list[int] | None = None, with_m
         norm=table["norm"].to_numpy(), embedding=_fp16_values(table["embedding"], d),
         embed=_fp16_values(table["embed"], d), heads=heads, mlps=mlps, bias=_fp16_values(table["bias"], d),
         meta=meta)
-
-
-def meta_json(meta: dict) -> str:
-    return json.dumps(meta, sort_keys=True)

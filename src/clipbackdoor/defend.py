@@ -47,10 +47,19 @@ def classify(reps: np.ndarray, class_emb: np.ndarray) -> np.ndarray:
     return (unit @ class_emb.T).argmax(axis=-1).astype(np.int32)
 
 
+def head_rule(heads: np.ndarray, protos: dict, cfg: DefendConfig):
+    """The infected-head rule on the last k layers: (layers, similarity [N, k, H], infected [N, k, H], tag)."""
+    n_layers = heads.shape[1]
+    k = min(cfg.head_layers, n_layers)
+    layers = list(range(n_layers - k, n_layers))
+    sim = head_similarity(heads[:, layers], protos["heads"][layers], cfg.rule)
+    return layers, sim, infected_mask(sim, cfg.rule, cfg.eps), f"rule={cfg.rule},eps={cfg.eps:g},layers={k}"
+
+
 class TestSplit:
     """One split's (clean or triggered) test images with everything the defenses need, in memory."""
 
-    def __init__(self, d: CachedDecomposition, index: np.ndarray, n_layers: int):
+    def __init__(self, d: CachedDecomposition, index: np.ndarray):
         self.index = index
         self.labels = d.labels[index]
         self.embedding = d.embedding[index]  # [N, d]
@@ -66,10 +75,8 @@ def _settings(split: TestSplit, protos: dict, cfg: DefendConfig, kind: str, clas
     n_layers, n_heads = split.heads.shape[1:3]
     p_heads, p_mlps = protos["heads"], protos["mlps"]  # [L, H, d], [L, d]
     p_head_sum = p_heads.sum(axis=1)  # [L, d]
-    k = min(cfg.head_layers, n_layers)
-    layers = list(range(n_layers - k, n_layers))
+    layers, sim, infected, tag = head_rule(split.heads, protos, cfg)  # sim, infected: [N, k, H]
     heads_k, protos_k = split.heads[:, layers], p_heads[layers]  # [N, k, H, d], [k, H, d]
-    tag = f"rule={cfg.rule},eps={cfg.eps:g},layers={k}"
 
     def replace(mask, new):  # mask [N, k, H]; new [N or 1, k, H, d] -> classify edited reps
         delta = (mask[..., None] * (new - heads_k)).sum(axis=(1, 2))
@@ -82,8 +89,6 @@ def _settings(split: TestSplit, protos: dict, cfg: DefendConfig, kind: str, clas
     yield "none", "-", classify(split.embedding, class_emb), None
     yield "base_decomp", "-", classify(split.total, class_emb), None
 
-    sim = head_similarity(heads_k, protos_k, cfg.rule)  # [N, k, H]
-    infected = infected_mask(sim, cfg.rule, cfg.eps)
     count = infected.sum(axis=(1, 2))
     late_mlps = list(range(max(0, n_layers - cfg.mlp_layers), n_layers))
     rep_heads = replace(infected, protos_k[None])
@@ -97,7 +102,7 @@ def _settings(split: TestSplit, protos: dict, cfg: DefendConfig, kind: str, clas
     yield "decomp_det_score", tag, (count > cfg.zeta).astype(np.int32), (-sim.sum(axis=(1, 2))).astype(np.float32)
     for eps in cfg.eps_sweep:
         mask = infected_mask(sim, cfg.rule, eps)
-        yield "decomp_rep_sweep", f"rule={cfg.rule},eps={eps:g},layers={k}", replace(mask, protos_k[None]), None
+        yield "decomp_rep_sweep", f"rule={cfg.rule},eps={eps:g},layers={len(layers)}", replace(mask, protos_k[None]), None
 
     # Tables 3 and 5: what replaces the infected heads, and which heads
     yield "abandon", tag, replace(infected, np.zeros_like(protos_k)[None]), None
@@ -131,13 +136,11 @@ def _settings(split: TestSplit, protos: dict, cfg: DefendConfig, kind: str, clas
 
 
 def decomp_reverse(clean: TestSplit, trig: TestSplit, protos: dict, cfg: DefendConfig, class_emb: np.ndarray):
-    """Decomp-Reverse: paste the heads flagged infected in each triggered image into its clean twin."""
-    n_layers = clean.heads.shape[1]
-    layers = list(range(n_layers - min(cfg.head_layers, n_layers), n_layers))
-    sim = head_similarity(trig.heads[:, layers], protos["heads"][layers], cfg.rule)
-    mask = infected_mask(sim, cfg.rule, cfg.eps)
+    """Decomp-Reverse: paste the heads flagged infected in each triggered image into its clean twin.
+    Returns (tag, predictions)."""
+    layers, _, mask, tag = head_rule(trig.heads, protos, cfg)
     delta = (mask[..., None] * (trig.heads[:, layers] - clean.heads[:, layers])).sum(axis=(1, 2))
-    return classify(clean.total + delta, class_emb)
+    return tag, classify(clean.total + delta, class_emb)
 
 
 def run_defend(clean_path: str | Path, triggered_path: str | Path, protos: dict, class_emb: np.ndarray,
@@ -146,8 +149,7 @@ def run_defend(clean_path: str | Path, triggered_path: str | Path, protos: dict,
     clean_d, trig_d = read_decomposition(clean_path), read_decomposition(triggered_path)
     if clean_d.keys != trig_d.keys:
         raise ValueError("clean and triggered decompositions must list the same images in the same order")
-    n_layers = int(clean_d.meta["n_layers"])
-    splits = {"clean": TestSplit(clean_d, test_index, n_layers), "triggered": TestSplit(trig_d, test_index, n_layers)}
+    splits = {"clean": TestSplit(clean_d, test_index), "triggered": TestSplit(trig_d, test_index)}
     rows: dict[str, list] = {name: [] for name in OUTPUT_SCHEMA.names}
 
     def add(defense, variant, split_name, pred, score):
@@ -165,8 +167,8 @@ def run_defend(clean_path: str | Path, triggered_path: str | Path, protos: dict,
         rng = np.random.default_rng([cfg.seed, 0 if split_name == "clean" else 1])
         for defense, variant, pred, score in _settings(split, protos, cfg, kind, class_emb, rng):
             add(defense, variant, split_name, pred, score)
-    reverse = decomp_reverse(splits["clean"], splits["triggered"], protos, cfg, class_emb)
-    add("decomp_reverse", f"rule={cfg.rule},eps={cfg.eps:g},layers={cfg.head_layers}", "clean", reverse, None)
+    tag, reverse = decomp_reverse(splits["clean"], splits["triggered"], protos, cfg, class_emb)
+    add("decomp_reverse", tag, "clean", reverse, None)
     meta = {"target": str(target), "kind": kind, "rule": cfg.rule, "eps": str(cfg.eps),
             "checkpoint_sha256": trig_d.meta.get("checkpoint_sha256", ""), "trigger": trig_d.meta.get("trigger", "")}
     table = pa.Table.from_pydict(rows, schema=OUTPUT_SCHEMA).replace_schema_metadata(meta)

@@ -76,7 +76,11 @@ def stage_modules(root: Path, subcommand: str) -> list[str]:
         path = src / f"{mod}.py"
         if path.exists():
             todo |= _module_imports(path)
-    files = [f"src/{PACKAGE}/{m}.py" for m in sorted(seen) if (src / f"{m}.py").exists()]
+        elif (src / mod).is_dir():  # a sub-package (e.g. attacks/): every module in it
+            for sub in sorted((src / mod).glob("*.py")):
+                todo |= _module_imports(sub)
+    files = [f"src/{PACKAGE}/{m}.py" if (src / f"{m}.py").exists() else f"src/{PACKAGE}/{m}"
+             for m in sorted(seen) if (src / f"{m}.py").exists() or (src / m).is_dir()]
     if "models" in seen:  # the model registry reads these configs
         files.append(f"src/{PACKAGE}/model_configs")
     return files

@@ -58,7 +58,3 @@ def write_json(path: str | Path, obj) -> None:
 def write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
-
-
-def read_json(path: str | Path):
-    return json.loads(Path(path).read_text())

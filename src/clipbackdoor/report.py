@@ -11,15 +11,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from clipbackdoor.attacks import parse_run
 from clipbackdoor.io import atomic_path, write_json, write_text
 
 COLUMNS = ["attack", "defense", "variant", "seed", "eval_set", "asr", "asr_all", "cacc", "auroc", "tpr", "fpr"]
-
-
-def parse_run(run: str) -> tuple[str, int]:
-    """'badnet-s1' -> ('badnet', 1)."""
-    name, _, seed = run.rpartition("-s")
-    return name, int(seed)
 
 
 def defend_rows(entries: list[dict]) -> list[dict]:

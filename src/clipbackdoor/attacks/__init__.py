@@ -25,6 +25,12 @@ REGISTRY: dict[str, type[Trigger]] = {
 }
 
 
+def parse_run(run: str) -> tuple[str, int]:
+    """An attack run's name -> (attack, seed): 'badnet-s1' -> ('badnet', 1)."""
+    name, _, seed = run.rpartition("-s")
+    return name, int(seed)
+
+
 def make_trigger(name: str, cfg: dict, image_size: int, seed: int) -> Trigger:
     if name not in REGISTRY:
         from clipbackdoor.errors import UserError
