@@ -46,6 +46,16 @@ def test_default_dag_dry_runs_in_both_forms(args):
     assert counts["defend"] == 2 * runs  # attacked models with their trigger + the clean-model controls
 
 
+def test_fresh_checkout_plans_the_whole_pipeline(tmp_path):
+    """Regression: committed outputs (results/) made a fresh clone's `make run` do nothing at all."""
+    repo = copy_repo(tmp_path / "repo")
+    proc = subprocess.run([*SNAKEMAKE, "-n", "--cores", "2"], cwd=repo, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert "Nothing to be done" not in proc.stdout
+    counts = job_counts(proc.stdout)
+    assert counts["world"] == 1 and counts["pretrain"] == 1 and counts["summary"] == 1 and counts["figures"] == 1
+
+
 def test_resources_swallowing_all_is_the_known_pitfall():
     """Snakemake 9 reads `all` after --resources as a resource: documented, and this shows why."""
     proc = dry_run("--cores", "8", "--resources", "gpu=2", "all")

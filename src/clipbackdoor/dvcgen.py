@@ -6,7 +6,8 @@ Every job of the ``all`` DAG becomes one DVC stage with
   the stage (``0`` = all cores);
 - ``deps``: the job's inputs plus the ``src/clipbackdoor`` modules the stage's code imports;
 - ``params``: exactly the dotted keys the rule passes in ``params.cfg``;
-- ``outs``: the job's outputs (results/ files are git-tracked, ``cache: false``).
+- ``outs``: the job's outputs, all DVC-cached (results/ tables and figures too: committing them to git
+  would make a fresh clone's Snakemake see them as up to date and skip the whole pipeline).
 """
 
 from __future__ import annotations
@@ -99,10 +100,7 @@ def job_to_stage(job, root: Path) -> tuple[str, dict]:
     cmd = " ".join(cmd.split())
     subcommand = shlex.split(cmd)[3]  # python -m clipbackdoor <subcommand>
     deps = sorted({str(f) for f in job.input} | set(stage_modules(root, subcommand)))
-    outs = []
-    for f in job.output:
-        f = str(f)
-        outs.append({f: {"cache": False}} if f.startswith("results/") else f)
+    outs = [str(f) for f in job.output]
     stage = {"cmd": cmd, "deps": deps}
     if keys:
         stage["params"] = keys
