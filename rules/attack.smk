@@ -19,7 +19,7 @@ rule poison:
         bench_path("poison_{run}")
     shell:
         "python -m clipbackdoor poison --params {params.cfg:q} --run {wildcards.run}"
-        " --finetune-dir {input.train}/finetune --eval {params.evals} --out {output.shards}"
+        " --finetune-dir {input.train}/finetune --eval {params.evals:q} --out {output.shards}"
         " --manifest {output.manifest} --preview {output.preview} --log {log}"
 
 
@@ -33,7 +33,7 @@ rule finetune:
         cfg=stage_params("finetune"),
     threads: TORCH_THREADS
     resources:
-        gpu=1,
+        gpu=config["finetune"].get("devices", 1),  # one per data-parallel worker
     log:
         log_path("finetune_{run}"),
     benchmark:

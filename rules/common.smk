@@ -50,7 +50,8 @@ def eval_dir(name):
 
 
 def eval_args(wildcards=None):
-    return " ".join(f"{n}={eval_dir(n)}" for n in EVAL_SETS)
+    """NAME=PATH per evaluation set, a list so the shell quotes each (`{params.evals:q}`)."""
+    return [f"{n}={eval_dir(n)}" for n in EVAL_SETS]
 
 
 def log_path(name):

@@ -12,14 +12,14 @@ rule summary:
     params:
         cfg=stage_params("seed", "profile"),
         models="clean=data/models/clean",
-        defend=" ".join(f"{k}={v}" for k, v in DEFEND_OUTPUTS.items()),
+        defend=[f"{k}={v}" for k, v in DEFEND_OUTPUTS.items()],
     log:
         log_path("summary"),
     benchmark:
         bench_path("summary")
     shell:
-        "python -m clipbackdoor summarize --params {params.cfg:q} --models {params.models}"
-        " --defend {params.defend} --csv {output.csv} --md {output.md} --json {output.json} --log {log}"
+        "python -m clipbackdoor summarize --params {params.cfg:q} --models {params.models:q}"
+        " --defend {params.defend:q} --csv {output.csv} --md {output.md} --json {output.json} --log {log}"
 
 
 # One seed per attack in Figure 5 keeps it readable; Figure 2 averages over seeds.
@@ -36,14 +36,14 @@ rule figures:
         layerwise=report("results/figures/fig2_layerwise_ablation.png", category="Figures"),
         proto_cosine=report("results/figures/fig5_prototype_cosine.png", category="Figures"),
     params:
-        runs=" ".join(
+        runs=[
             f"{r}={decomp_path(r, FIG_EVAL, 'none')},{decomp_path(r, FIG_EVAL, r)},data/prototypes/{r}/{FIG_EVAL}.safetensors"
             for r in FIG5_RUNS
-        ),
+        ],
     log:
         log_path("figures"),
     benchmark:
         bench_path("figures")
     shell:
-        "python -m clipbackdoor figures --summary {input.summary} --runs {params.runs}"
+        "python -m clipbackdoor figures --summary {input.summary} --runs {params.runs:q}"
         " --layerwise {output.layerwise} --proto-cosine {output.proto_cosine} --log {log}"

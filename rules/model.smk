@@ -19,7 +19,7 @@ if FROM_SCRATCH:
         benchmark:
             bench_path("pretrain")
         shell:
-            "python -m clipbackdoor pretrain --params {params.cfg:q} --train {input.train} --eval {params.evals}"
+            "python -m clipbackdoor pretrain --params {params.cfg:q} --train {input.train} --eval {params.evals:q}"
             " --out {output} --ckpt-dir data/checkpoints/pretrain --threads {threads} --log {log}"
 
 else:
@@ -40,5 +40,5 @@ else:
         benchmark:
             bench_path("clean_model")
         shell:
-            "python -m clipbackdoor clean-model --params {params.cfg:q} --eval {params.evals} --out {output}"
+            "python -m clipbackdoor clean-model --params {params.cfg:q} --eval {params.evals:q} --out {output}"
             " --threads {threads} --log {log}"

@@ -30,6 +30,19 @@ def world_dirs(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="session")
+def micro_model(tmp_path_factory):
+    """A randomly initialised micro CLIP saved as a model artifact (seeded)."""
+    import torch
+
+    from clipbackdoor.models import create, save_artifact
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("micro") / "clean"
+    save_artifact(create("clipbackdoor-micro-vit-p8"), out)
+    return out
+
+
 def run_cli(*args, cwd=ROOT, check=True, env=None):
     proc = subprocess.run([sys.executable, "-m", "clipbackdoor", *map(str, args)], cwd=cwd, capture_output=True,
                           text=True, env={**os.environ, **(env or {})})

@@ -1,5 +1,7 @@
 """Defenses and metrics on synthetic decompositions where the answer is known."""
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -16,9 +18,10 @@ N, L, H, D, C = 200, 3, 4, 16, 4
 TARGET = 3
 
 
-def synthetic(trigger: bool, seed=0):
+def synthetic(trigger: bool, seed=0, noisy_head=False):
     """Class c is direction e_c, carried by head L0H0 and L1H1; every head also has a stable prototype-like
-    component. With the trigger, head L2H3 (last layer) writes a strong target direction e_TARGET."""
+    component. With the trigger, head L2H3 (last layer) writes a strong target direction e_TARGET.
+    ``noisy_head``: clean head L2H0 is mostly noise, so its cosine to its prototype is low on clean images."""
     g = torch.Generator().manual_seed(seed)
     labels = torch.arange(N) % C
     eye = torch.eye(D)
@@ -26,6 +29,8 @@ def synthetic(trigger: bool, seed=0):
     heads += 0.3 * torch.eye(D)[8 + torch.arange(H)][None, None]  # per-head stable direction (prototype)
     heads[:, 0, 0] += eye[labels]
     heads[:, 1, 1] += eye[labels]
+    if noisy_head:
+        heads[:, 2, 0] += 0.3 * torch.randn(N, D, generator=g)
     if trigger:
         heads[:, 2, 3] = 3.0 * eye[TARGET] + 0.02 * torch.randn(N, D, generator=g)
     mlps = 0.01 * torch.randn(N, L, D, generator=g)
@@ -35,14 +40,18 @@ def synthetic(trigger: bool, seed=0):
     return d, labels.numpy()
 
 
-@pytest.fixture
-def cached(tmp_path):
+def _cache(tmp_path, noisy_head=False):
     keys = [f"k{i}" for i in range(N)]
     for name, trig in (("clean", False), ("trig", True)):
-        d, labels = synthetic(trig)
+        d, labels = synthetic(trig, noisy_head=noisy_head)
         write_decomposition(tmp_path / f"{name}.parquet", keys, labels, trig, d, {"trigger": name})
     build_prototypes(tmp_path / "clean.parquet", tmp_path / "protos.safetensors", 0.2, 123)
     return tmp_path
+
+
+@pytest.fixture
+def cached(tmp_path):
+    return _cache(tmp_path)
 
 
 CFG = DefendConfig(rule="cosine", eps=0.5, head_layers=1, mlp_layers=1, zeta=0, fixed_heads=((1,), (4,)),
@@ -86,6 +95,29 @@ def test_planted_backdoor_is_repaired_and_detected(cached):
     assert r[("decomp_reverse", "rule=cosine,eps=0.5,layers=1")]["asr"] == 1.0
     # zero instead of prototype also removes this backdoor
     assert r[("abandon", "rule=cosine,eps=0.5,layers=1")]["asr"] == 0.0
+
+
+def test_validation_similarities_are_stored_with_the_prototypes(cached):
+    p = load_prototypes(cached / "protos.safetensors")
+    d, _ = synthetic(False)
+    val_heads = d.heads.numpy()[p["val_index"]]
+    assert p["val_cosine"].shape == (len(p["val_index"]), L, H)
+    assert np.allclose(p["val_cosine"], head_similarity(val_heads, p["heads"], "cosine"), atol=1e-3)
+    assert np.allclose(p["val_dot"], head_similarity(val_heads, p["heads"], "dot"), atol=1e-3)
+
+
+def test_per_head_clean_quantile_threshold_where_a_fixed_eps_fails(tmp_path):
+    """A clean head whose cosine to its prototype is naturally low: one fixed eps flags it on every clean
+    image (false alarms); a per-head threshold from the clean validation split does not."""
+    cached = _cache(tmp_path, noisy_head=True)
+    fixed = results(cached)[("decomp_det", "rule=cosine,eps=0.5,layers=1,zeta=0")]
+    assert fixed["fpr"] > 0.5
+    cfg = dataclasses.replace(CFG, threshold="clean_quantile", quantile=0.01)
+    r = results(cached, cfg)
+    det = r[("decomp_det", "rule=cosine,q=0.01,layers=1,zeta=0")]
+    assert det["tpr"] == 1.0 and det["fpr"] < 0.1 and det["auroc"] > 0.95
+    rep = r[("decomp_rep_heads", "rule=cosine,q=0.01,layers=1")]
+    assert rep["asr"] == 0.0 and rep["cacc"] == 1.0
 
 
 def test_algorithm_1_picks_mlps_for_global_triggers(cached):

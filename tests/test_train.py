@@ -1,9 +1,12 @@
+import dataclasses
+
+import pytest
 import torch
 
 from clipbackdoor.config import OptimConfig
 from clipbackdoor.models import create
 from clipbackdoor.shards import load_split
-from clipbackdoor.train import LOGIT_SCALE_MAX, batch_indices, param_groups, train_clip
+from clipbackdoor.train import LOGIT_SCALE_MAX, batch_indices, make_optimizer, param_groups, train_clip
 
 OPT = OptimConfig(steps=12, batch_size=32, lr=2e-3, weight_decay=0.1, warmup_steps=2, betas=(0.9, 0.98), eps=1e-6)
 
@@ -31,6 +34,22 @@ def test_no_decay_on_norms_biases_and_logit_scale():
     nd = {names[id(p)] for p in no_decay["params"]}
     assert "logit_scale" in nd and any("ln_" in n for n in nd) and any(n.endswith("bias") for n in nd)
     assert all(p.ndim >= 2 for p in decay["params"]) and decay["weight_decay"] == 0.1
+
+
+def test_layer_decay_scales_the_image_tower_learning_rates():
+    model = create("clipbackdoor-micro-vit-p8").model
+    n = len(model.visual.transformer.resblocks)
+    assert len(param_groups(model, 0.1, 1.0)) == 2  # off: the plain two groups
+    cfg = dataclasses.replace(OPT, lr=1e-3, layer_decay=0.5)
+    opt, _ = make_optimizer(model, cfg)
+    lr_of = {id(p): g["initial_lr"] for g in opt.param_groups for p in g["params"]}  # before warm-up
+    named = dict(model.named_parameters())
+    assert lr_of[id(named[f"visual.transformer.resblocks.{n - 1}.attn.in_proj_weight"])] == pytest.approx(1e-3)
+    assert lr_of[id(named["visual.transformer.resblocks.0.mlp.c_fc.weight"])] == pytest.approx(1e-3 * 0.5 ** (n - 1))
+    assert lr_of[id(named["visual.conv1.weight"])] == pytest.approx(1e-3 * 0.5 ** n)
+    assert lr_of[id(named["visual.proj"])] == lr_of[id(named["transformer.resblocks.0.attn.in_proj_weight"])] == 1e-3
+    decay_of = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    assert decay_of[id(named["visual.conv1.weight"])] == 0.1 and decay_of[id(named["logit_scale"])] == 0.0
 
 
 def test_batch_order_is_a_function_of_seed_and_step():

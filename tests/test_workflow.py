@@ -93,6 +93,9 @@ def test_every_rule_has_log_benchmark_and_thin_shell():
             name = block.split(":")[0]
             assert "log:" in block and "benchmark:" in block, f"{smk.name}:{name}"
             assert "python -m clipbackdoor " in block and "--log {log}" in block, f"{smk.name}:{name}"
+            # parameters reach the shell only shell-quoted
+            unquoted = re.findall(r"\{params\.\w+\}", block)
+            assert not unquoted, f"{smk.name}:{name}: {unquoted} must be written {{params.x:q}}"
 
 
 def test_committed_dvc_yaml_is_generated_from_the_rules():
@@ -127,3 +130,52 @@ def test_stale_dvc_yaml_is_detected(tmp_path):
     smk.write_text(smk.read_text().replace('stage_params("seed", "model", "pretrain", "zeroshot")',
                                            'stage_params("seed", "model", "pretrain")'))
     assert "zeroshot" in check_dvc_yaml(repo)
+
+
+def _dry_run_jobs(*args) -> dict[str, dict]:
+    """{rule: {"threads": int, "resources": {name: value}}} from a Snakemake dry run's job listing."""
+    import re
+
+    proc = subprocess.run(["snakemake", "all", "-n", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = {}
+    for block in re.split(r"\nrule ", proc.stdout)[1:]:
+        name = block.split(":")[0]
+        threads = int(re.search(r"threads: (\d+)", block).group(1)) if "threads:" in block else 1
+        res = {}
+        for item in re.search(r"resources: (.*)", block).group(1).split(", "):
+            key, _, value = item.partition("=")
+            res[key] = int(value) if value.isdigit() else value
+        jobs[name] = {"threads": threads, "resources": res}
+    return jobs
+
+
+def test_slurm_profile_submission_parameters():
+    """The SLURM profile on the paper profile: the sbatch line the executor plugin would submit per rule."""
+    from types import SimpleNamespace
+
+    from snakemake_executor_plugin_slurm.submit_string import get_submit_command
+    from snakemake_executor_plugin_slurm.utils import set_gres_string
+
+    class Resources(dict):
+        __getattr__ = dict.__getitem__
+
+    jobs = _dry_run_jobs("--profile", "profiles/slurm", "--workflow-profile", "none", "--configfile",
+                         "configs/paper.yaml", "--default-resources", "slurm_account=acc", "slurm_partition=part")
+    assert {"finetune", "decompose", "clean_model", "defend", "poison"} <= set(jobs)
+
+    def sbatch(rule):
+        job = SimpleNamespace(resources=Resources(jobs[rule]["resources"]), threads=jobs[rule]["threads"])
+        params = {"run_uuid": "u", "slurm_logfile": "l", "comment_str": rule, "account": "-A acc",
+                  "partition": "-p part", "workdir": "/w"}
+        return get_submit_command(job, params) + set_gres_string(job)
+
+    for rule in ("finetune", "decompose", "clean_model", "class_embeddings"):  # GPU rules
+        line = sbatch(rule)
+        assert "--gpus=1" in line and "--cpus-per-gpu=8" in line and "--cpus-per-task" not in line, line
+    assert "-t 720" in sbatch("finetune") and "--mem 64000" in sbatch("finetune")
+    for rule in ("defend", "poison", "prototypes", "summary"):  # CPU rules
+        line = sbatch(rule)
+        assert "--gpus" not in line and "--cpus-per-task=" in line and "-A acc" in line, line
+    assert "--mem 96000" in sbatch("defend")
+    assert all(j["threads"] > 1 for r, j in jobs.items() if r in ("finetune", "decompose"))  # set-threads applied

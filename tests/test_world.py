@@ -103,3 +103,27 @@ def test_missing_or_empty_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no .tar shards"):
         load_split(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA"])
+def test_image_of_another_mode_is_read_as_rgb(tmp_path, mode):
+    import io
+
+    from PIL import Image
+
+    img = np.zeros((32, 32, 3), np.uint8)
+    write_shards(tmp_path / "s", [("k0", img, "a red circle.", {"cls": 0})], 10)
+    shard = shard_paths(tmp_path / "s")[0]
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar]
+    other = io.BytesIO()
+    Image.new(mode, (32, 32), color=200 if mode != "RGBA" else (200, 200, 200, 128)).save(other, format="PNG")
+    with tarfile.open(shard, "w") as tar:
+        for m, data in members:
+            if m.name.endswith(".png"):
+                data = other.getvalue()
+                m.size = len(data)
+            tar.addfile(m, io.BytesIO(data))
+    split = load_split(tmp_path / "s", 32)
+    assert tuple(split["images"].shape) == (1, 3, 32, 32)
+    assert int(split["images"].float().std()) == 0 and int(split["images"][0, 0, 0, 0]) > 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -130,16 +131,27 @@ def cmd_poison(args) -> None:
 
 
 def cmd_finetune(args) -> None:
-    from clipbackdoor.config import OptimConfig, section
+    from clipbackdoor.config import OptimConfig, check_devices, section
+    from clipbackdoor.distributed import is_main, launch
     from clipbackdoor.finetune import finetune
     from clipbackdoor.attacks import parse_run
     from clipbackdoor.runtime import set_threads
 
     p = parse_params(args.params)
-    set_threads(args.threads)
+    check_devices(p["finetune"], "--params")
+    devices = p["finetune"].get("devices", 1)
+    rc = launch(devices, _without_log(args.argv))  # devices > 1: rerun this command as torchrun workers
+    if rc is not None:
+        if rc != 0:
+            raise UserError(f"{devices} data-parallel finetune workers exited with status {rc}",
+                            fix="see the workers' messages above in this log")
+        return
+    set_threads(max(1, (args.threads if args.threads > 0 else os.cpu_count() or 1) // devices))
     _, seed = parse_run(args.run)
-    print(json.dumps(finetune(args.model, args.train, args.out, section(OptimConfig, p["finetune"]), seed,
-                              args.ckpt_dir, p["finetune"]["ckpt_every"], f"finetune-{args.run}")))
+    metrics = finetune(args.model, args.train, args.out, section(OptimConfig, p["finetune"]), seed,
+                       args.ckpt_dir, p["finetune"]["ckpt_every"], f"finetune-{args.run}")
+    if is_main():
+        print(json.dumps(metrics))
 
 
 def cmd_decompose(args) -> None:
@@ -337,6 +349,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _without_log(argv: list[str]) -> list[str]:
+    """The command line minus ``--log FILE``: relaunched workers inherit the already redirected output."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--log":
+            skip = True
+        elif not a.startswith("--log="):
+            out.append(a)
+    return out
+
+
 def redirect_to_log(path: str) -> None:
     """Send this process's stdout and stderr (Python and native) to ``path``, creating its folder."""
     import os
@@ -352,7 +377,9 @@ def redirect_to_log(path: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     logging.getLogger().setLevel(logging.ERROR)  # open_clip logs "no pretrained weights" at WARNING
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     if getattr(args, "log", None):
         redirect_to_log(args.log)
     try:

@@ -91,11 +91,20 @@ def _check_semantics(params: dict, source: str) -> None:
     if missing:
         raise UserError(f"{source}: poison.attacks lists {missing[0]!r} but attacks.{missing[0]} is not configured",
                         fix=f"add an `attacks.{missing[0]}` block (see params.yaml) or drop it from poison.attacks")
+    check_devices(params["finetune"], source)
     for name, spec in data["eval_sets"].items():
         if (spec["kind"] == "embedded") != (data["source"] == "embedded"):
             raise UserError(f"{source}: data.eval_sets.{name}.kind = {spec['kind']!r} with data.source = "
                             f"{data['source']!r}", fix="embedded eval sets go with the embedded world, "
                             "imagefolder sets with real data (data.source: webdataset)")
+
+
+def check_devices(finetune: dict, source: str = "params") -> None:
+    """Each data-parallel worker takes an equal slice of the global batch."""
+    devices, batch = finetune.get("devices", 1), finetune["batch_size"]
+    if batch % devices:
+        raise UserError(f"{source}: finetune.batch_size = {batch} is not divisible by finetune.devices = {devices}",
+                        fix=f"use a batch size that is a multiple of {devices}")
 
 
 def get_dotted(tree: dict, key: str) -> Any:
@@ -193,6 +202,8 @@ class OptimConfig:
     betas: tuple[float, float]
     eps: float
     ckpt_every: int = 0
+    devices: int = 1  # data-parallel processes (torchrun + DDP); 1 = a single process
+    layer_decay: float = 1.0  # image-tower layer-wise lr decay (1.0: off)
 
 
 @dataclass(frozen=True)
@@ -232,6 +243,8 @@ class DefendConfig:
     fixed_heads: tuple  # head sets (1-indexed, last layer) for the fixed-head ablation
     eps_sweep: tuple  # eps values of the Figure 6 sweep
     seed: int  # random-head and random-prototype ablations
+    threshold: str = "fixed"  # "fixed": eps | "clean_quantile": per-head quantile of clean-validation similarity
+    quantile: float = 0.02  # the quantile for threshold: clean_quantile
 
 
 @dataclass(frozen=True)

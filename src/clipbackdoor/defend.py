@@ -21,22 +21,14 @@ import pyarrow.parquet as pq
 from clipbackdoor.config import DefendConfig
 from clipbackdoor.decomp_cache import CachedDecomposition, read_decomposition
 from clipbackdoor.io import atomic_path
+from clipbackdoor.prototypes import head_similarity
 
 OUTPUT_SCHEMA = pa.schema([("defense", pa.string()), ("variant", pa.string()), ("split", pa.string()),
                            ("index", pa.int32()), ("label", pa.int32()), ("pred", pa.int32()),
                            ("score", pa.float32())])
 
 
-def head_similarity(heads: np.ndarray, protos: np.ndarray, rule: str) -> np.ndarray:
-    """heads [N, k, H, d], prototypes [k, H, d] -> similarity [N, k, H] (dot or cosine)."""
-    dot = np.einsum("nkhd,khd->nkh", heads, protos)
-    if rule == "dot":
-        return dot
-    denom = np.linalg.norm(heads, axis=-1) * np.linalg.norm(protos, axis=-1)[None]
-    return dot / np.maximum(denom, 1e-12)
-
-
-def infected_mask(sim: np.ndarray, rule: str, eps: float) -> np.ndarray:
+def infected_mask(sim: np.ndarray, rule: str, eps: float | np.ndarray) -> np.ndarray:
     """The code's rule is ``<= eps`` on the dot product; the paper's is ``< eps`` on the cosine."""
     return sim <= eps if rule == "dot" else sim < eps
 
@@ -48,11 +40,18 @@ def classify(reps: np.ndarray, class_emb: np.ndarray) -> np.ndarray:
 
 
 def head_rule(heads: np.ndarray, protos: dict, cfg: DefendConfig):
-    """The infected-head rule on the last k layers: (layers, similarity [N, k, H], infected [N, k, H], tag)."""
+    """The infected-head rule on the last k layers: (layers, similarity [N, k, H], infected [N, k, H], tag).
+
+    ``threshold: fixed`` uses the single ``eps`` of the paper; ``clean_quantile`` gives every head its own
+    threshold, the ``quantile`` of its similarities on the clean validation split (no triggered data is
+    used), which transfers across model sizes where a fixed eps does not."""
     n_layers = heads.shape[1]
     k = min(cfg.head_layers, n_layers)
     layers = list(range(n_layers - k, n_layers))
     sim = head_similarity(heads[:, layers], protos["heads"][layers], cfg.rule)
+    if cfg.threshold == "clean_quantile":
+        eps = np.quantile(protos[f"val_{cfg.rule}"][:, layers], cfg.quantile, axis=0)  # [k, H]
+        return layers, sim, infected_mask(sim, cfg.rule, eps), f"rule={cfg.rule},q={cfg.quantile:g},layers={k}"
     return layers, sim, infected_mask(sim, cfg.rule, cfg.eps), f"rule={cfg.rule},eps={cfg.eps:g},layers={k}"
 
 

@@ -1,11 +1,13 @@
 """Stage ``finetune``: backdoor fine-tuning of the clean model on a poisoned set (seed 001 threat model:
-the attacker fine-tunes a public CLIP on poisoned pairs). Resumable from safetensors checkpoints."""
+the attacker fine-tunes a public CLIP on poisoned pairs). Resumable from safetensors checkpoints; data-parallel
+over ``opt.devices`` torchrun workers (see ``clipbackdoor.distributed``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from clipbackdoor.config import OptimConfig
+from clipbackdoor.distributed import init_worker, is_main, shutdown
 from clipbackdoor.models import load_artifact, save_artifact
 from clipbackdoor.runtime import pick_device
 from clipbackdoor.shards import load_split
@@ -14,7 +16,7 @@ from clipbackdoor.train import train_clip
 
 def finetune(model_dir: str | Path, train_dir: str | Path, out_dir: str | Path, opt: OptimConfig, seed: int,
              ckpt_dir: str | Path | None, ckpt_every: int, stage: str) -> dict:
-    device = pick_device(gpu=True)
+    device = init_worker(opt.devices) if opt.devices > 1 else pick_device(gpu=True)
     loaded = load_artifact(model_dir, device)
     split = load_split(train_dir, loaded.image_size)
     tokens = loaded.tokenizer(split["captions"])
@@ -23,6 +25,10 @@ def finetune(model_dir: str | Path, train_dir: str | Path, out_dir: str | Path, 
     loaded.model.cpu()
     metrics = {"first_loss": history[0]["loss"], "final_loss": history[-1]["loss"], "steps": len(history),
                "n_pairs": len(tokens)}
-    save_artifact(loaded, out_dir, metrics, provenance={"stage": stage, "base": str(model_dir), "seed": seed,
-                                                         "base_sha256": loaded.checkpoint_sha256})
+    if is_main():
+        save_artifact(loaded, out_dir, metrics, provenance={"stage": stage, "base": str(model_dir), "seed": seed,
+                                                             "base_sha256": loaded.checkpoint_sha256,
+                                                             "devices": opt.devices})
+    if opt.devices > 1:
+        shutdown()
     return metrics

@@ -87,6 +87,16 @@ def findings(df: pd.DataFrame) -> list[str]:
         notes.append(f"{attack} ({kind} trigger): the paper locates it in the {expected}. Here, undefended ASR "
                      f"{base:.2f}; mean-ablating all heads -> {heads:.2f}, all MLPs -> {mlps:.2f}: "
                      + ("REPRODUCED." if ok else "NOT reproduced in this miniature."))
+        rep = a[a.index.get_level_values(0) == "decomp_rep"]
+        if len(rep):
+            (_, variant), row = next(iter(rep.iterrows()))
+            cacc = a.loc[("none", "-"), "cacc"]
+            notes.append(f"{attack}: Decomp-Rep (Algorithm 1, `{variant}`) lowers ASR {base:.2f} -> {row.asr:.2f} "
+                         f"(cut {base - row.asr:.2f}) at a CACC change of {row.cacc - cacc:+.3f}.")
+        det = df[(df.attack == attack) & (df.defense == "decomp_det")]
+        if len(det) and det.auroc.notna().any():
+            notes.append(f"{attack}: Decomp-Det AUROC {det.auroc.mean():.3f} (`{det.variant.iloc[0]}`; TPR "
+                         f"{det.tpr.mean():.2f} at FPR {det.fpr.mean():.2f} for the hard decision).")
         sep = a[a.index.get_level_values(0) == "ablate_heads_separate"]["asr"]
         if len(sep):
             layer = sep.idxmin()[1].removeprefix("layer=")

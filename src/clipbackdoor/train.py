@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -24,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from clipbackdoor.config import OptimConfig
+from clipbackdoor.distributed import barrier, is_main, rank_world
 from clipbackdoor.io import atomic_path
 from clipbackdoor.models import LoadedModel, normalize
 
@@ -31,18 +33,34 @@ LOGIT_SCALE_MAX = math.log(100.0)
 CKPT_NAME = "last.safetensors"
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
+def lr_scale(name: str, n_layers: int, layer_decay: float) -> float:
+    """Layer-wise learning-rate decay over the image tower: block l gets ``decay ** (L-1-l)``, the patch
+    embedding and ``ln_pre`` ``decay ** L``; ``ln_post``, ``proj`` and the text tower the full rate."""
+    if layer_decay == 1.0 or not name.startswith("visual.") or name.startswith(("visual.ln_post", "visual.proj")):
+        return 1.0
+    m = re.match(r"visual\.transformer\.resblocks\.(\d+)\.", name)
+    return layer_decay ** (n_layers - 1 - int(m.group(1)) if m else n_layers)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:
+    """AdamW groups: no decay on norms/biases/rank-1 parameters/logit_scale; with ``layer_decay`` < 1 one
+    group per (decay, lr scale) so each group carries its own ``lr_scale``."""
+    n_layers = len(getattr(getattr(model.visual, "transformer", None), "resblocks", ()))
+    groups: dict[tuple[bool, float], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         exclude = p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
-        (no_decay if exclude else decay).append(p)
-    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+        groups.setdefault((not exclude, lr_scale(name, n_layers, layer_decay)), []).append(p)
+    return [{"params": params, "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale}
+            for (decay, scale), params in sorted(groups.items(), key=lambda kv: (kv[0][1] != 1.0, -kv[0][1], kv[0][0]))]
 
 
 def make_optimizer(model: torch.nn.Module, cfg: OptimConfig):
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    groups = param_groups(model, cfg.weight_decay, cfg.layer_decay)
+    for g in groups:
+        g["lr"] = cfg.lr * g.pop("lr_scale")
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
     sched = get_cosine_schedule_with_warmup(opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps)
     return opt, sched
 
@@ -113,7 +131,9 @@ LossFn = Callable[[LoadedModel, torch.Tensor, torch.Tensor, torch.Tensor], torch
 
 
 def clip_loss_fn() -> LossFn:
-    loss = ClipLoss()
+    rank, world = rank_world()
+    # across ranks: gather features with their gradients so every rank's loss is the global-batch loss
+    loss = ClipLoss(local_loss=False, gather_with_grad=True, rank=rank, world_size=world)
 
     def fn(loaded: LoadedModel, images: torch.Tensor, tokens: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         img_f, txt_f, scale = loaded.model(normalize(images, loaded.mean, loaded.std), tokens)[:3]
@@ -135,6 +155,22 @@ def train_clip(loaded: LoadedModel, images: torch.Tensor, tokens: torch.Tensor, 
     torch.manual_seed(seed)  # torch seeds itself randomly per process: every random draw must come from here
     opt, sched = make_optimizer(model, cfg)
     loss_fn = loss_fn or clip_loss_fn()
+    rank, world = rank_world()
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {world} devices")
+    if world > 1:  # the loss function calls loaded.model: route it through DDP for gradient averaging
+        loaded.model = torch.nn.parallel.DistributedDataParallel(model)
+    try:
+        return _train_loop(loaded, model, images, tokens, cfg, seed, opt, sched, loss_fn, device, ckpt_dir,
+                           ckpt_every, fp_extra, stop_after, desc)
+    finally:
+        loaded.model = model
+        model.eval()
+
+
+def _train_loop(loaded, model, images, tokens, cfg, seed, opt, sched, loss_fn, device, ckpt_dir, ckpt_every,
+                fp_extra, stop_after, desc) -> list[dict]:
+    rank, world = rank_world()
     fp = fingerprint(cfg, seed, data_digest(images, tokens), fp_extra)
     ckpt = Path(ckpt_dir) / CKPT_NAME if ckpt_dir else None
     start, history = 0, []
@@ -143,9 +179,10 @@ def train_clip(loaded: LoadedModel, images: torch.Tensor, tokens: torch.Tensor, 
         if resumed is not None:
             start, history = resumed
             print(f"[{desc}] resumed from {ckpt} at step {start}", file=sys.stderr)
-    bar = tqdm(range(start, cfg.steps), desc=desc, mininterval=10, file=sys.stderr, initial=start, total=cfg.steps)
+    bar = tqdm(range(start, cfg.steps), desc=desc, mininterval=10, file=sys.stderr, initial=start, total=cfg.steps,
+               disable=rank != 0)
     for step in bar:
-        idx = batch_indices(len(images), cfg.batch_size, step, seed)
+        idx = batch_indices(len(images), cfg.batch_size, step, seed).chunk(world)[rank]  # this rank's slice
         loss = loss_fn(loaded, images[idx].to(device), tokens[idx].to(device), idx)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -157,8 +194,9 @@ def train_clip(loaded: LoadedModel, images: torch.Tensor, tokens: torch.Tensor, 
         bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", refresh=False)
         done = step + 1
         if ckpt is not None and ckpt_every and (done % ckpt_every == 0 or done == cfg.steps):
-            save_checkpoint(ckpt, model, opt, sched, done, fp, history)
+            if is_main():
+                save_checkpoint(ckpt, model, opt, sched, done, fp, history)
+            barrier()
         if stop_after is not None and done >= stop_after:
             break
-    model.eval()
     return history

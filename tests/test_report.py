@@ -1,0 +1,32 @@
+"""The computed findings of summary.md on a fixture table."""
+
+import pandas as pd
+
+from clipbackdoor.report import COLUMNS, findings
+
+
+def _row(attack, defense, variant="-", seed=0, **metrics):
+    return {"attack": attack, "defense": defense, "variant": variant, "seed": seed, "eval_set": "world", **metrics}
+
+
+def test_findings_say_whether_the_localisation_reproduces_and_what_the_defenses_do():
+    rows = []
+    for seed in (0, 1):
+        rows += [_row("badnet", "none", seed=seed, asr=0.9, cacc=0.96),
+                 _row("badnet", "decomp_rep", "auto:heads,rule=cosine,q=0.01,layers=1", seed, asr=0.1, cacc=0.95),
+                 _row("badnet", "decomp_det", "rule=cosine,q=0.01,layers=1,zeta=1", seed, auroc=0.9 + 0.05 * seed,
+                      tpr=0.9, fpr=0.1),
+                 _row("badnet", "ablate_all_heads", seed=seed, asr=0.2, cacc=0.6),
+                 _row("badnet", "ablate_all_mlps", seed=seed, asr=0.95, cacc=0.8),
+                 _row("blended", "none", seed=seed, asr=0.85, cacc=0.97),
+                 _row("blended", "ablate_all_heads", seed=seed, asr=0.6, cacc=0.6),
+                 _row("blended", "ablate_all_mlps", seed=seed, asr=0.9, cacc=0.8)]
+        rows += [_row("badnet", "ablate_heads_separate", f"layer={l}", seed, asr=0.9 - 0.1 * l, cacc=0.9)
+                 for l in range(3)]
+    notes = findings(pd.DataFrame(rows).reindex(columns=COLUMNS))
+    text = "\n".join(notes)
+    assert "badnet (local trigger)" in text and "all heads -> 0.20, all MLPs -> 0.95: REPRODUCED." in text
+    assert "blended (global trigger)" in text and "NOT reproduced" in text
+    assert "lowers ASR 0.90 -> 0.10 (cut 0.80) at a CACC change of -0.010" in text
+    assert "Decomp-Det AUROC 0.925" in text
+    assert "lowers ASR most at layer 2 (ASR 0.70); the paper finds the last layer (2) - consistent." in text
