@@ -69,7 +69,8 @@ def evaluate(params: dict, run: str, ft: dict, work: Path) -> dict:
         out[f"asr {label}"] = rows[key]["asr"]
     rep = next(r for (d, _), r in rows.items() if d == "decomp_rep_heads")
     det = next(r for (d, _), r in rows.items() if d == "decomp_det")
-    out.update({"asr Decomp-Rep heads": rep["asr"], "cacc Decomp-Rep heads": rep["cacc"], "auroc Decomp-Det": det["auroc"]})
+    out.update({"asr Decomp-Rep heads": rep["asr"], "cacc Decomp-Rep heads": rep["cacc"],
+                "auroc Decomp-Det": det["auroc"]})
     return out
 
 

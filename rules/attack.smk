@@ -1,10 +1,60 @@
 # Poisoning and backdoor fine-tuning, one job per attack run (ATTACK-sSEED).
 
 
+rule badclip_patch:
+    input:
+        model="data/models/clean",
+        train="data/datasets/train",
+        evalset=eval_dir(EVAL_SETS[0]),
+    output:
+        patch=ASSET_FILES["badclip_patch"],
+        png="results/attacks/{run}_patch.png",
+    wildcard_constraints:
+        run="badclip-s[0-9]+",
+    params:
+        cfg=lambda wc: params_json(f"attacks.{attack_of(wc.run)}", "poison.target", "zeroshot.templates"),
+    threads: TORCH_THREADS
+    resources:
+        gpu=1,
+    log:
+        log_path("badclip_patch_{run}"),
+    benchmark:
+        bench_path("badclip_patch_{run}")
+    shell:
+        "python -m clipbackdoor badclip-patch --params {params.cfg:q} --run {wildcards.run} --model {input.model}"
+        " --finetune-dir {input.train}/finetune --eval-dir {input.evalset} --out {output.patch} --png {output.png}"
+        " --threads {threads} --log {log}"
+
+
+rule issba_codec:
+    input:
+        train="data/datasets/train",
+        evalset=eval_dir(EVAL_SETS[0]),
+    output:
+        codec=ASSET_FILES["issba_codec"],
+        png="results/attacks/{run}_codec.png",
+    wildcard_constraints:
+        run="issba-s[0-9]+",
+    params:
+        cfg=lambda wc: params_json(f"attacks.{attack_of(wc.run)}", "data.image_size"),
+    threads: TORCH_THREADS
+    resources:
+        gpu=1,
+    log:
+        log_path("issba_codec_{run}"),
+    benchmark:
+        bench_path("issba_codec_{run}")
+    shell:
+        "python -m clipbackdoor issba-codec --params {params.cfg:q} --run {wildcards.run}"
+        " --finetune-dir {input.train}/finetune --eval-dir {input.evalset} --out {output.codec} --png {output.png}"
+        " --threads {threads} --log {log}"
+
+
 rule poison:
     input:
         train="data/datasets/train",
         evals=[eval_dir(n) for n in EVAL_SETS],
+        asset=lambda wc: trigger_asset(wc.run),
     output:
         shards=directory("data/poisoned/{run}"),
         manifest="data/poisoned/{run}.manifest.parquet",
@@ -13,6 +63,7 @@ rule poison:
         cfg=lambda wc: params_json(f"attacks.{attack_of(wc.run)}", "poison.target", "poison.caption_templates",
                                     "data.image_size"),
         evals=eval_args(),
+        asset=lambda wc: asset_args(wc.run),
     log:
         log_path("poison_{run}"),
     benchmark:
@@ -20,7 +71,7 @@ rule poison:
     shell:
         "python -m clipbackdoor poison --params {params.cfg:q} --run {wildcards.run}"
         " --finetune-dir {input.train}/finetune --eval {params.evals:q} --out {output.shards}"
-        " --manifest {output.manifest} --preview {output.preview} --log {log}"
+        " --manifest {output.manifest} --preview {output.preview} {params.asset:q} --log {log}"
 
 
 rule finetune:

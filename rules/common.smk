@@ -80,6 +80,24 @@ def attack_of(run):
     return run.rpartition("-s")[0]
 
 
+# Attacks with a learned trigger get it from a stage of their own (registry: Trigger.asset = stage name).
+ASSET_FILES = {"badclip_patch": "data/attacks/{run}/patch.safetensors",
+               "issba_codec": "data/attacks/{run}/codec.safetensors"}
+
+
+def trigger_asset(run):
+    """[the learned-trigger file a run's trigger needs] or [] (also for trigger "none")."""
+    from clipbackdoor.attacks import REGISTRY
+
+    stage = REGISTRY[attack_of(run)].asset if run != "none" else None
+    return [ASSET_FILES[stage].format(run=run)] if stage else []
+
+
+def asset_args(run):
+    """The `--asset FILE` CLI arguments for a run's trigger (none when it has no learned trigger)."""
+    return ["--asset", *trigger_asset(run)] if trigger_asset(run) else []
+
+
 def decomp_path(model, evalset, trigger):
     return f"data/decomp/{model}/{evalset}/{trigger}.parquet"
 

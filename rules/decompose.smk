@@ -5,10 +5,12 @@ rule decompose:
     input:
         model="data/models/{model}",
         evalset=lambda wc: eval_dir(wc.evalset),
+        asset=lambda wc: trigger_asset(wc.trigger),
     output:
         decomp_path("{model}", "{evalset}", "{trigger}"),
     params:
         cfg=lambda wc: params_json("decompose", *([] if wc.trigger == "none" else [f"attacks.{attack_of(wc.trigger)}"])),
+        asset=lambda wc: asset_args(wc.trigger),
     threads: TORCH_THREADS
     resources:
         gpu=1,
@@ -18,7 +20,7 @@ rule decompose:
         bench_path("decompose_{model}_{evalset}_{trigger}")
     shell:
         "python -m clipbackdoor decompose --params {params.cfg:q} --model {input.model} --eval-dir {input.evalset}"
-        " --trigger {wildcards.trigger} --out {output} --threads {threads} --log {log}"
+        " --trigger {wildcards.trigger} --out {output} {params.asset:q} --threads {threads} --log {log}"
 
 
 rule class_embeddings:

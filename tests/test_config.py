@@ -10,7 +10,8 @@ from conftest import ROOT, run_cli
 BASE = yaml.safe_load((ROOT / "params.yaml").read_text())
 
 
-@pytest.mark.parametrize("profile", ["params.yaml", "configs/smoke.yaml", "configs/paper.yaml"])
+@pytest.mark.parametrize("profile", ["params.yaml", "configs/smoke.yaml", "configs/paper.yaml",
+                                     "configs/all_attacks.yaml"])
 def test_profiles_validate_and_build(profile):
     params = load_params(ROOT / profile)
     assert isinstance(params, Params)

@@ -112,6 +112,7 @@ def test_per_head_clean_quantile_threshold_where_a_fixed_eps_fails(tmp_path):
     cached = _cache(tmp_path, noisy_head=True)
     fixed = results(cached)[("decomp_det", "rule=cosine,eps=0.5,layers=1,zeta=0")]
     assert fixed["fpr"] > 0.5
+    assert results(cached)[("decomp_det_sweep", "rule=cosine,eps=0.2,layers=1,zeta=0")]["fpr"] > 0.3  # the sweep too
     cfg = dataclasses.replace(CFG, threshold="clean_quantile", quantile=0.01)
     r = results(cached, cfg)
     det = r[("decomp_det", "rule=cosine,q=0.01,layers=1,zeta=0")]

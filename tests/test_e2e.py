@@ -127,3 +127,25 @@ def test_missing_dvc_remote_is_a_clear_error(smoke_repo, tmp_path):
     proc = subprocess.run("dvc pull", cwd=clone, shell=True, capture_output=True, text=True, env=ENV)
     assert proc.returncode != 0
     assert "missing" in (proc.stdout + proc.stderr).lower()
+
+
+def test_every_attack_runs_end_to_end_on_the_smoke_profile(tmp_path):
+    """One smoke-profile Snakemake run over all registered attacks (seed 0): the learned-trigger stages
+    (badclip_patch, issba_codec) run first, and every attack reaches summary.csv with its defenses."""
+    from clipbackdoor.attacks import REGISTRY
+
+    repo = copy_repo(tmp_path / "repo")
+    params = yaml.safe_load((repo / "configs" / "smoke.yaml").read_text())
+    params["poison"]["attacks"] = list(REGISTRY)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = sh("snakemake all --cores 2", repo)
+    assert {"badclip_patch", "issba_codec"} <= snakemake_jobs(out)
+    import pandas as pd
+
+    summary = pd.read_csv(repo / "results/metrics/summary.csv")
+    for attack in REGISTRY:
+        rows = summary[summary.attack == attack]
+        assert {"none", "decomp_rep", "decomp_rep_heads", "decomp_rep_mlp", "decomp_det"} <= set(rows.defense), attack
+        assert (repo / f"results/attacks/{attack}-s0.png").exists(), attack
+    assert (repo / "results/attacks/badclip-s0_patch.png").exists()
+    assert (repo / "results/attacks/issba-s0_codec.png").exists()

@@ -127,7 +127,31 @@ def cmd_poison(args) -> None:
         check_target(p["poison"]["target"], c["classnames"])
     templates = templates_for(p["poison"]["caption_templates"], classes[0]["templates"])
     print(poison(args.finetune_dir, classes[0], args.out, args.manifest, attack, p["attacks"][attack],
-                 p["poison"]["target"], templates, p["data"]["image_size"], seed, args.preview))
+                 p["poison"]["target"], templates, p["data"]["image_size"], seed, args.preview, args.asset))
+
+
+def cmd_badclip_patch(args) -> None:
+    from clipbackdoor.attacks import parse_run
+    from clipbackdoor.badclip_patch import run_badclip_patch
+    from clipbackdoor.runtime import set_threads
+
+    p = parse_params(args.params)
+    set_threads(args.threads)
+    attack, seed = parse_run(args.run)
+    print(json.dumps(run_badclip_patch(args.model, args.finetune_dir, args.eval_dir, args.out, args.png,
+                                       p["attacks"][attack], p["poison"]["target"], p["zeroshot"]["templates"], seed)))
+
+
+def cmd_issba_codec(args) -> None:
+    from clipbackdoor.attacks import parse_run
+    from clipbackdoor.issba_codec import run_issba_codec
+    from clipbackdoor.runtime import set_threads
+
+    p = parse_params(args.params)
+    set_threads(args.threads)
+    attack, seed = parse_run(args.run)
+    print(json.dumps(run_issba_codec(args.finetune_dir, args.eval_dir, args.out, args.png, p["attacks"][attack],
+                                     p["data"]["image_size"], seed)))
 
 
 def cmd_finetune(args) -> None:
@@ -164,7 +188,7 @@ def cmd_decompose(args) -> None:
     trigger, seed = ("none", 0) if args.trigger == "none" else parse_run(args.trigger)
     cfg = p["decompose"]
     n = run_decompose(args.model, args.eval_dir, args.out, trigger, p.get("attacks", {}), seed, cfg["centering"],
-                      cfg["normalize"], cfg["batch_size"], device=pick_device(gpu=True))
+                      cfg["normalize"], cfg["batch_size"], device=pick_device(gpu=True), asset_path=args.asset)
     print(f"decomposed {n} images")
 
 
@@ -293,6 +317,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True)
     sp.add_argument("--manifest", required=True)
     sp.add_argument("--preview", default=None)
+    sp.add_argument("--asset", default=None, help="the attack's learned trigger (e.g. BadCLIP's patch), if any")
+
+    def learned_trigger_stage(name, fn, help_, model: bool):  # stages that make an attack's trigger
+        sp = with_params(stage(name, fn, help_))
+        sp.add_argument("--run", required=True, help="ATTACK-sSEED")
+        if model:
+            sp.add_argument("--model", required=True, help="the clean model the trigger is optimised on")
+        sp.add_argument("--finetune-dir", required=True)
+        sp.add_argument("--eval-dir", required=True, help="held-out images (and class names) for its report")
+        sp.add_argument("--out", required=True)
+        sp.add_argument("--png", default=None)
+        sp.add_argument("--threads", type=int, default=1)
+
+    learned_trigger_stage("badclip-patch", cmd_badclip_patch, "optimise BadCLIP's patch on the clean model", True)
+    learned_trigger_stage("issba-codec", cmd_issba_codec, "train ISSBA's steganographic encoder/decoder", False)
 
     sp = with_params(stage("finetune", cmd_finetune, "backdoor fine-tuning of the clean model"))
     sp.add_argument("--run", required=True, help="ATTACK-sSEED")
@@ -308,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--trigger", required=True, help="none or ATTACK-sSEED")
     sp.add_argument("--out", required=True)
     sp.add_argument("--threads", type=int, default=1)
+    sp.add_argument("--asset", default=None, help="the trigger's learned asset (e.g. BadCLIP's patch), if any")
 
     sp = with_params(stage("class-embeddings", cmd_class_embeddings, "zero-shot class embeddings of a model"))
     sp.add_argument("--model", required=True)

@@ -32,13 +32,13 @@ def decompose_images(loaded, images: torch.Tensor, centering: str, normalize_ter
 
 def run_decompose(model_dir: str | Path, eval_dir: str | Path, out_path: str | Path, trigger: str,
                   attacks: dict, seed: int, centering: str, normalize_terms: bool, batch_size: int,
-                  device: str = "cpu") -> int:
+                  device: str = "cpu", asset_path=None) -> int:
     """Decompose the eval set, triggered with ``trigger`` (an attack name) or clean (``none``)."""
     loaded = load_artifact(model_dir, device)
     split = load_split(eval_dir, loaded.image_size)
     images = split["images"]
     if trigger != "none":
-        images = trigger_eval_images(images, trigger, attacks[trigger], loaded.image_size, seed)
+        images = trigger_eval_images(images, trigger, attacks[trigger], loaded.image_size, seed, asset_path)
     decomp = decompose_images(loaded, images, centering, normalize_terms, batch_size)
     meta = {"model": Path(model_dir).name, "open_clip_name": loaded.name, "checkpoint_sha256": loaded.checkpoint_sha256,
             "eval_set": Path(eval_dir).name, "trigger": trigger, "centering": centering,

@@ -99,9 +99,13 @@ def _settings(split: TestSplit, protos: dict, cfg: DefendConfig, kind: str, clas
     yield "decomp_rep_mlp", f"last={len(late_mlps)}", rep_mlp, None
     yield "decomp_det", f"{tag},zeta={cfg.zeta}", (count > cfg.zeta).astype(np.int32), count.astype(np.float32)
     yield "decomp_det_score", tag, (count > cfg.zeta).astype(np.int32), (-sim.sum(axis=(1, 2))).astype(np.float32)
-    for eps in cfg.eps_sweep:
+    for eps in cfg.eps_sweep:  # Figure 6: the paper's single fixed eps, for repair and for detection
         mask = infected_mask(sim, cfg.rule, eps)
-        yield "decomp_rep_sweep", f"rule={cfg.rule},eps={eps:g},layers={len(layers)}", replace(mask, protos_k[None]), None
+        variant = f"rule={cfg.rule},eps={eps:g},layers={len(layers)}"
+        yield "decomp_rep_sweep", variant, replace(mask, protos_k[None]), None
+        n_infected = mask.sum(axis=(1, 2))
+        yield "decomp_det_sweep", f"{variant},zeta={cfg.zeta}", (n_infected > cfg.zeta).astype(np.int32), \
+            n_infected.astype(np.float32)
 
     # Tables 3 and 5: what replaces the infected heads, and which heads
     yield "abandon", tag, replace(infected, np.zeros_like(protos_k)[None]), None

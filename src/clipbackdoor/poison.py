@@ -45,9 +45,9 @@ def select_poison(n: int, rate: float, seed: int, eligible: np.ndarray | None = 
 
 
 def poison_split(split: dict, attack: str, attack_cfg: dict, target: str, templates: list[str], image_size: int,
-                 seed: int) -> tuple[dict, list[dict], np.ndarray]:
+                 seed: int, asset_path=None) -> tuple[dict, list[dict], np.ndarray]:
     """Poison an in-memory split. Returns (new split, manifest rows, poisoned indices)."""
-    trigger = make_trigger(attack, attack_cfg, image_size, seed)
+    trigger = make_trigger(attack, attack_cfg, image_size, seed, asset_path)
     eligible = None
     if trigger.keeps_caption:  # label-consistent: only pairs whose caption already names the target
         eligible = np.array([target in caption for caption in split["captions"]])
@@ -69,14 +69,14 @@ def poison_split(split: dict, attack: str, attack_cfg: dict, target: str, templa
 
 def poison(finetune_dir: str | Path, eval_classes: dict, out_dir: str | Path, manifest_path: str | Path,
            attack: str, attack_cfg: dict, target: str, templates: list[str], image_size: int, seed: int,
-           preview_png: str | Path | None = None) -> dict:
+           preview_png: str | Path | None = None, asset_path=None) -> dict:
     check_target(target, eval_classes["classnames"])
     split = load_split(finetune_dir, image_size)
-    new, rows, idx = poison_split(split, attack, attack_cfg, target, templates, image_size, seed)
+    new, rows, idx = poison_split(split, attack, attack_cfg, target, templates, image_size, seed, asset_path)
     samples = ((k, img.permute(1, 2, 0).numpy(), cap, meta)
                for k, img, cap, meta in zip(new["keys"], new["images"], new["captions"], new["meta"]))
     write_shards(out_dir, samples, shard_size=4096)
-    trigger = make_trigger(attack, attack_cfg, image_size, seed)
+    trigger = make_trigger(attack, attack_cfg, image_size, seed, asset_path)
     meta = {"attack": attack, "target": target, "rate": str(attack_cfg["rate"]), "seed": str(seed),
             "n_poisoned": str(len(idx)), "trigger": json.dumps(trigger.describe(), sort_keys=True)}
     table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA).replace_schema_metadata(meta)

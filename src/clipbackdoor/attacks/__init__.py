@@ -9,8 +9,10 @@ mean-ablates late MLPs); Decomp-Rep's automatic mode (Algorithm 1) follows it.
 from __future__ import annotations
 
 from clipbackdoor.attacks.base import Trigger
+from clipbackdoor.attacks.badclip import BadCLIP
 from clipbackdoor.attacks.badnet import BadNet, BadNetRandom
 from clipbackdoor.attacks.blended import Blended
+from clipbackdoor.attacks.issba import ISSBA
 from clipbackdoor.attacks.label_consistent import LabelConsistent
 from clipbackdoor.attacks.sig import SIG
 from clipbackdoor.attacks.wanet import WaNet
@@ -22,6 +24,8 @@ REGISTRY: dict[str, type[Trigger]] = {
     "sig": SIG,
     "wanet": WaNet,
     "label_consistent": LabelConsistent,
+    "badclip": BadCLIP,
+    "issba": ISSBA,
 }
 
 
@@ -31,18 +35,21 @@ def parse_run(run: str) -> tuple[str, int]:
     return name, int(seed)
 
 
-def make_trigger(name: str, cfg: dict, image_size: int, seed: int) -> Trigger:
+def make_trigger(name: str, cfg: dict, image_size: int, seed: int, asset_path=None) -> Trigger:
+    """``asset_path``: the output of the attack's own stage (e.g. BadCLIP's optimised patch), if it has one."""
     if name not in REGISTRY:
         from clipbackdoor.errors import UserError
 
         raise UserError(f"unknown attack {name!r}", fix=f"available: {', '.join(REGISTRY)}")
-    return REGISTRY[name](cfg, image_size, seed)
+    if REGISTRY[name].asset is None:
+        return REGISTRY[name](cfg, image_size, seed)
+    return REGISTRY[name](cfg, image_size, seed, asset_path)
 
 
-def trigger_eval_images(images, name: str, cfg: dict, image_size: int, seed: int):
+def trigger_eval_images(images, name: str, cfg: dict, image_size: int, seed: int, asset_path=None):
     """The triggered copy of an evaluation set: same trigger as poisoning, its own seeded stream."""
     import numpy as np
 
-    trigger = make_trigger(name, cfg, image_size, seed)
+    trigger = make_trigger(name, cfg, image_size, seed, asset_path)
     triggered, _ = trigger.apply(images, np.random.default_rng([seed, 3]))
     return triggered

@@ -11,11 +11,13 @@ class Trigger:
 
     kind: str = "local"  # "local" (patch-like) or "global" (whole-image perturbation)
     keeps_caption: bool = False  # label-consistent attacks poison target-class pairs and keep their captions
+    asset: str | None = None  # the stage whose output (a learned trigger) this attack needs, if any
 
-    def __init__(self, cfg: dict, image_size: int, seed: int):
+    def __init__(self, cfg: dict, image_size: int, seed: int, asset_path=None):
         self.cfg = dict(cfg)
         self.image_size = image_size
         self.seed = seed
+        self.asset_path = asset_path
 
     def apply(self, images: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, list[dict]]:
         """images uint8 [N, 3, H, W] -> (triggered uint8 [N, 3, H, W], per-image trigger parameters)."""
@@ -23,7 +25,7 @@ class Trigger:
 
     def describe(self) -> dict:
         """Run-level trigger parameters (recorded in the manifest metadata)."""
-        return {"kind": self.kind, **self.cfg}
+        return {"kind": self.kind, **self.cfg, **({"asset": str(self.asset_path)} if self.asset_path else {})}
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:

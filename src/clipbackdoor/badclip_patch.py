@@ -1,0 +1,96 @@
+"""Stage ``badclip_patch``: optimise BadCLIP's trigger patch on the clean model (before poisoning).
+
+Target text embedding: the zero-shot class embedding of the target (normalised mean over templates). Target
+image embedding: the unit mean of the clean model's embeddings of fine-tuning images whose caption names the
+target. The patch is optimised on the other fine-tuning images (``clipbackdoor.attacks.badclip``); the stage
+then measures how far the patch alone already fools the clean model (zero-shot ASR on the evaluation set) and
+writes the patch as safetensors plus a PNG.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from clipbackdoor.attacks.badclip import optimise_patch, paste, target_image_embedding
+from clipbackdoor.attacks.badnet import patch_origin
+from clipbackdoor.attacks.base import to_float, to_uint8
+from clipbackdoor.errors import UserError
+from clipbackdoor.io import atomic_path
+from clipbackdoor.metrics import attack_success
+from clipbackdoor.models import load_artifact, normalize
+from clipbackdoor.poison import check_target
+from clipbackdoor.runtime import pick_device
+from clipbackdoor.shards import load_split
+from clipbackdoor.world import world_classes_json
+from clipbackdoor.zeroshot import class_text_embeddings, image_embeddings, predict, templates_for
+
+
+def run_badclip_patch(model_dir: str | Path, train_dir: str | Path, eval_dir: str | Path, out_path: str | Path,
+                      png_path: str | Path | None, cfg: dict, target: str, templates_kind: str, seed: int) -> dict:
+    device = pick_device(gpu=True)
+    loaded = load_artifact(model_dir, device)
+    loaded.model.requires_grad_(False)
+    classes = world_classes_json(eval_dir)
+    target_idx = check_target(target, classes["classnames"])
+    templates = templates_for(templates_kind, classes["templates"])
+    split = load_split(train_dir, loaded.image_size)
+    names_target = torch.tensor([target in c for c in split["captions"]])
+    if not names_target.any() or names_target.all():
+        raise UserError(f"badclip: {int(names_target.sum())} of {len(names_target)} fine-tuning captions name "
+                        f"the target {target!r}; the patch needs target images and other images",
+                        fix="check poison.target against the training captions")
+    text = class_text_embeddings(loaded, [target], templates)[0].cpu()  # [d]
+    image = target_image_embedding(image_embeddings(loaded, split["images"][names_target]))  # [d]
+
+    def encode(x):  # float [B, 3, H, W] in [0, 1] -> unit embeddings [B, d]
+        emb = loaded.model.encode_image(normalize(x.to(device), loaded.mean, loaded.std))
+        return F.normalize(emb, dim=-1).cpu()
+
+    patch, history = optimise_patch(encode, split["images"][~names_target], text, image, cfg, loaded.image_size, seed)
+
+    # how much the patch alone moves the *clean* model: zero-shot ASR on the patched evaluation images
+    ev = load_split(eval_dir, loaded.image_size)
+    origin = patch_origin(cfg["location"], loaded.image_size, patch.shape[-1])
+    with torch.no_grad():
+        patched = to_uint8(paste(to_float(ev["images"]), patch, origin))
+        class_emb = class_text_embeddings(loaded, classes["classnames"], templates).cpu()
+        pred = predict(image_embeddings(loaded, patched), class_emb).numpy()
+    asr, _ = attack_success(pred, ev["labels"].numpy(), target_idx)
+    metrics = {"clean_model_asr": asr, "final_text_cos": history[-1]["text_cos"],
+               "final_image_cos": history[-1]["image_cos"], "steps": len(history),
+               "n_target_images": int(names_target.sum())}
+    with atomic_path(out_path) as tmp:
+        save_file({"patch": patch.contiguous()}, str(tmp),
+                  metadata={"metrics": json.dumps(metrics), "config": json.dumps(cfg, sort_keys=True),
+                            "target": target, "seed": str(seed), "base_sha256": loaded.checkpoint_sha256 or ""})
+    if png_path is not None:
+        save_patch_png(patch, ev["images"][:4], patched[:4], metrics, png_path)
+    return metrics
+
+
+def save_patch_png(patch: torch.Tensor, clean: torch.Tensor, patched: torch.Tensor, metrics: dict, png) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 5, figsize=(9, 4))
+    axes[0, 0].imshow(patch.permute(1, 2, 0).numpy(), interpolation="nearest")
+    axes[0, 0].set_title("optimised patch", fontsize=8)
+    axes[1, 0].text(0.0, 0.5, f"clean-model ASR\n{metrics['clean_model_asr']:.2f}\ntext cos "
+                    f"{metrics['final_text_cos']:.2f}", fontsize=8)
+    for j in range(4):
+        axes[0, j + 1].imshow(clean[j].permute(1, 2, 0).numpy())
+        axes[1, j + 1].imshow(patched[j].permute(1, 2, 0).numpy())
+    for ax in axes.ravel():
+        ax.axis("off")
+    fig.suptitle("BadCLIP: optimised patch; evaluation images clean (top) and patched (bottom)", fontsize=9)
+    fig.tight_layout()
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
