@@ -10,7 +10,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from clipbackdoor.attacks import make_trigger, trigger_eval_images
-from clipbackdoor.attacks.badclip import optimise_patch, paste
+from clipbackdoor.attacks.badclip import optimise_patch
+from clipbackdoor.attacks.badnet import paste
 from clipbackdoor.errors import UserError
 from clipbackdoor.poison import poison
 from clipbackdoor.world import world_classes_json

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from clipbackdoor.attacks.badclip import optimise_patch, paste, target_image_embedding
-from clipbackdoor.attacks.badnet import patch_origin
+from clipbackdoor.attacks.badclip import optimise_patch, target_image_embedding
+from clipbackdoor.attacks.badnet import paste, patch_origin
 from clipbackdoor.attacks.base import to_float, to_uint8
 from clipbackdoor.errors import UserError
 from clipbackdoor.io import atomic_path

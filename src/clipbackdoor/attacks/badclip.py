@@ -16,18 +16,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from clipbackdoor.attacks.badnet import patch_origin
-from clipbackdoor.attacks.base import Trigger, to_float, to_uint8
+from clipbackdoor.attacks.badnet import BadNet, paste, patch_origin
+from clipbackdoor.attacks.base import Trigger, to_float
 from clipbackdoor.errors import UserError
-
-
-def paste(x: torch.Tensor, patch: torch.Tensor, origin: tuple[int, int]) -> torch.Tensor:
-    """float images [N, 3, H, W] with ``patch`` [3, p, p] pasted at ``origin``; differentiable in the patch."""
-    p, (r, c), (h, w) = patch.shape[-1], origin, x.shape[-2:]
-    pad = (c, w - c - p, r, h - r - p)
-    canvas = torch.nn.functional.pad(patch, pad)  # [3, H, W]
-    mask = torch.nn.functional.pad(torch.ones(1, p, p, dtype=x.dtype), pad)  # [1, H, W]
-    return x * (1 - mask) + canvas * mask
 
 
 class BadCLIP(Trigger):
@@ -39,16 +30,13 @@ class BadCLIP(Trigger):
         if asset_path is None or not Path(asset_path).exists():
             raise UserError(f"badclip: optimised patch {asset_path} not found",
                             fix="run the `badclip_patch` stage first (Snakemake/DVC do this for badclip runs)")
-        self.patch = load_file(str(asset_path))["patch"].float()  # [3, p, p] in [0, 1]
-        if self.patch.shape[-1] != int(cfg["patch_size"]):
-            raise UserError(f"badclip: stored patch is {self.patch.shape[-1]} px, attacks.badclip.patch_size is "
+        self.pattern = load_file(str(asset_path))["patch"].float()  # [3, p, p] in [0, 1]
+        if self.pattern.shape[-1] != int(cfg["patch_size"]):
+            raise UserError(f"badclip: stored patch is {self.pattern.shape[-1]} px, attacks.badclip.patch_size is "
                             f"{cfg['patch_size']}", fix="rerun the `badclip_patch` stage")
-        self.origin = patch_origin(cfg["location"], image_size, self.patch.shape[-1])
+        self.origin = patch_origin(cfg["location"], image_size, self.pattern.shape[-1])
 
-    def apply(self, images, rng):
-        x = paste(to_float(images), self.patch, self.origin)
-        r, c = self.origin
-        return to_uint8(x), [{"row": r, "col": c} for _ in range(len(images))]
+    apply = BadNet.apply  # a fixed patch at a fixed place, like BadNet; only the patch is learned
 
 
 def optimise_patch(encode, images: torch.Tensor, target_text: torch.Tensor, target_image: torch.Tensor,

@@ -21,6 +21,15 @@ def patch_origin(location: str, image_size: int, patch: int) -> tuple[int, int]:
             "center": (far // 2, far // 2)}[location]
 
 
+def paste(x: torch.Tensor, patch: torch.Tensor, origin: tuple[int, int]) -> torch.Tensor:
+    """float images [N, 3, H, W] with ``patch`` [3, p, p] pasted at ``origin``; differentiable in the patch."""
+    p, (r, c), (h, w) = patch.shape[-1], origin, x.shape[-2:]
+    pad = (c, w - c - p, r, h - r - p)
+    canvas = torch.nn.functional.pad(patch, pad)  # [3, H, W]
+    mask = torch.nn.functional.pad(torch.ones(1, p, p, dtype=x.dtype), pad)  # [1, H, W]
+    return x * (1 - mask) + canvas * mask
+
+
 class BadNet(Trigger):
     kind = "local"
 
@@ -36,11 +45,8 @@ class BadNet(Trigger):
         self.origin = patch_origin(cfg["location"], image_size, p)
 
     def apply(self, images, rng):
-        x = to_float(images).clone()
-        p = self.pattern.shape[-1]
         r, c = self.origin
-        x[:, :, r:r + p, c:c + p] = self.pattern
-        return to_uint8(x), [{"row": r, "col": c} for _ in range(len(x))]
+        return to_uint8(paste(to_float(images), self.pattern, self.origin)), [{"row": r, "col": c}] * len(images)
 
 
 class BadNetRandom(Trigger):
