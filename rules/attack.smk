@@ -13,7 +13,7 @@ rule badclip_patch:
         run="badclip-s[0-9]+",
     params:
         cfg=lambda wc: params_json(f"attacks.{attack_of(wc.run)}", "poison.target", "zeroshot.templates"),
-    threads: TORCH_THREADS
+    threads: JOB_THREADS
     resources:
         gpu=1,
     log:
@@ -37,7 +37,7 @@ rule issba_codec:
         run="issba-s[0-9]+",
     params:
         cfg=lambda wc: params_json(f"attacks.{attack_of(wc.run)}", "data.image_size"),
-    threads: TORCH_THREADS
+    threads: JOB_THREADS
     resources:
         gpu=1,
     log:
@@ -50,11 +50,35 @@ rule issba_codec:
         " --threads {threads} --log {log}"
 
 
+rule lc_adversarial:
+    input:
+        model="data/models/clean",
+        train="data/datasets/train",
+        evalset=eval_dir(EVAL_SETS[0]),
+    output:
+        images=ASSET_FILES["lc_adversarial"],
+    wildcard_constraints:
+        run="label_consistent-s[0-9]+",
+    params:
+        cfg=lambda wc: params_json(f"attacks.{attack_of(wc.run)}", "poison.target", "zeroshot.templates"),
+    threads: JOB_THREADS
+    resources:
+        gpu=1,
+    log:
+        log_path("lc_adversarial_{run}"),
+    benchmark:
+        bench_path("lc_adversarial_{run}")
+    shell:
+        "python -m clipbackdoor lc-adversarial --params {params.cfg:q} --run {wildcards.run} --model {input.model}"
+        " --finetune-dir {input.train}/finetune --eval-dir {input.evalset} --out {output.images}"
+        " --threads {threads} --log {log}"
+
+
 rule poison:
     input:
         train="data/datasets/train",
         evals=[eval_dir(n) for n in EVAL_SETS],
-        asset=lambda wc: trigger_asset(wc.run),
+        asset=lambda wc: trigger_asset(wc.run, poisoning=True),
     output:
         shards=directory("data/poisoned/{run}"),
         manifest="data/poisoned/{run}.manifest.parquet",
@@ -63,7 +87,7 @@ rule poison:
         cfg=lambda wc: params_json(f"attacks.{attack_of(wc.run)}", "poison.target", "poison.caption_templates",
                                     "data.image_size"),
         evals=eval_args(),
-        asset=lambda wc: asset_args(wc.run),
+        asset=lambda wc: asset_args(wc.run, poisoning=True),
     log:
         log_path("poison_{run}"),
     benchmark:
@@ -82,7 +106,7 @@ rule finetune:
         directory("data/models/{run}"),
     params:
         cfg=stage_params("finetune"),
-    threads: TORCH_THREADS
+    threads: JOB_THREADS
     resources:
         gpu=config["finetune"].get("devices", 1),  # one per data-parallel worker
     log:

@@ -17,6 +17,10 @@ validate(config, schema="../schemas/params.schema.json")
 # Torch jobs take every core they are given: two jobs sharing 2 cores slow each other down by an order of
 # magnitude, so each torch job claims all cores Snakemake may use (capped by the machine).
 TORCH_THREADS = max(1, min(workflow.cores, os.cpu_count() or 1))
+# Per-run jobs (fan-out over attacks) take half of them so two run side by side: the tiny model scales poorly
+# across threads (two 1-thread fine-tunes on 2 cores make 3.4 steps/s together, one 2-thread job 2.9). The
+# pretraining stage, alone on the critical path, keeps every core.
+JOB_THREADS = max(1, TORCH_THREADS // 2)
 
 EVAL_SETS = list(config["data"]["eval_sets"])
 EMBEDDED = config["data"]["source"] == "embedded"
@@ -65,13 +69,17 @@ def bench_path(name):
 # Attack runs: every attack once per seed, named ATTACK-sSEED (the model, its poisoned set and its trigger).
 ATTACKS = list(config["poison"]["attacks"])
 RUNS = [f"{a}-s{s}" for a in ATTACKS for s in config["poison"]["seeds"]]
-MODELS = ["clean"] + RUNS
+# Model-repair defenses (CleanCLIP, ...) turn every attacked model RUN into a new model RUN.METHOD.
+REPAIRS = list(config.get("repair", {}).get("methods", []))
+REPAIRED = [f"{r}.{m}" for r in RUNS for m in REPAIRS]
+MODELS = ["clean"] + RUNS + REPAIRED
 RUN_RE = "[a-z_]+-s[0-9]+"
+REPAIR_RE = "|".join(["cleanclip"])
 
 
 wildcard_constraints:
     run=RUN_RE,
-    model=f"clean|{RUN_RE}",
+    model=f"clean|{RUN_RE}|{RUN_RE}\\.(?:{REPAIR_RE})",
     trigger=f"none|{RUN_RE}",
     evalset="|".join(EVAL_SETS),
 
@@ -82,20 +90,26 @@ def attack_of(run):
 
 # Attacks with a learned trigger get it from a stage of their own (registry: Trigger.asset = stage name).
 ASSET_FILES = {"badclip_patch": "data/attacks/{run}/patch.safetensors",
-               "issba_codec": "data/attacks/{run}/codec.safetensors"}
+               "issba_codec": "data/attacks/{run}/codec.safetensors",
+               "lc_adversarial": "data/attacks/{run}/hard_images.safetensors"}
 
 
-def trigger_asset(run):
-    """[the learned-trigger file a run's trigger needs] or [] (also for trigger "none")."""
+def trigger_asset(run, poisoning=False):
+    """[the file a run's trigger needs] or [] (also for trigger "none"). Poisoning may need more than
+    evaluation: Label-Consistent's adversarially perturbed images exist only for the poisoned pairs."""
     from clipbackdoor.attacks import REGISTRY
 
-    stage = REGISTRY[attack_of(run)].asset if run != "none" else None
+    if run == "none":
+        return []
+    attack = attack_of(run)
+    stage = REGISTRY[attack].poison_asset(config["attacks"][attack]) if poisoning else REGISTRY[attack].asset
     return [ASSET_FILES[stage].format(run=run)] if stage else []
 
 
-def asset_args(run):
-    """The `--asset FILE` CLI arguments for a run's trigger (none when it has no learned trigger)."""
-    return ["--asset", *trigger_asset(run)] if trigger_asset(run) else []
+def asset_args(run, poisoning=False):
+    """The `--asset FILE` CLI arguments for a run's trigger (none when it needs no stage output)."""
+    files = trigger_asset(run, poisoning)
+    return ["--asset", *files] if files else []
 
 
 def decomp_path(model, evalset, trigger):
@@ -109,7 +123,17 @@ def defend_path(model, evalset, trigger):
 # (model, trigger) pairs that get defended and scored: every attacked model with its own trigger, and the
 # clean model with every trigger (the control: a clean model must not follow any trigger).
 DEFEND_PAIRS = [(run, run) for run in RUNS] + [("clean", run) for run in RUNS]
+DEFEND_PAIRS += [(f"{run}.{m}", run) for run in RUNS for m in REPAIRS]  # repaired models, same trigger
 DEFEND_OUTPUTS = {f"{m}:{t}:{e}": defend_path(m, e, t) for m, t in DEFEND_PAIRS for e in EVAL_SETS}
+
+
+def detect_path(model, evalset, trigger):
+    return f"data/detect/{model}/{evalset}/{trigger}.parquet"
+
+
+# Input detectors (STRIP, SCALE-UP, TeCo) score each attacked model's clean and triggered test images.
+DETECTORS = list(config.get("detect", {}).get("detectors", []))
+DETECT_OUTPUTS = {f"{r}:{r}:{e}": detect_path(r, e, r) for r in RUNS for e in EVAL_SETS} if DETECTORS else {}
 
 ALL_TARGETS = [
     "results/metrics/summary.csv",
@@ -117,4 +141,10 @@ ALL_TARGETS = [
     "results/metrics/summary.json",
     "results/figures/fig2_layerwise_ablation.png",
     "results/figures/fig5_prototype_cosine.png",
+    *[f"results/tables/table{i}.md" for i in range(1, 6)],
+    "results/figures/fig1_ablate_all.png",
+    "results/figures/fig6_eps_sweep.png",
+    "results/figures/fig8_cacc_mmd.png",
 ]
+if "analysis" in config:  # TEXTSPAN descriptions of every attacked model (Figures 3-4 analogues)
+    ALL_TARGETS += [f"results/analysis/textspan/{r}_{e}.md" for r in RUNS for e in EVAL_SETS]

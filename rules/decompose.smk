@@ -11,7 +11,7 @@ rule decompose:
     params:
         cfg=lambda wc: params_json("decompose", *([] if wc.trigger == "none" else [f"attacks.{attack_of(wc.trigger)}"])),
         asset=lambda wc: asset_args(wc.trigger),
-    threads: TORCH_THREADS
+    threads: JOB_THREADS
     resources:
         gpu=1,
     log:
@@ -31,7 +31,7 @@ rule class_embeddings:
         "data/decomp/{model}/{evalset}/classes.safetensors",
     params:
         cfg=stage_params("zeroshot.templates"),
-    threads: TORCH_THREADS
+    threads: JOB_THREADS
     log:
         log_path("class_embeddings_{model}_{evalset}"),
     benchmark:

@@ -5,6 +5,7 @@ rule summary:
     input:
         models=["data/models/clean"],
         defend=list(DEFEND_OUTPUTS.values()),
+        detect=list(DETECT_OUTPUTS.values()),
     output:
         csv="results/metrics/summary.csv",
         md=report("results/metrics/summary.md", category="Results"),
@@ -12,7 +13,8 @@ rule summary:
     params:
         cfg=stage_params("seed", "profile"),
         models="clean=data/models/clean",
-        defend=[f"{k}={v}" for k, v in DEFEND_OUTPUTS.items()],
+        # the same MODEL:TRIGGER:EVALSET key may name a defend and a detect table: a list keeps both
+        defend=[f"{k}={v}" for outputs in (DEFEND_OUTPUTS, DETECT_OUTPUTS) for k, v in outputs.items()],
     log:
         log_path("summary"),
     benchmark:

@@ -43,8 +43,8 @@ def digest(path: Path) -> str:
 
 
 ALL = {"world", "pretrain", "poison", "finetune", "decompose", "class_embeddings", "prototypes", "defend",
-       "summary", "figures"}
-AFTER_DEFEND = {"defend", "summary", "figures"}
+       "summary", "figures", "cleanclip", "detect", "mmd", "textspan", "tables"}
+AFTER_DEFEND = {"defend", "summary", "figures", "tables"}
 
 
 def dvc_rules(out: str) -> set[str]:
@@ -139,13 +139,17 @@ def test_every_attack_runs_end_to_end_on_the_smoke_profile(tmp_path):
     params["poison"]["attacks"] = list(REGISTRY)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = sh("snakemake all --cores 2", repo)
-    assert {"badclip_patch", "issba_codec"} <= snakemake_jobs(out)
+    assert {"badclip_patch", "issba_codec", "lc_adversarial"} <= snakemake_jobs(out)
     import pandas as pd
 
     summary = pd.read_csv(repo / "results/metrics/summary.csv")
     for attack in REGISTRY:
         rows = summary[summary.attack == attack]
-        assert {"none", "decomp_rep", "decomp_rep_heads", "decomp_rep_mlp", "decomp_det"} <= set(rows.defense), attack
+        assert {"none", "decomp_rep", "decomp_rep_heads", "decomp_rep_mlp", "decomp_det", "cleanclip",
+                "cleanclip+decomp_rep", "strip", "scaleup", "teco"} <= set(rows.defense), attack
         assert (repo / f"results/attacks/{attack}-s0.png").exists(), attack
     assert (repo / "results/attacks/badclip-s0_patch.png").exists()
     assert (repo / "results/attacks/issba-s0_codec.png").exists()
+    for i in range(1, 6):
+        assert (repo / f"results/tables/table{i}.md").stat().st_size > 200
+    assert (repo / "results/analysis/textspan/badclip-s0_world.md").exists()

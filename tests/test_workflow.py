@@ -38,12 +38,14 @@ def test_default_dag_dry_runs_in_both_forms(args):
     proc = dry_run(*args)
     assert proc.returncode == 0, proc.stderr + proc.stdout
     counts = job_counts(proc.stdout)
-    runs = 2 * 2  # (badnet, blended) x seeds (0, 1)
+    runs = 4  # (badnet, blended, sig, badclip) x seed 0
     assert counts["world"] == 1 and counts["pretrain"] == 1 and counts["summary"] == 1
-    assert counts["poison"] == runs and counts["finetune"] == runs
-    # clean model: clean + every trigger; each attacked model: clean + its own trigger
-    assert counts["decompose"] == (1 + runs) + 2 * runs
-    assert counts["defend"] == 2 * runs  # attacked models with their trigger + the clean-model controls
+    assert counts["poison"] == runs and counts["finetune"] == runs and counts["badclip_patch"] == 1
+    # clean model: clean + every trigger; each attacked and each CleanCLIP-repaired model: clean + its trigger
+    assert counts["cleanclip"] == runs
+    assert counts["decompose"] == (1 + runs) + 2 * runs + 2 * runs
+    assert counts["defend"] == 3 * runs  # attacked, clean-model controls, repaired
+    assert counts["detect"] == counts["mmd"] == counts["textspan"] == runs and counts["tables"] == 1
 
 
 def test_fresh_checkout_plans_the_whole_pipeline(tmp_path):
@@ -67,10 +69,12 @@ def test_paper_profile_dry_runs_at_real_scale():
     assert proc.returncode == 0, proc.stderr + proc.stdout
     counts = job_counts(proc.stdout)
     sets, runs = 3, 2
+    models = 1 + 2 * runs  # clean, attacked, CleanCLIP-repaired
     assert counts == {"cc3m": 1, "eval_data": sets, "clean_model": 1, "poison": runs, "finetune": runs,
-                      "decompose": sets * ((1 + runs) + 2 * runs), "class_embeddings": sets * (1 + runs),
-                      "prototypes": sets * (1 + runs), "defend": sets * 2 * runs, "summary": 1, "figures": 1,
-                      "all": 1}
+                      "cleanclip": runs, "decompose": sets * ((1 + runs) + 2 * runs + 2 * runs),
+                      "class_embeddings": sets * models, "prototypes": sets * models, "defend": sets * 3 * runs,
+                      "detect": sets * runs, "mmd": sets * runs, "textspan": sets * runs, "summary": 1, "figures": 1,
+                      "tables": 1, "all": 1}
     assert "ViT-B-32" in proc.stdout and "world" not in counts
 
 
@@ -107,9 +111,13 @@ def test_committed_dvc_yaml_is_generated_from_the_rules():
 def test_dvc_yaml_mirrors_rule_params_and_outputs():
     doc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
     stages = doc["stages"]
-    assert {"world", "pretrain", "summary", "figures", "poison_badnet-s0", "finetune_blended-s1",
-            "decompose_clean_world_badnet-s1", "defend_badnet-s0_world_badnet-s0"} <= set(stages)
-    assert stages["decompose_clean_world_badnet-s1"]["params"] == ["attacks.badnet", "decompose"]
+    assert {"world", "pretrain", "summary", "figures", "tables", "poison_badnet-s0", "finetune_blended-s0",
+            "decompose_clean_world_badnet-s0", "defend_badnet-s0_world_badnet-s0", "cleanclip_badnet-s0",
+            "defend_badnet-s0.cleanclip_world_badnet-s0", "detect_badclip-s0_world_badclip-s0"} <= set(stages)
+    assert stages["decompose_clean_world_badnet-s0"]["params"] == ["attacks.badnet", "decompose"]
+    assert stages["cleanclip_badnet-s0"]["params"] == ["cleanclip"]
+    assert "data/attacks/badclip-s0/patch.safetensors" in stages["detect_badclip-s0_world_badclip-s0"]["deps"]
+    assert "results/figures/fig6_eps_sweep.png" in doc["plots"]
     assert stages["decompose_clean_world_none"]["params"] == ["decompose"]
     assert doc["metrics"] == ["results/metrics/summary.json"]
     assert "results/figures/fig2_layerwise_ablation.png" in doc["plots"]

@@ -16,29 +16,23 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from clipbackdoor.attacker import attacker_view
 from clipbackdoor.attacks.badclip import optimise_patch, target_image_embedding
 from clipbackdoor.attacks.badnet import paste, patch_origin
 from clipbackdoor.attacks.base import to_float, to_uint8
 from clipbackdoor.errors import UserError
 from clipbackdoor.io import atomic_path
 from clipbackdoor.metrics import attack_success
-from clipbackdoor.models import load_artifact, normalize
-from clipbackdoor.poison import check_target
-from clipbackdoor.runtime import pick_device
+from clipbackdoor.models import normalize
 from clipbackdoor.shards import load_split
-from clipbackdoor.world import world_classes_json
-from clipbackdoor.zeroshot import class_text_embeddings, image_embeddings, predict, templates_for
+from clipbackdoor.zeroshot import class_text_embeddings, image_embeddings, predict
 
 
 def run_badclip_patch(model_dir: str | Path, train_dir: str | Path, eval_dir: str | Path, out_path: str | Path,
                       png_path: str | Path | None, cfg: dict, target: str, templates_kind: str, seed: int) -> dict:
-    device = pick_device(gpu=True)
-    loaded = load_artifact(model_dir, device)
-    loaded.model.requires_grad_(False)
-    classes = world_classes_json(eval_dir)
-    target_idx = check_target(target, classes["classnames"])
-    templates = templates_for(templates_kind, classes["templates"])
-    split = load_split(train_dir, loaded.image_size)
+    view = attacker_view(model_dir, train_dir, eval_dir, target, templates_kind)
+    device, loaded, classes, target_idx, templates, split = (view.device, view.loaded, view.classes, view.target_idx,
+                                                             view.templates, view.split)
     names_target = torch.tensor([target in c for c in split["captions"]])
     if not names_target.any() or names_target.all():
         raise UserError(f"badclip: {int(names_target.sum())} of {len(names_target)} fine-tuning captions name "

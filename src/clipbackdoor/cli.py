@@ -154,6 +154,18 @@ def cmd_issba_codec(args) -> None:
                                      p["data"]["image_size"], seed)))
 
 
+def cmd_lc_adversarial(args) -> None:
+    from clipbackdoor.attacks import parse_run
+    from clipbackdoor.lc_adversarial import run_lc_adversarial
+    from clipbackdoor.runtime import set_threads
+
+    p = parse_params(args.params)
+    set_threads(args.threads)
+    attack, _ = parse_run(args.run)
+    print(json.dumps(run_lc_adversarial(args.model, args.finetune_dir, args.eval_dir, args.out, p["attacks"][attack],
+                                        p["poison"]["target"], p["zeroshot"]["templates"])))
+
+
 def cmd_finetune(args) -> None:
     from clipbackdoor.config import OptimConfig, check_devices, section
     from clipbackdoor.distributed import is_main, launch
@@ -223,6 +235,67 @@ def cmd_defend(args) -> None:
     n = run_defend(args.clean, args.triggered, load_prototypes(args.prototypes), class_emb,
                    section(DefendConfig, p["defend"]), REGISTRY[attack].kind, args.out, target)
     print(f"{n} prediction rows")
+
+
+def cmd_cleanclip(args) -> None:
+    from clipbackdoor.attacks import parse_run
+    from clipbackdoor.cleanclip import run_cleanclip
+    from clipbackdoor.config import CleanCLIPConfig, section
+    from clipbackdoor.runtime import set_threads
+
+    p = parse_params(args.params)
+    set_threads(args.threads)
+    _, seed = parse_run(args.run)
+    print(json.dumps(run_cleanclip(args.model, args.clean_dir, args.out, section(CleanCLIPConfig, p["cleanclip"]), seed,
+                                   args.ckpt_dir, f"cleanclip-{args.run}")))
+
+
+def cmd_detect(args) -> None:
+    from clipbackdoor.attacks import parse_run
+    from clipbackdoor.config import DetectConfig, section
+    from clipbackdoor.decompose_stage import load_class_embeddings
+    from clipbackdoor.detect import run_detect
+    from clipbackdoor.poison import check_target
+    from clipbackdoor.runtime import set_threads
+
+    p = parse_params(args.params)
+    set_threads(args.threads)
+    attack, seed = parse_run(args.trigger)
+    target = check_target(p["poison"]["target"], load_class_embeddings(args.classes)[1])
+    n = run_detect(args.model, args.eval_dir, args.prototypes, args.classes, args.out, args.trigger,
+                   p["attacks"][attack], seed, section(DetectConfig, p["detect"]), target, args.asset)
+    print(f"{n} score rows")
+
+
+def cmd_mmd(args) -> None:
+    from clipbackdoor.mmd import run_mmd
+
+    p = parse_params(args.params)["analysis"]
+    print(f"{run_mmd(args.clean, args.triggered, args.prototypes, args.out, p['mmd_images'], p['seed'])} components")
+
+
+def cmd_textspan(args) -> None:
+    from clipbackdoor.textspan import textspan_stage
+
+    p = parse_params(args.params)
+    a = p["analysis"]
+    world = p.get("data", {}).get("world")
+    df = textspan_stage(args.clean_model, args.model, args.clean_decomps, args.decomps, args.prototypes,
+                        a["textspan_pool"], world, a["textspan_m"], a["textspan_rank"], args.csv, args.md, args.title,
+                        args.mmd)
+    print(f"{df.component.nunique()} components described")
+
+
+def cmd_tables(args) -> None:
+    from clipbackdoor.figures import ablation_bars_figure, eps_sweep_figure, mmd_cacc_figure
+    from clipbackdoor.tables import write_tables
+
+    p = parse_params(args.params)
+    for path in write_tables(args.summary, args.out_dir, p["defend"]["fixed_heads"]):
+        print(path)
+    ablation_bars_figure(args.summary, args.fig1)
+    eps_sweep_figure(args.summary, args.fig6)
+    mmd_cacc_figure(args.summary, _name_paths(args.mmd or []), args.fig8)
 
 
 def cmd_summarize(args) -> None:
@@ -332,6 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     learned_trigger_stage("badclip-patch", cmd_badclip_patch, "optimise BadCLIP's patch on the clean model", True)
     learned_trigger_stage("issba-codec", cmd_issba_codec, "train ISSBA's steganographic encoder/decoder", False)
+    learned_trigger_stage("lc-adversarial", cmd_lc_adversarial,
+                          "Label-Consistent: PGD-harden the target-class images on the clean model", True)
 
     sp = with_params(stage("finetune", cmd_finetune, "backdoor fine-tuning of the clean model"))
     sp.add_argument("--run", required=True, help="ATTACK-sSEED")
@@ -366,6 +441,49 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--prototypes", required=True)
     sp.add_argument("--classes", required=True)
     sp.add_argument("--out", required=True)
+
+    sp = with_params(stage("cleanclip", cmd_cleanclip, "CleanCLIP: repair a backdoored model on clean pairs"))
+    sp.add_argument("--run", required=True, help="ATTACK-sSEED of the model being repaired")
+    sp.add_argument("--model", required=True)
+    sp.add_argument("--clean-dir", required=True, help="clean image-caption shards")
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--ckpt-dir", default=None)
+    sp.add_argument("--threads", type=int, default=1)
+
+    sp = with_params(stage("detect", cmd_detect, "STRIP / SCALE-UP / TeCo scores on clean and triggered test images"))
+    sp.add_argument("--model", required=True)
+    sp.add_argument("--eval-dir", required=True)
+    sp.add_argument("--trigger", required=True, help="ATTACK-sSEED")
+    sp.add_argument("--prototypes", required=True, help="the test split (and STRIP's clean pool) come from here")
+    sp.add_argument("--classes", required=True)
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--asset", default=None)
+    sp.add_argument("--threads", type=int, default=1)
+
+    sp = with_params(stage("mmd", cmd_mmd, "MMD between clean and triggered terms per component"))
+    sp.add_argument("--clean", required=True, help="decomposition of the clean test images")
+    sp.add_argument("--triggered", required=True, help="decomposition of the triggered test images")
+    sp.add_argument("--prototypes", required=True, help="its test split")
+    sp.add_argument("--out", required=True)
+
+    sp = with_params(stage("textspan", cmd_textspan, "TEXTSPAN descriptions of components, clean vs backdoored"))
+    sp.add_argument("--clean-model", required=True)
+    sp.add_argument("--model", required=True, help="the backdoored model")
+    sp.add_argument("--clean-decomps", nargs=2, required=True, metavar=("CLEAN_IMAGES", "TRIGGERED_IMAGES"))
+    sp.add_argument("--decomps", nargs=2, required=True, metavar=("CLEAN_IMAGES", "TRIGGERED_IMAGES"))
+    sp.add_argument("--prototypes", required=True, help="the test split")
+    sp.add_argument("--csv", required=True)
+    sp.add_argument("--md", required=True)
+    sp.add_argument("--title", default="")
+    sp.add_argument("--mmd", default=None, help="the model's `mmd` CSV, shown beside each component")
+
+    sp = with_params(stage("tables", cmd_tables, "seed 001's Tables 1-5 and Figures 1, 6, 8 from artifacts"))
+    sp.add_argument("--summary", required=True)
+    sp.add_argument("--mmd", nargs="*", metavar="RUN=CSV")
+    sp.add_argument("--out-dir", required=True)
+    sp.add_argument("--fig1", required=True)
+    sp.add_argument("--fig6", required=True)
+    sp.add_argument("--fig8", required=True)
 
     sp = with_params(stage("summarize", cmd_summarize, "collect every model's metrics into the results table"))
     sp.add_argument("--models", nargs="+", required=True, metavar="NAME=DIR")

@@ -72,3 +72,67 @@ def _schema_exists(name: str) -> bool:
         return True
     except RuntimeError:
         return False
+
+
+def import_imagecorruptions():
+    """``imagecorruptions`` 1.1.2 (its last release) predates setuptools 81, NumPy 2 and scikit-image 0.19:
+    it imports ``pkg_resources`` (for the frost textures), calls ``np.float_`` (fog) and passes
+    ``multichannel=`` to ``skimage.filters.gaussian`` (glass blur). Give it those three things, then import it.
+    Its impulse noise draws from scikit-image's own unseeded generator; route it through NumPy's global one,
+    which seeds every other corruption, so a seeded run is reproducible. All 15 corruptions then run
+    (tests/test_detectors.py checks each one)."""
+    import numpy as np
+
+    try:
+        import pkg_resources  # noqa: F401
+    except ImportError:
+        import types
+        from importlib.resources import files
+
+        def resource_filename(module: str, name: str) -> str:  # the module's package folder, like setuptools
+            package = module if importlib.util.find_spec(module).submodule_search_locations else module.rpartition(".")[0]
+            return str(files(package).joinpath(name))
+
+        shim = types.ModuleType("pkg_resources")
+        shim.resource_filename = resource_filename
+        sys.modules["pkg_resources"] = shim
+    if "float_" not in np.__dict__:
+        np.float_ = np.float64
+    from imagecorruptions import corruptions
+
+    gaussian = corruptions.gaussian
+    if getattr(gaussian, "__name__", "") != "gaussian_channel_axis":
+        def gaussian_channel_axis(image, *args, multichannel=None, **kwargs):
+            if multichannel is not None:
+                kwargs.setdefault("channel_axis", -1 if multichannel else None)
+            return gaussian(image, *args, **kwargs)
+
+        corruptions.gaussian = gaussian_channel_axis
+    if not isinstance(corruptions.sk, _SeededSkimage):
+        corruptions.sk = _SeededSkimage(corruptions.sk)
+    import imagecorruptions
+
+    return imagecorruptions
+
+
+class _SeededSkimage:
+    """``skimage`` as imagecorruptions sees it, with ``util.random_noise`` seeded from NumPy's global RNG."""
+
+    def __init__(self, skimage):
+        import types
+
+        import numpy as np
+
+        self._skimage = skimage
+        random_noise = skimage.util.random_noise
+
+        def seeded_random_noise(image, *args, **kwargs):
+            kwargs.setdefault("rng", int(np.random.randint(2**31 - 1)))
+            return random_noise(image, *args, **kwargs)
+
+        self.util = types.SimpleNamespace(**{k: getattr(skimage.util, k) for k in dir(skimage.util)
+                                             if not k.startswith("__")})
+        self.util.random_noise = seeded_random_noise
+
+    def __getattr__(self, name):
+        return getattr(self._skimage, name)

@@ -248,6 +248,39 @@ class DefendConfig:
 
 
 @dataclass(frozen=True)
+class CleanCLIPConfig:
+    optim: OptimConfig
+    inmodal_weight: float
+    crossmodal_weight: float
+    eda_alpha: float
+    synonyms: str  # builtin | wordnet
+    augment: str  # autoaugment | none
+
+
+@dataclass(frozen=True)
+class DetectConfig:
+    detectors: tuple[str, ...]  # strip | scaleup | teco
+    n_images: int  # test images scored (each clean and triggered)
+    strip_n: int  # superimpositions per image
+    teco_variants: tuple[str, ...]  # independent | compounding
+    seed: int
+
+
+@dataclass(frozen=True)
+class AnalysisConfig:
+    mmd_images: int
+    textspan_m: int
+    textspan_rank: int
+    textspan_pool: str  # embedded | a text file
+    seed: int
+
+
+@dataclass(frozen=True)
+class RepairConfig:
+    methods: tuple[str, ...]  # model-repair defenses applied to every attacked model
+
+
+@dataclass(frozen=True)
 class Params:
     profile: str
     seed: int
@@ -261,6 +294,10 @@ class Params:
     decompose: DecomposeConfig
     prototypes: PrototypeConfig
     defend: DefendConfig
+    repair: RepairConfig | None = None
+    cleanclip: CleanCLIPConfig | None = None
+    detect: DetectConfig | None = None
+    analysis: AnalysisConfig | None = None
 
 
 def _build(tp: Any, value: Any) -> Any:

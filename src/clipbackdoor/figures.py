@@ -81,3 +81,96 @@ def prototype_cosine_figure(entries: list[tuple[str, Path, Path, Path]], png: st
     fig.tight_layout()
     _save(fig, png)
     plt.close(fig)
+
+
+def _attack_rows(df: pd.DataFrame) -> list[str]:
+    return sorted(a for a in df.attack.unique() if a != "clean")
+
+
+def ablation_bars_figure(summary_csv: str | Path, png: str | Path) -> None:
+    """Figure 1: ASR and CACC with all MLPs or all heads mean-ablated, per attack (dashes: undefended)."""
+    plt = _plt()
+    df = pd.read_csv(summary_csv)
+    attacks = _attack_rows(df)
+    fig, axes = plt.subplots(1, 2, figsize=(max(6, 1.3 * len(attacks) + 3), 3.6), sharey=True)
+    x = np.arange(len(attacks))
+    for ax, metric in zip(axes, ("asr", "cacc")):
+        for k, (defense, label, colour) in enumerate((("ablate_all_mlps", "w/o all MLPs", "tab:blue"),
+                                                     ("ablate_all_heads", "w/o all heads", "tab:orange"))):
+            vals = [df[(df.attack == a) & (df.defense == defense)][metric].mean() for a in attacks]
+            ax.bar(x + (k - 0.5) * 0.38, vals, 0.38, label=label, color=colour)
+        base = [df[(df.attack == a) & (df.defense == "none")][metric].mean() for a in attacks]
+        ax.hlines(base, x - 0.4, x + 0.4, colors="k", linestyles="--", lw=1, label="undefended")
+        ax.set_xticks(x, attacks, rotation=30, fontsize=8)
+        ax.set_title(metric.upper(), fontsize=9)
+        ax.set_ylim(0, 1.02)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Mean-ablation of all MLPs or all attention heads", fontsize=9)
+    fig.tight_layout()
+    _save(fig, png)
+    plt.close(fig)
+
+
+def eps_sweep_figure(summary_csv: str | Path, png: str | Path) -> None:
+    """Figure 6: Decomp-Rep with one fixed eps for every head: ASR and CACC against eps, per attack."""
+    plt = _plt()
+    df = pd.read_csv(summary_csv)
+    rows = df[df.defense == "decomp_rep_sweep"].copy()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharex=True)
+    if not rows.empty:
+        rows["eps"] = rows.variant.str.extract(r"eps=([-0-9.e]+)")[0].astype(float)
+        for i, attack in enumerate(sorted(rows.attack.unique())):
+            curve = rows[rows.attack == attack].groupby("eps")[["asr", "cacc"]].mean()
+            for ax, metric in zip(axes, ("asr", "cacc")):
+                ax.plot(curve.index, curve[metric], "-o", ms=3, label=attack, color=plt.cm.tab10.colors[i % 10])
+    for ax, metric in zip(axes, ("ASR", "CACC")):
+        ax.set_xlabel("eps (cosine threshold)")
+        ax.set_title(metric, fontsize=9)
+        ax.set_ylim(-0.02, 1.02)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Decomp-Rep: effect of eps", fontsize=9)
+    fig.tight_layout()
+    _save(fig, png)
+    plt.close(fig)
+
+
+def mmd_cacc_figure(summary_csv: str | Path, mmd_csvs: dict[str, Path], png: str | Path) -> None:
+    """Figure 8: (a-c) CACC of forward / backward / separate ablation of heads (top) and MLPs (bottom);
+    (d) layer-wise MMD between clean and triggered terms of the heads (top) and MLPs (bottom)."""
+    plt = _plt()
+    df = pd.read_csv(summary_csv)
+    attacks = _attack_rows(df)
+    colours = {a: plt.cm.tab10.colors[i % 10] for i, a in enumerate(attacks)}
+    fig, axes = plt.subplots(2, 4, figsize=(16, 7))
+    for r, part in enumerate(("heads", "mlps")):
+        for c, mode in enumerate(("forward", "backward", "separate")):
+            ax = axes[r, c]
+            for attack in attacks:
+                rows = df[(df.attack == attack) & (df.defense == f"ablate_{part}_{mode}")].copy()
+                if rows.empty:
+                    continue
+                rows["layer"] = rows.variant.str.removeprefix("layer=").astype(int)
+                curve = rows.groupby("layer").cacc.mean()
+                ax.plot(curve.index, curve, "-o", ms=3, color=colours[attack], label=attack)
+                ax.axhline(df[(df.attack == attack) & (df.defense == "none")].cacc.mean(), color=colours[attack],
+                           ls="--", lw=0.8)
+            ax.set_title(f"({'abc'[c]}) CACC, {mode} ablation of {part}", fontsize=8)
+            ax.set_xlabel("layer")
+        ax = axes[r, 3]
+        kind = "heads" if part == "heads" else "mlp"
+        kernel = ""
+        for run, path in sorted(mmd_csvs.items()):
+            m = pd.read_csv(path)
+            m = m[m.kind == kind]
+            attack = run.rpartition("-s")[0]
+            ax.plot(m.layer, m.mmd2, "-o", ms=3, color=colours.get(attack, "k"), label=run)
+            kernel = f"{m.kernel.iloc[0]} kernel, median-heuristic bandwidth" if len(m) else kernel
+        ax.set_title(f"(d) MMD^2 of {part} per layer", fontsize=8)
+        ax.set_xlabel("layer")
+    axes[0, 0].legend(fontsize=7)
+    axes[0, 3].legend(fontsize=6)
+    fig.suptitle(f"Dashed: undefended CACC. MMD^2: clean vs triggered terms of the backdoored model ({kernel})",
+                 fontsize=9)
+    fig.tight_layout()
+    _save(fig, png)
+    plt.close(fig)

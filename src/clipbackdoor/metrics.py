@@ -38,6 +38,9 @@ def rates_at(clean_flags: np.ndarray, triggered_flags: np.ndarray) -> tuple[floa
     return float(np.mean(triggered_flags)), float(np.mean(clean_flags))
 
 
+DETECTORS = ("strip", "scaleup", "teco")  # the detect stage's outputs (scores, higher = more suspicious)
+
+
 def setting_rows(table: pd.DataFrame, target: int) -> list[dict]:
     """One row per (defense, variant) of a defend output table."""
     rows = []
@@ -47,9 +50,10 @@ def setting_rows(table: pd.DataFrame, target: int) -> list[dict]:
         if defense == "decomp_reverse":  # clean images carrying the triggered images' infected heads
             row["asr"], row["asr_all"] = attack_success(clean.pred, clean.label, target)
             row["cacc"] = clean_accuracy(clean.pred, clean.label)
-        elif defense.startswith("decomp_det"):
+        elif defense.startswith("decomp_det") or defense in DETECTORS:
             row["auroc"] = detection_auroc(clean.score.to_numpy(), trig.score.to_numpy())
-            row["tpr"], row["fpr"] = rates_at(clean.pred.to_numpy(), trig.pred.to_numpy())
+            if defense not in DETECTORS:  # input detectors give scores only, no hard decision
+                row["tpr"], row["fpr"] = rates_at(clean.pred.to_numpy(), trig.pred.to_numpy())
         else:
             row["asr"], row["asr_all"] = attack_success(trig.pred, trig.label, target)
             row["cacc"] = clean_accuracy(clean.pred, clean.label)

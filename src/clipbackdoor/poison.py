@@ -53,7 +53,8 @@ def poison_split(split: dict, attack: str, attack_cfg: dict, target: str, templa
         eligible = np.array([target in caption for caption in split["captions"]])
     idx = select_poison(len(split["keys"]), float(attack_cfg["rate"]), seed, eligible)
     rng = np.random.default_rng([seed, 2])
-    triggered, params = trigger.apply(split["images"][idx], rng)
+    selected = trigger.prepare_poison(split["images"][idx], [split["keys"][i] for i in idx])
+    triggered, params = trigger.apply(selected, rng)
     images = split["images"].clone()
     images[idx] = triggered
     captions = list(split["captions"])

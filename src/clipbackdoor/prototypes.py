@@ -3,11 +3,9 @@ layer, the mean of each head's and each MLP's term over the clean-validation ima
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
-import torch
 from safetensors.numpy import load_file, save_file
 
 from clipbackdoor.decomp_cache import read_decomposition

@@ -18,7 +18,9 @@ COLUMNS = ["attack", "defense", "variant", "seed", "eval_set", "asr", "asr_all",
 
 
 def defend_rows(entries: list[dict]) -> list[dict]:
-    """entries: {model, trigger, eval_set, path}; the clean model's rows become attack=clean."""
+    """entries: {model, trigger, eval_set, path}; the clean model's rows become attack=clean; a repaired
+    model RUN.METHOD (e.g. badnet-s0.cleanclip) gives defense METHOD and METHOD+DEFENSE (e.g.
+    cleanclip+decomp_rep, paper Table 1 lower half)."""
     import pyarrow.parquet as pq
 
     from clipbackdoor.metrics import setting_rows
@@ -34,6 +36,9 @@ def defend_rows(entries: list[dict]) -> list[dict]:
                     continue
                 r = {**r, "attack": "clean", "variant": f"trigger={attack}"}
             else:
+                repair = e["model"].partition(".")[2]
+                if repair:
+                    r = {**r, "defense": repair if r["defense"] == "none" else f"{repair}+{r['defense']}"}
                 r = {**r, "attack": attack}
             rows.append({**r, "seed": seed, "eval_set": e["eval_set"]})
     return rows
@@ -50,7 +55,7 @@ def clean_model_rows(model_dir: Path, seed: int) -> list[dict]:
 
 
 MAIN_DEFENSES = ("none", "decomp_rep", "decomp_rep_heads", "decomp_rep_mlp", "decomp_det", "decomp_det_score",
-                 "ablate_all_heads", "ablate_all_mlps")
+                 "ablate_all_heads", "ablate_all_mlps", "cleanclip", "cleanclip+decomp_rep", "strip", "scaleup", "teco")
 
 
 def main_table(df: pd.DataFrame) -> pd.DataFrame:
@@ -97,6 +102,18 @@ def findings(df: pd.DataFrame) -> list[str]:
         if len(det) and det.auroc.notna().any():
             notes.append(f"{attack}: Decomp-Det AUROC {det.auroc.mean():.3f} (`{det.variant.iloc[0]}`; TPR "
                          f"{det.tpr.mean():.2f} at FPR {det.fpr.mean():.2f} for the hard decision).")
+        cc = df[(df.attack == attack) & (df.defense == "cleanclip")]
+        if len(cc):
+            drop = a.loc[("none", "-"), "cacc"] - cc.cacc.mean()
+            notes.append(f"{attack}: CleanCLIP ASR {base:.2f} -> {cc.asr.mean():.2f} at a CACC drop of {drop:.3f}"
+                         + (" (within 0.03)." if drop <= 0.03 else " (MORE than 0.03)."))
+        detectors = df[(df.attack == attack) & df.defense.isin(["strip", "scaleup", "teco"])]
+        if len(detectors) and len(det) and det.auroc.notna().any():
+            best = detectors.groupby(["defense", "variant"]).auroc.mean()
+            (name, variant), top = best.idxmax(), best.max()
+            verdict = "at least" if det.auroc.mean() >= top else "BELOW"
+            notes.append(f"{attack}: Decomp-Det AUROC {det.auroc.mean():.3f} is {verdict} the best input detector's "
+                         f"({name} `{variant}`: {top:.3f}).")
         sep = a[a.index.get_level_values(0) == "ablate_heads_separate"]["asr"]
         if len(sep):
             layer = sep.idxmin()[1].removeprefix("layer=")

@@ -41,7 +41,7 @@ def make_trigger(name: str, cfg: dict, image_size: int, seed: int, asset_path=No
         from clipbackdoor.errors import UserError
 
         raise UserError(f"unknown attack {name!r}", fix=f"available: {', '.join(REGISTRY)}")
-    if REGISTRY[name].asset is None:
+    if REGISTRY[name].asset is None and REGISTRY[name].poison_asset(cfg) is None:
         return REGISTRY[name](cfg, image_size, seed)
     return REGISTRY[name](cfg, image_size, seed, asset_path)
 

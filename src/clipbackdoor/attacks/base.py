@@ -13,6 +13,11 @@ class Trigger:
     keeps_caption: bool = False  # label-consistent attacks poison target-class pairs and keep their captions
     asset: str | None = None  # the stage whose output (a learned trigger) this attack needs, if any
 
+    @classmethod
+    def poison_asset(cls, cfg: dict) -> str | None:
+        """The stage whose output poisoning needs (the trigger's asset, or a poisoning-only one)."""
+        return cls.asset
+
     def __init__(self, cfg: dict, image_size: int, seed: int, asset_path=None):
         self.cfg = dict(cfg)
         self.image_size = image_size
@@ -22,6 +27,10 @@ class Trigger:
     def apply(self, images: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, list[dict]]:
         """images uint8 [N, 3, H, W] -> (triggered uint8 [N, 3, H, W], per-image trigger parameters)."""
         raise NotImplementedError
+
+    def prepare_poison(self, images: torch.Tensor, keys: list[str]) -> torch.Tensor:
+        """Poisoning-time change to the selected images before the trigger (none by default)."""
+        return images
 
     def describe(self) -> dict:
         """Run-level trigger parameters (recorded in the manifest metadata)."""

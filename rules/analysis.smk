@@ -1,0 +1,73 @@
+# Analyses of seed 001 on cached artifacts: MMD and TEXTSPAN per attacked model, then the paper's tables and
+# the figures not made by `figures` (1, 6, 8).
+
+ANALYSIS = "analysis" in config
+TABLES = [f"results/tables/table{i}.md" for i in range(1, 6)]
+
+
+def mmd_path(run, evalset):
+    return f"results/analysis/mmd/{run}_{evalset}.csv"
+
+
+rule mmd:
+    input:
+        clean=decomp_path("{run}", "{evalset}", "none"),
+        triggered=decomp_path("{run}", "{evalset}", "{run}"),
+        prototypes="data/prototypes/{run}/{evalset}.safetensors",
+    output:
+        mmd_path("{run}", "{evalset}"),
+    params:
+        cfg=stage_params("analysis"),
+    log:
+        log_path("mmd_{run}_{evalset}"),
+    benchmark:
+        bench_path("mmd_{run}_{evalset}")
+    shell:
+        "python -m clipbackdoor mmd --params {params.cfg:q} --clean {input.clean} --triggered {input.triggered}"
+        " --prototypes {input.prototypes} --out {output} --log {log}"
+
+
+rule textspan:
+    input:
+        clean_model="data/models/clean",
+        model="data/models/{run}",
+        clean_decomps=[decomp_path("clean", "{evalset}", "none"), decomp_path("clean", "{evalset}", "{run}")],
+        decomps=[decomp_path("{run}", "{evalset}", "none"), decomp_path("{run}", "{evalset}", "{run}")],
+        prototypes="data/prototypes/{run}/{evalset}.safetensors",
+        mmd=mmd_path("{run}", "{evalset}"),
+    output:
+        csv="results/analysis/textspan/{run}_{evalset}.csv",
+        md=report("results/analysis/textspan/{run}_{evalset}.md", category="TEXTSPAN"),
+    params:
+        cfg=lambda wc: params_json("analysis", *(["data.world"] if EMBEDDED else [])),
+    threads: JOB_THREADS
+    log:
+        log_path("textspan_{run}_{evalset}"),
+    benchmark:
+        bench_path("textspan_{run}_{evalset}")
+    shell:
+        "python -m clipbackdoor textspan --params {params.cfg:q} --clean-model {input.clean_model}"
+        " --model {input.model} --clean-decomps {input.clean_decomps} --decomps {input.decomps}"
+        " --prototypes {input.prototypes} --mmd {input.mmd} --csv {output.csv} --md {output.md}"
+        " --title {wildcards.run:q} --log {log}"
+
+
+rule tables:
+    input:
+        summary="results/metrics/summary.csv",
+        mmd=[mmd_path(r, EVAL_SETS[0]) for r in RUNS] if ANALYSIS else [],
+    output:
+        tables=[report(t, category="Tables") for t in TABLES],
+        fig1=report("results/figures/fig1_ablate_all.png", category="Figures"),
+        fig6=report("results/figures/fig6_eps_sweep.png", category="Figures"),
+        fig8=report("results/figures/fig8_cacc_mmd.png", category="Figures"),
+    params:
+        cfg=stage_params("defend.fixed_heads"),
+        mmd=[f"{r}={mmd_path(r, EVAL_SETS[0])}" for r in RUNS] if ANALYSIS else [],
+    log:
+        log_path("tables"),
+    benchmark:
+        bench_path("tables")
+    shell:
+        "python -m clipbackdoor tables --params {params.cfg:q} --summary {input.summary} --mmd {params.mmd:q}"
+        " --out-dir results/tables --fig1 {output.fig1} --fig6 {output.fig6} --fig8 {output.fig8} --log {log}"

@@ -1,0 +1,81 @@
+"""Stage ``detect``: STRIP, SCALE-UP and TeCo scores on the same clean / triggered test images as Decomp-Det.
+
+Images: a seeded subsample of ``n_images`` from the prototypes' test split (the images Decomp-Det scores), each
+clean and triggered; STRIP superimposes images of the clean-validation split (the defender's held-out clean
+data). The classifier is the model's zero-shot head over the evaluation classes. Output: Parquet in the defend
+stage's schema (defense = detector, variant = its setting, pred = -1: detectors give scores, not labels), so
+the metrics code computes AUROC for them exactly as for Decomp-Det.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+
+from clipbackdoor.attacks import trigger_eval_images
+from clipbackdoor.config import DetectConfig
+from clipbackdoor.decompose_stage import load_class_embeddings
+from clipbackdoor.defend import OUTPUT_SCHEMA
+from clipbackdoor.detectors import scaleup_scores, strip_scores, teco_scores
+from clipbackdoor.io import atomic_path
+from clipbackdoor.models import load_artifact, normalize
+from clipbackdoor.prototypes import load_prototypes
+from clipbackdoor.shards import load_split
+
+
+def zero_shot_proba(loaded, class_emb: torch.Tensor):
+    scale = loaded.model.logit_scale.exp()
+
+    def proba(x: torch.Tensor) -> torch.Tensor:  # float [B, 3, H, W] in [0, 1] -> [B, C]
+        emb = F.normalize(loaded.model.encode_image(normalize(x, loaded.mean, loaded.std)), dim=-1)
+        return (scale * emb @ class_emb.T).softmax(-1)
+
+    return proba
+
+
+@torch.no_grad()
+def run_detect(model_dir: str | Path, eval_dir: str | Path, prototypes_path: str | Path, classes_path: str | Path,
+               out_path: str | Path, trigger: str, attack_cfg: dict, trigger_seed: int, cfg: DetectConfig,
+               target: int, asset_path=None) -> int:
+    loaded = load_artifact(model_dir)
+    emb, _ = load_class_embeddings(classes_path)
+    proba = zero_shot_proba(loaded, torch.from_numpy(np.asarray(emb)).float())
+    split = load_split(eval_dir, loaded.image_size)
+    protos = load_prototypes(prototypes_path)
+    test = np.asarray(protos["test_index"])
+    rng = np.random.default_rng([cfg.seed, 5])
+    index = np.sort(rng.choice(test, size=min(cfg.n_images, len(test)), replace=False))
+    attack = trigger.rpartition("-s")[0]
+    triggered_all = trigger_eval_images(split["images"], attack, attack_cfg, loaded.image_size, trigger_seed, asset_path)
+    images = {"clean": split["images"][index].float() / 255, "triggered": triggered_all[index].float() / 255}
+    pool = split["images"][np.asarray(protos["val_index"])].float() / 255
+    rows: dict[str, list] = {name: [] for name in OUTPUT_SCHEMA.names}
+    for split_name, x in images.items():
+        scores = {}
+        if "strip" in cfg.detectors:
+            scores[("strip", f"n={cfg.strip_n}")] = strip_scores(proba, x, pool, cfg.strip_n, cfg.seed)
+        if "scaleup" in cfg.detectors:
+            scores[("scaleup", "scales=2..11")] = scaleup_scores(proba, x)
+        if "teco" in cfg.detectors:
+            for variant in cfg.teco_variants:
+                scores[("teco", variant)] = teco_scores(proba, x, variant == "compounding", cfg.seed)[0]
+        for (detector, variant), s in scores.items():
+            n = len(s)
+            rows["defense"] += [detector] * n
+            rows["variant"] += [f"{variant},n_images={len(index)}"] * n
+            rows["split"] += [split_name] * n
+            rows["index"] += index.tolist()
+            rows["label"] += split["labels"][index].tolist()
+            rows["pred"] += [-1] * n
+            rows["score"] += s.astype(np.float32).tolist()
+    meta = {"target": str(target), "trigger": trigger, "n_images": str(len(index)),
+            "checkpoint_sha256": loaded.checkpoint_sha256 or ""}
+    table = pa.Table.from_pydict(rows, schema=OUTPUT_SCHEMA).replace_schema_metadata(meta)
+    with atomic_path(out_path) as tmp:
+        pq.write_table(table, tmp)
+    return table.num_rows

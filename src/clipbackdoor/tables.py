@@ -1,0 +1,138 @@
+"""Stage ``tables``: seed 001's Tables 1-5 as Markdown, from the results table only (plus the detect subsample
+size), with the paper's rows and columns; values are this run's, in percent (AUROC as a fraction), mean over
+seeds, for the attacks present in the profile. A cell is "-" where the run has no such row.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from clipbackdoor.io import write_text
+
+PAPER_ATTACK_NAMES = {"badnet": "BadNet", "badnet_random": "BadNet (random)", "blended": "Blended", "sig": "SIG",
+                      "wanet": "WaNet", "label_consistent": "Label Consistent", "issba": "ISSBA", "badclip": "BadCLIP"}
+
+TABLE1_ROWS = [("No Defense", "none"), ("+ Base-Decomp", "base_decomp"), ("+ Decomp-Rep", "decomp_rep"),
+               ("CleanCLIP", "cleanclip"), ("+ Base-Decomp", "cleanclip+base_decomp"),
+               ("+ Decomp-Rep", "cleanclip+decomp_rep")]
+TABLE5_ROWS = [("w/o All AHs", "ablate_all_heads"), ("w/o All MLPs", "ablate_all_mlps"), ("w Abandon", "abandon"),
+               ("w Random Prototypes", "random_prototypes"), ("Decomp-Rep", "decomp_rep")]
+DETECTOR_ROWS = [("STRIP", "strip", None), ("SCALE-UP", "scaleup", None), ("TeCo (independent)", "teco", "independent"),
+                 ("TeCo (compounding, public code)", "teco", "compounding"), ("Decomp-Det", "decomp_det", None)]
+
+
+def _pct(v) -> str:
+    return "-" if v is None or pd.isna(v) else f"{100 * v:.2f}"
+
+
+def _cell(df: pd.DataFrame, attack: str, defense: str, metric: str, eval_set: str, variant: str | None = None):
+    rows = df[(df.attack == attack) & (df.defense == defense) & (df.eval_set == eval_set)]
+    if variant is not None:
+        rows = rows[rows.variant.astype(str).str.startswith(variant)]
+    vals = rows[metric].dropna()
+    return float(vals.mean()) if len(vals) else None
+
+
+def _attacks(df: pd.DataFrame) -> list[str]:
+    present = [a for a in df.attack.unique() if a != "clean"]
+    order = list(PAPER_ATTACK_NAMES)
+    return sorted(present, key=lambda a: order.index(a) if a in order else len(order))
+
+
+def _asr_cacc_table(df, rows, attacks, eval_set, title, note="") -> str:
+    head = "| Methods | " + " | ".join(f"{PAPER_ATTACK_NAMES.get(a, a)} ASR | CACC" for a in attacks) + " |"
+    rule = "|---|" + "---|---|" * len(attacks)
+    lines = [f"# {title}\n", *([note, ""] if note else []), head, rule]
+    for label, defense, *variant in rows:
+        v = variant[0] if variant else None
+        cells = [f"{_pct(_cell(df, a, defense, 'asr', eval_set, v))} | {_pct(_cell(df, a, defense, 'cacc', eval_set, v))}"
+                 for a in attacks]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def table1(df, eval_set) -> str:
+    return _asr_cacc_table(df, TABLE1_ROWS, _attacks(df), eval_set,
+                           f"Table 1. ASR (down, %) and CACC (up, %) on `{eval_set}`",
+                           "Base-Decomp: the decomposed representation unchanged; Decomp-Rep: repaired heads "
+                           "(Algorithm 1); CleanCLIP rows: the CleanCLIP-repaired model, then the same.")
+
+
+def table2(df, eval_set, subsample: str) -> str:
+    attacks = _attacks(df)
+    vals = {label: [_cell(df, a, d, "auroc", eval_set, v) for a in attacks] for label, d, v in DETECTOR_ROWS}
+    best = [max((v[i] for v in vals.values() if v[i] is not None), default=None) for i in range(len(attacks))]
+    head = "| Methods | " + " | ".join(PAPER_ATTACK_NAMES.get(a, a) for a in attacks) + " | Average |"
+    lines = [f"# Table 2. AUROC (up) on `{eval_set}`\n",
+             f"Input detectors score {subsample}; Decomp-Det scores every test image. Best per column in bold.", "",
+             head, "|---|" + "---|" * (len(attacks) + 1)]
+    for label, v in vals.items():
+        cells = ["-" if x is None else (f"**{x:.3f}**" if x == best[i] else f"{x:.3f}") for i, x in enumerate(v)]
+        present = [x for x in v if x is not None]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {np.mean(present):.3f} |" if present else
+                     f"| {label} | " + " | ".join(cells) + " | - |")
+    return "\n".join(lines) + "\n"
+
+
+def table3(df, eval_set, fixed_variants: list[str]) -> str:
+    attacks = [a for a in _attacks(df) if _kind(a) == "local"] or _attacks(df)
+    rows = [("No Defense", "none"), ("+ Base-Decomp", "base_decomp"), ("+ Decomp-Rep", "decomp_rep")]
+    rows += [(f"+ Fixed [{v.removeprefix('heads=').replace('-', ', ')}]", "fixed_heads", v) for v in fixed_variants]
+    rows += [("+ Random AHs", "random_heads")]
+    text = _asr_cacc_table(df, rows, attacks, eval_set,
+                           f"Table 3. Fixed, random and reverse head ablation on `{eval_set}` (local triggers)",
+                           "Fixed heads are 1-indexed in the last layer. Original Clean: the un-backdoored model; "
+                           "Decomp-Reverse: clean images carrying the triggered images' selected heads.")
+    clean = df[(df.attack == "clean") & (df.defense == "none") & (df.variant == "-") & (df.eval_set == eval_set)]
+    cacc = _pct(clean.cacc.mean()) if len(clean) else "-"
+    text += "| Original Clean | " + " | ".join(f"- | {cacc}" for _ in attacks) + " |\n"
+    cells = [f"{_pct(_cell(df, a, 'decomp_reverse', 'asr', eval_set))} | {_pct(_cell(df, a, 'decomp_reverse', 'cacc', eval_set))}"
+             for a in attacks]
+    return text + "| + Decomp-Reverse | " + " | ".join(cells) + " |\n"
+
+
+def table4(df, eval_sets: list[str]) -> str:
+    attack = "badnet" if "badnet" in set(df.attack) else _attacks(df)[0]
+    head = "| Methods | " + " | ".join(f"{e} ASR | CACC" for e in eval_sets) + " |"
+    lines = [f"# Table 4. ASR (down, %) and CACC (up, %) of {PAPER_ATTACK_NAMES.get(attack, attack)} per evaluation set\n",
+             "The paper's Caltech-101 and Oxford Pets columns are the profile's evaluation sets"
+             + (" (this profile has one)." if len(eval_sets) == 1 else "."), "", head,
+             "|---|" + "---|---|" * len(eval_sets)]
+    for label, defense in TABLE1_ROWS:
+        cells = [f"{_pct(_cell(df, attack, defense, 'asr', e))} | {_pct(_cell(df, attack, defense, 'cacc', e))}"
+                 for e in eval_sets]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def table5(df, eval_set) -> str:
+    return _asr_cacc_table(df, TABLE5_ROWS, _attacks(df), eval_set, f"Table 5. Ablation study on `{eval_set}`",
+                           "w Abandon: selected heads set to zero; w Random Prototypes: replaced by random vectors.")
+
+
+def _kind(attack: str) -> str:
+    from clipbackdoor.attacks import REGISTRY
+
+    return REGISTRY[attack].kind if attack in REGISTRY else "local"
+
+
+def write_tables(summary_csv: str | Path, out_dir: str | Path, fixed_heads: list[list[int]]) -> list[Path]:
+    df = pd.read_csv(summary_csv)
+    eval_sets = list(dict.fromkeys(df.eval_set.dropna()))
+    first = eval_sets[0]
+    det = df[df.defense.isin(["strip", "scaleup", "teco"])]
+    sizes = sorted({v.rpartition("n_images=")[2] for v in det.variant.astype(str) if "n_images=" in v})
+    subsample = (f"a seeded subsample of {', '.join(sizes)} test images (each clean and triggered)" if sizes
+                 else "no images (no detector configured)")
+    fixed = [f"heads={'-'.join(map(str, h))}" for h in fixed_heads]
+    out_dir = Path(out_dir)
+    texts = {"table1.md": table1(df, first), "table2.md": table2(df, first, subsample),
+             "table3.md": table3(df, first, fixed), "table4.md": table4(df, eval_sets), "table5.md": table5(df, first)}
+    paths = []
+    for name, text in texts.items():
+        write_text(out_dir / name, text)
+        paths.append(out_dir / name)
+    return paths

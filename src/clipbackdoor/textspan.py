@@ -1,0 +1,148 @@
+"""Stage ``textspan``: TEXTSPAN (Gandelsman et al. 2024; seed 001 Appendix E) descriptions of components,
+for the clean and for the backdoored model.
+
+For a component with outputs C [n_images, d] (direct terms from the decomposition cache, in the joint
+embedding space) and a pool of text embeddings T [n_texts, d]: keep the top-``rank`` right singular vectors of
+C, project T onto their span, centre C, then ``m`` times pick the text whose direction carries the most
+variance of C over the images, report it, and remove that direction from C and from every text. Images: the
+test images, clean and triggered together, so a backdoor function shows up in the variance. The clean model
+describes with its own text tower, the backdoored model with its own. Per component, the clean and backdoored
+descriptions are compared by a text-similarity score: the mean best-match cosine between the two lists,
+symmetrised, in the clean model's text space (1 = the same meanings).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from clipbackdoor.io import atomic_path, write_text
+
+# Generic image characteristics of the embedded world (the real profile reads a text file, e.g. the 3498
+# ChatGPT descriptions of Gandelsman et al.): attribute phrases plus distractors that name no world concept.
+DISTRACTORS = (
+    "a photo of a dog", "a photo of a cat", "a landscape", "a human face", "a car on a road", "text on a sign",
+    "a blurry photo", "a bright image", "a dark image", "a noisy image", "a high contrast image",
+    "a small square patch in the corner", "a colourful noise pattern", "a wavy striped pattern",
+    "a warped distorted image", "a low quality image", "an image with a border", "a black and white photo",
+)
+
+
+def embedded_text_pool(colours, shapes) -> list[str]:
+    from clipbackdoor.world import POSITIONS, RGB, SIZES, TEXTURES
+
+    pool = [f"a {c} object" for c in RGB] + [f"a {s}" for s in shapes] + [f"a {z} object" for z in SIZES]
+    pool += [f"an object {phrase}" for _, phrase in POSITIONS.values()]
+    pool += [f"a picture {phrase}" for phrase in TEXTURES.values()]
+    pool += [f"a {c} {s}" for c in colours for s in shapes][:: max(1, len(colours))]  # a few class names
+    return list(dict.fromkeys([*pool, *DISTRACTORS]))
+
+
+def text_pool(spec: str, colours, shapes) -> list[str]:
+    """``embedded`` or a path to a UTF-8 file with one description per line."""
+    if spec == "embedded":
+        return embedded_text_pool(colours, shapes)
+    from clipbackdoor.errors import UserError
+
+    path = Path(spec)
+    if not path.exists():
+        raise UserError(f"textspan.pool: {path} not found", fix="give a text file (one description per line) or 'embedded'")
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def textspan(outputs: np.ndarray, texts: np.ndarray, m: int, rank: int) -> list[tuple[int, float]]:
+    """outputs C [n, d], texts T [k, d] -> [(text index, variance explained along it)] * m."""
+    c = outputs.astype(np.float64)
+    _, _, vh = np.linalg.svd(c, full_matrices=False)
+    basis = vh[:rank]  # [r, d] orthonormal rows
+    t = texts.astype(np.float64) @ basis.T @ basis  # texts projected onto the span of the outputs
+    c = c - c.mean(axis=0, keepdims=True)
+    picked = []
+    for _ in range(min(m, len(t))):
+        norms = np.linalg.norm(t, axis=1)
+        proj = c @ (t / np.maximum(norms, 1e-12)[:, None]).T  # [n, k] coordinates along unit text directions
+        var = proj.var(axis=0)
+        var[[j for j, _ in picked]] = -1  # each text once
+        j = int(np.argmax(var))
+        picked.append((j, float(var[j])))
+        u = t[j] / max(norms[j], 1e-12)
+        c = c - np.outer(c @ u, u)
+        t = t - np.outer(t @ u, u)
+    return picked
+
+
+def description_similarity(a: list[int], b: list[int], emb: np.ndarray) -> float:
+    """Symmetrised mean best-match cosine between two lists of text indices (unit embeddings ``emb``)."""
+    sim = emb[a] @ emb[b].T
+    return float((sim.max(axis=1).mean() + sim.max(axis=0).mean()) / 2)
+
+
+def describe(components: dict[str, np.ndarray], text_emb: np.ndarray, texts: list[str], m: int, rank: int) -> dict:
+    return {name: textspan(out, text_emb, m, rank) for name, out in components.items()}
+
+
+def run_textspan(clean_texts_emb: np.ndarray, bd_texts_emb: np.ndarray, texts: list[str],
+                 clean_components: dict[str, np.ndarray], bd_components: dict[str, np.ndarray], m: int, rank: int,
+                 out_csv: str | Path, out_md: str | Path, title: str, mmd: dict[str, float] | None = None) -> pd.DataFrame:
+    """``mmd``: {component: MMD^2 between its clean and triggered terms} shown beside the similarity (Figure 3)."""
+    mmd = mmd or {}
+    rows, md = [], [f"# TEXTSPAN: {title}\n", f"Top-{m} descriptions per component (pool of {len(texts)} texts); "
+                    "text similarity = symmetrised best-match cosine of the two lists in the clean text space; "
+                    "MMD^2 = clean vs triggered terms of the backdoored model (stage `mmd`; '-' if not computed).\n",
+                    "| component | clean model | backdoored model | text similarity | MMD^2 |", "|---|---|---|---|---|"]
+    clean_desc = describe(clean_components, clean_texts_emb, texts, m, rank)
+    bd_desc = describe(bd_components, bd_texts_emb, texts, m, rank)
+    for name in clean_components:
+        a, b = [j for j, _ in clean_desc[name]], [j for j, _ in bd_desc[name]]
+        sim = description_similarity(a, b, clean_texts_emb)
+        for model, desc in (("clean", clean_desc[name]), ("backdoored", bd_desc[name])):
+            for rank_i, (j, var) in enumerate(desc, 1):
+                rows.append({"component": name, "model": model, "rank": rank_i, "text": texts[j], "variance": var,
+                             "text_similarity": sim})
+        shift = f"{mmd[name]:.3f}" if name in mmd else "-"
+        md.append(f"| {name} | {'; '.join(texts[j] for j in a)} | {'; '.join(texts[j] for j in b)} | {sim:.3f} | {shift} |")
+    df = pd.DataFrame(rows)
+    with atomic_path(out_csv) as tmp:
+        df.to_csv(tmp, index=False, float_format="%.6g")
+    write_text(out_md, "\n".join(md) + "\n")
+    return df
+
+
+def component_outputs(decomps, index: np.ndarray) -> dict[str, np.ndarray]:
+    """Last-layer heads and every layer's MLP over ``index`` of each decomposition, stacked: {name: [n, d]}."""
+    n_layers, n_heads = decomps[0].heads.shape[1:3]
+    last = n_layers - 1
+    out = {f"L{last}H{h}": np.concatenate([d.heads[index, last, h] for d in decomps]) for h in range(n_heads)}
+    out.update({f"L{l}_mlp": np.concatenate([d.mlps[index, l] for d in decomps]) for l in range(n_layers)})
+    return out
+
+
+def textspan_stage(clean_model: str | Path, bd_model: str | Path, clean_decomps: list[str | Path],
+                   bd_decomps: list[str | Path], prototypes: str | Path, pool: str, world: dict | None, m: int,
+                   rank: int, out_csv: str | Path, out_md: str | Path, title: str,
+                   mmd_csv: str | Path | None = None) -> pd.DataFrame:
+    """Decompositions: [clean images, triggered images] of each model; world: {colours, shapes} (embedded pool);
+    mmd_csv: the `mmd` stage's output for the backdoored model, shown beside each component."""
+    import torch
+
+    from clipbackdoor.decomp_cache import read_decomposition
+    from clipbackdoor.models import load_artifact
+    from clipbackdoor.prototypes import load_prototypes
+
+    texts = text_pool(pool, (world or {}).get("colours", ()), (world or {}).get("shapes", ()))
+
+    def encode(model_dir):
+        loaded = load_artifact(model_dir)
+        with torch.no_grad():
+            emb = loaded.model.encode_text(loaded.tokenizer(texts))
+        return torch.nn.functional.normalize(emb, dim=-1).numpy()
+
+    index = np.asarray(load_prototypes(prototypes)["test_index"])
+    clean_c = component_outputs([read_decomposition(p) for p in clean_decomps], index)
+    bd_c = component_outputs([read_decomposition(p) for p in bd_decomps], index)
+    rank = min(rank, next(iter(clean_c.values())).shape[1])
+    mmd = dict(pd.read_csv(mmd_csv)[["component", "mmd2"]].itertuples(index=False)) if mmd_csv else None
+    return run_textspan(encode(clean_model), encode(bd_model), texts, clean_c, bd_c, m, rank, out_csv, out_md, title,
+                        mmd)
