@@ -11,11 +11,25 @@ BASE = yaml.safe_load((ROOT / "params.yaml").read_text())
 
 
 @pytest.mark.parametrize("profile", ["params.yaml", "configs/smoke.yaml", "configs/paper.yaml",
-                                     "configs/all_attacks.yaml"])
+                                     "configs/all_attacks.yaml", "configs/core.yaml"])
 def test_profiles_validate_and_build(profile):
     params = load_params(ROOT / profile)
     assert isinstance(params, Params)
     assert params.pretrain.lr > 0
+
+
+def test_embedded_variants_differ_from_params_yaml_only_where_they_say():
+    """all_attacks.yaml: only the attack list; core.yaml: only without the baseline sections."""
+    every = yaml.safe_load((ROOT / "configs/all_attacks.yaml").read_text())
+    from clipbackdoor.attacks import REGISTRY
+
+    assert sorted(every["poison"].pop("attacks")) == sorted(REGISTRY)
+    base = copy.deepcopy(BASE)
+    base["poison"].pop("attacks")
+    assert every == base
+    core = yaml.safe_load((ROOT / "configs/core.yaml").read_text())
+    baselines = {k: BASE[k] for k in ("repair", "cleanclip", "detect", "analysis")}
+    assert core == {k: v for k, v in BASE.items() if k not in baselines} and all(baselines.values())
 
 
 def test_paper_profile_matches_seed_001():
