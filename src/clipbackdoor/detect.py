@@ -25,15 +25,18 @@ from clipbackdoor.detectors import scaleup_scores, strip_scores, teco_scores
 from clipbackdoor.io import atomic_path
 from clipbackdoor.models import load_artifact, normalize
 from clipbackdoor.prototypes import load_prototypes
+from clipbackdoor.runtime import pick_device
 from clipbackdoor.shards import load_split
 
 
 def zero_shot_proba(loaded, class_emb: torch.Tensor):
+    device = next(loaded.model.parameters()).device
     scale = loaded.model.logit_scale.exp()
+    class_emb = class_emb.to(device)
 
-    def proba(x: torch.Tensor) -> torch.Tensor:  # float [B, 3, H, W] in [0, 1] -> [B, C]
-        emb = F.normalize(loaded.model.encode_image(normalize(x, loaded.mean, loaded.std)), dim=-1)
-        return (scale * emb @ class_emb.T).softmax(-1)
+    def proba(x: torch.Tensor) -> torch.Tensor:  # float [B, 3, H, W] in [0, 1] (CPU) -> [B, C] (CPU)
+        emb = F.normalize(loaded.model.encode_image(normalize(x.to(device), loaded.mean, loaded.std)), dim=-1)
+        return (scale * emb @ class_emb.T).softmax(-1).cpu()
 
     return proba
 
@@ -42,7 +45,7 @@ def zero_shot_proba(loaded, class_emb: torch.Tensor):
 def run_detect(model_dir: str | Path, eval_dir: str | Path, prototypes_path: str | Path, classes_path: str | Path,
                out_path: str | Path, trigger: str, attack_cfg: dict, trigger_seed: int, cfg: DetectConfig,
                target: int, asset_path=None) -> int:
-    loaded = load_artifact(model_dir)
+    loaded = load_artifact(model_dir, pick_device(gpu=True))  # the rule holds a GPU when there is one
     emb, _ = load_class_embeddings(classes_path)
     proba = zero_shot_proba(loaded, torch.from_numpy(np.asarray(emb)).float())
     split = load_split(eval_dir, loaded.image_size)
