@@ -76,6 +76,10 @@ def test_snakemake_runs_the_pipeline_and_reruns_only_what_changed(smoke_repo):
     assert "clean,none,-,0,world" in summary and "badnet,decomp_rep," in summary
     assert (smoke_repo / "data/benchmarks/pretrain.tsv").exists() and (smoke_repo / "data/logs/world.log").exists()
     assert (smoke_repo / "results/figures/fig5_prototype_cosine.png").stat().st_size > 10_000
+    assert "cleanclip+decomp_rep" in summary and "badnet,strip," in summary and "badnet,teco," in summary
+    sh("snakemake --report report.html --cores 1", smoke_repo)  # tables, figures, TEXTSPAN in the HTML report
+    html = (smoke_repo / "report.html").read_text(errors="replace")
+    assert all(name in html for name in ("table1.md", "table5.md", "fig6_eps_sweep.png", "badnet-s0_world.md"))
 
     assert "Nothing to be done" in sh("snakemake -n --cores 2", smoke_repo)
     set_param(smoke_repo, "pretrain", "steps", 31)  # a pretraining edit: pretraining and what depends on it
