@@ -1,5 +1,6 @@
 # Baselines of seed 001: CleanCLIP (model repair; its models flow through decompose -> defend -> metrics like
-# any other) and the input detectors STRIP / SCALE-UP / TeCo (scores beside Decomp-Det).
+# any other) and the input detectors STRIP / SCALE-UP / TeCo (scores beside Decomp-Det); RoCLIP (seed 002's
+# training-time baseline: the backdoor fine-tune itself, defended).
 
 
 rule cleanclip:
@@ -20,6 +21,27 @@ rule cleanclip:
     shell:
         "python -m clipbackdoor cleanclip --params {params.cfg:q} --run {wildcards.run} --model {input.model}"
         " --clean-dir {input.train}/finetune --out {output} --ckpt-dir data/checkpoints/cleanclip_{wildcards.run}"
+        " --threads {threads} --log {log}"
+
+
+rule roclip:
+    input:
+        model="data/models/clean",
+        train="data/poisoned/{run}",
+    output:
+        directory("data/models/{run}.roclip"),
+    params:
+        cfg=stage_params("roclip"),
+    threads: JOB_THREADS
+    resources:
+        gpu=1,
+    log:
+        log_path("roclip_{run}"),
+    benchmark:
+        bench_path("roclip_{run}")
+    shell:
+        "python -m clipbackdoor roclip --params {params.cfg:q} --run {wildcards.run} --model {input.model}"
+        " --train {input.train} --out {output} --ckpt-dir data/checkpoints/roclip_{wildcards.run}"
         " --threads {threads} --log {log}"
 
 

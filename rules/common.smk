@@ -74,7 +74,7 @@ REPAIRS = list(config.get("repair", {}).get("methods", []))
 REPAIRED = [f"{r}.{m}" for r in RUNS for m in REPAIRS]
 MODELS = ["clean"] + RUNS + REPAIRED
 RUN_RE = "[a-z_]+-s[0-9]+"
-REPAIR_RE = "|".join(["cleanclip"])
+REPAIR_RE = "|".join(["cleanclip", "roclip"])
 
 
 wildcard_constraints:

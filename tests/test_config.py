@@ -28,7 +28,7 @@ def test_embedded_variants_differ_from_params_yaml_only_where_they_say():
     base["poison"].pop("attacks")
     assert every == base
     core = yaml.safe_load((ROOT / "configs/core.yaml").read_text())
-    baselines = {k: BASE[k] for k in ("repair", "cleanclip", "detect", "analysis")}
+    baselines = {k: BASE[k] for k in ("repair", "cleanclip", "roclip", "detect", "analysis")}
     assert core == {k: v for k, v in BASE.items() if k not in baselines} and all(baselines.values())
 
 

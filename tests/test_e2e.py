@@ -141,6 +141,7 @@ def test_every_attack_runs_end_to_end_on_the_smoke_profile(tmp_path):
     repo = copy_repo(tmp_path / "repo")
     params = yaml.safe_load((repo / "configs" / "smoke.yaml").read_text())
     params["poison"]["attacks"] = list(REGISTRY)
+    params["repair"]["methods"] = ["cleanclip", "roclip"]
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = sh("snakemake all --cores 2", repo)
     assert {"badclip_patch", "issba_codec", "lc_adversarial"} <= snakemake_jobs(out)
@@ -150,7 +151,7 @@ def test_every_attack_runs_end_to_end_on_the_smoke_profile(tmp_path):
     for attack in REGISTRY:
         rows = summary[summary.attack == attack]
         assert {"none", "decomp_rep", "decomp_rep_heads", "decomp_rep_mlp", "decomp_det", "cleanclip",
-                "cleanclip+decomp_rep", "strip", "scaleup", "teco"} <= set(rows.defense), attack
+                "cleanclip+decomp_rep", "roclip", "roclip+decomp_rep", "strip", "scaleup", "teco"} <= set(rows.defense), attack
         assert (repo / f"results/attacks/{attack}-s0.png").exists(), attack
     assert (repo / "results/attacks/badclip-s0_patch.png").exists()
     assert (repo / "results/attacks/issba-s0_codec.png").exists()

@@ -116,6 +116,8 @@ def test_dvc_yaml_mirrors_rule_params_and_outputs():
             "defend_badnet-s0.cleanclip_world_badnet-s0", "detect_badclip-s0_world_badclip-s0"} <= set(stages)
     assert stages["decompose_clean_world_badnet-s0"]["params"] == ["attacks.badnet", "decompose"]
     assert stages["cleanclip_badnet-s0"]["params"] == ["cleanclip"]
+    assert {"src/clipbackdoor/cleanclip.py", "src/clipbackdoor/eda.py", "src/clipbackdoor/train.py"} <= set(
+        stages["cleanclip_badnet-s0"]["deps"])
     assert "data/attacks/badclip-s0/patch.safetensors" in stages["detect_badclip-s0_world_badclip-s0"]["deps"]
     assert "results/figures/fig6_eps_sweep.png" in doc["plots"]
     assert stages["decompose_clean_world_none"]["params"] == ["decompose"]

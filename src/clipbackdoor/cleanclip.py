@@ -18,10 +18,10 @@ import torch.nn.functional as F
 
 from clipbackdoor.config import CleanCLIPConfig
 from clipbackdoor.eda import eda_captions, synonym_source
-from clipbackdoor.models import LoadedModel, load_artifact, normalize, save_artifact
+from clipbackdoor.models import LoadedModel, load_artifact, normalize
 from clipbackdoor.runtime import pick_device
 from clipbackdoor.shards import load_split
-from clipbackdoor.train import LossFn, train_clip
+from clipbackdoor.train import LossFn, save_trained, train_clip
 
 
 def info_nce(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -71,9 +71,5 @@ def run_cleanclip(model_dir: str | Path, clean_dir: str | Path, out_dir: str | P
     history = train_clip(loaded, split["images"], tokens, cfg.optim, seed, ckpt_dir=ckpt_dir,
                          ckpt_every=cfg.optim.ckpt_every, loss_fn=cleanclip_loss_fn(aug_tokens, cfg),
                          fp_extra=[stage, loaded.checkpoint_sha256, repr(cfg)], desc=stage)
-    loaded.model.cpu()
-    metrics = {"first_loss": history[0]["loss"], "final_loss": history[-1]["loss"], "steps": len(history),
-               "n_pairs": len(tokens), "eda_example": [split["captions"][0], augmented[0]]}
-    save_artifact(loaded, out_dir, metrics, provenance={"stage": stage, "base": str(model_dir), "seed": seed,
-                                                         "base_sha256": loaded.checkpoint_sha256})
-    return metrics
+    return save_trained(loaded, out_dir, history, len(tokens), stage, model_dir, seed,
+                        eda_example=[split["captions"][0], augmented[0]])

@@ -237,17 +237,32 @@ def cmd_defend(args) -> None:
     print(f"{n} prediction rows")
 
 
-def cmd_cleanclip(args) -> None:
+def _model_training_stage(args, run, cfg_type, key: str, data_dir: str) -> None:
+    """Stages that train one model from another on a split (CleanCLIP, RoCLIP): params section ``key``.
+    The callers import ``run`` and ``cfg_type`` themselves: dvc.yaml's deps come from those imports."""
     from clipbackdoor.attacks import parse_run
-    from clipbackdoor.cleanclip import run_cleanclip
-    from clipbackdoor.config import CleanCLIPConfig, section
+    from clipbackdoor.config import section
     from clipbackdoor.runtime import set_threads
 
     p = parse_params(args.params)
     set_threads(args.threads)
     _, seed = parse_run(args.run)
-    print(json.dumps(run_cleanclip(args.model, args.clean_dir, args.out, section(CleanCLIPConfig, p["cleanclip"]), seed,
-                                   args.ckpt_dir, f"cleanclip-{args.run}")))
+    print(json.dumps(run(args.model, data_dir, args.out, section(cfg_type, p[key]), seed, args.ckpt_dir,
+                         f"{key}-{args.run}")))
+
+
+def cmd_cleanclip(args) -> None:
+    from clipbackdoor.cleanclip import run_cleanclip
+    from clipbackdoor.config import CleanCLIPConfig
+
+    _model_training_stage(args, run_cleanclip, CleanCLIPConfig, "cleanclip", args.clean_dir)
+
+
+def cmd_roclip(args) -> None:
+    from clipbackdoor.config import RoCLIPConfig
+    from clipbackdoor.roclip import run_roclip
+
+    _model_training_stage(args, run_roclip, RoCLIPConfig, "roclip", args.train)
 
 
 def cmd_detect(args) -> None:
@@ -446,6 +461,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--run", required=True, help="ATTACK-sSEED of the model being repaired")
     sp.add_argument("--model", required=True)
     sp.add_argument("--clean-dir", required=True, help="clean image-caption shards")
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--ckpt-dir", default=None)
+    sp.add_argument("--threads", type=int, default=1)
+
+    sp = with_params(stage("roclip", cmd_roclip, "RoCLIP: the backdoor fine-tune with memory-bank captions"))
+    sp.add_argument("--run", required=True, help="ATTACK-sSEED whose poisoned pairs are trained on")
+    sp.add_argument("--model", required=True, help="the clean model")
+    sp.add_argument("--train", required=True, help="the poisoned pairs")
     sp.add_argument("--out", required=True)
     sp.add_argument("--ckpt-dir", default=None)
     sp.add_argument("--threads", type=int, default=1)

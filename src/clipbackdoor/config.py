@@ -258,6 +258,13 @@ class CleanCLIPConfig:
 
 
 @dataclass(frozen=True)
+class RoCLIPConfig:
+    optim: OptimConfig
+    k_epochs: int  # every k-th epoch pairs each image with its nearest memory-bank caption
+    bank_size: int  # captions in the memory bank (a fresh seeded draw per replacement epoch)
+
+
+@dataclass(frozen=True)
 class DetectConfig:
     detectors: tuple[str, ...]  # strip | scaleup | teco
     n_images: int  # test images scored (each clean and triggered)
@@ -296,6 +303,7 @@ class Params:
     defend: DefendConfig
     repair: RepairConfig | None = None
     cleanclip: CleanCLIPConfig | None = None
+    roclip: RoCLIPConfig | None = None
     detect: DetectConfig | None = None
     analysis: AnalysisConfig | None = None
 

@@ -183,6 +183,8 @@ def _train_loop(loaded, model, images, tokens, cfg, seed, opt, sched, loss_fn, d
                disable=rank != 0)
     for step in bar:
         idx = batch_indices(len(images), cfg.batch_size, step, seed).chunk(world)[rank]  # this rank's slice
+        if hasattr(loss_fn, "begin_step"):  # losses whose targets change during training (RoCLIP)
+            loss_fn.begin_step(loaded, step)
         loss = loss_fn(loaded, images[idx].to(device), tokens[idx].to(device), idx)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -200,3 +202,16 @@ def _train_loop(loaded, model, images, tokens, cfg, seed, opt, sched, loss_fn, d
         if stop_after is not None and done >= stop_after:
             break
     return history
+
+
+def save_trained(loaded: LoadedModel, out_dir: str | Path, history: list[dict], n_pairs: int, stage: str,
+                 base: str | Path, seed: int, **extra) -> dict:
+    """Write a trained model artifact with its loss summary and provenance; returns the metrics."""
+    from clipbackdoor.models import save_artifact
+
+    loaded.model.cpu()
+    metrics = {"first_loss": history[0]["loss"], "final_loss": history[-1]["loss"], "steps": len(history),
+               "n_pairs": n_pairs, **extra}
+    save_artifact(loaded, out_dir, metrics, provenance={"stage": stage, "base": str(base), "seed": seed,
+                                                         "base_sha256": loaded.checkpoint_sha256})
+    return metrics
