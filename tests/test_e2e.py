@@ -64,6 +64,7 @@ def smoke_repo(tmp_path_factory):
     base = tmp_path_factory.mktemp("e2e")
     repo = copy_repo(base / "repo")
     shutil.copy(repo / "configs" / "smoke.yaml", repo / "params.yaml")
+    sh("python -m clipbackdoor dvc-yaml", repo)  # dvc.yaml of the smoke parameters (the committed one: defaults)
     sh("git init -q && git add -A && git -c user.email=t@t -c user.name=t commit -qm smoke", repo)
     return repo
 
