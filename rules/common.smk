@@ -45,8 +45,9 @@ def params_json(*keys):
 def stage_params(*keys):
     """params_json as a function of the wildcards: Snakemake never brace-expands a function's result, and
     values such as a shard pattern `cc3m-{0000..0575}.tar` must reach the stage untouched."""
-    text = params_json(*keys)
-    return lambda wildcards: text
+    # evaluated per job, not at parse time: a profile without an optional section (configs/core.yaml has no
+    # cleanclip) still parses; only jobs that exist read their keys
+    return lambda wildcards: params_json(*keys)
 
 
 def eval_dir(name):

@@ -48,6 +48,15 @@ def test_default_dag_dry_runs_in_both_forms(args):
     assert counts["detect"] == counts["mmd"] == counts["textspan"] == runs and counts["tables"] == 1
 
 
+def test_core_profile_plans_the_core_study_only():
+    """configs/core.yaml has no baseline sections: the DAG must still parse and hold no baseline job."""
+    proc = dry_run("--cores", "2", "--configfile", "configs/core.yaml")
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    counts = job_counts(proc.stdout)
+    assert counts["finetune"] == 4 and counts["summary"] == 1 and counts["tables"] == 1
+    assert not {"cleanclip", "roclip", "detect", "mmd", "textspan"} & set(counts)
+
+
 def test_fresh_checkout_plans_the_whole_pipeline(tmp_path):
     """Regression: committed outputs (results/) made a fresh clone's `make run` do nothing at all."""
     repo = copy_repo(tmp_path / "repo")
