@@ -18,10 +18,9 @@ import torch.nn.functional as F
 
 from clipbackdoor.config import CleanCLIPConfig
 from clipbackdoor.eda import eda_captions, synonym_source
-from clipbackdoor.models import LoadedModel, load_artifact, normalize
+from clipbackdoor.models import LoadedModel, normalize
 from clipbackdoor.runtime import pick_device
-from clipbackdoor.shards import load_split
-from clipbackdoor.train import LossFn, save_trained, train_clip
+from clipbackdoor.train import LossFn, load_training_pairs, save_trained, train_clip
 
 
 def info_nce(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -63,9 +62,7 @@ def cleanclip_loss_fn(aug_tokens: torch.Tensor, cfg: CleanCLIPConfig) -> LossFn:
 def run_cleanclip(model_dir: str | Path, clean_dir: str | Path, out_dir: str | Path, cfg: CleanCLIPConfig, seed: int,
                   ckpt_dir: str | Path | None = None, stage: str = "cleanclip") -> dict:
     device = pick_device(gpu=True)
-    loaded = load_artifact(model_dir, device)
-    split = load_split(clean_dir, loaded.image_size)
-    tokens = loaded.tokenizer(split["captions"])
+    loaded, split, tokens = load_training_pairs(model_dir, clean_dir, device)
     augmented = eda_captions(split["captions"], seed, cfg.eda_alpha, synonym_source(cfg.synonyms))
     aug_tokens = loaded.tokenizer(augmented)
     history = train_clip(loaded, split["images"], tokens, cfg.optim, seed, ckpt_dir=ckpt_dir,

@@ -18,10 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from clipbackdoor.config import RoCLIPConfig
-from clipbackdoor.models import LoadedModel, load_artifact, normalize
+from clipbackdoor.models import LoadedModel, normalize
 from clipbackdoor.runtime import pick_device
-from clipbackdoor.shards import load_split
-from clipbackdoor.train import clip_loss_fn, save_trained, train_clip
+from clipbackdoor.train import clip_loss_fn, load_training_pairs, save_trained, train_clip
 
 
 def nearest_in_bank(image_emb: torch.Tensor, bank_emb: torch.Tensor) -> torch.Tensor:
@@ -37,7 +36,6 @@ class RoCLIPLoss:
         self.images, self.tokens, self.cfg, self.seed = images, tokens, cfg, seed
         self.steps_per_epoch = max(1, len(images) // cfg.optim.batch_size)
         self.clip = clip_loss_fn()
-        self.loaded: LoadedModel | None = None
         self.replaced: torch.Tensor | None = None  # [N, ctx] tokens of this replacement epoch
         self.epoch_of_table = -1
         self.n_replacements = 0
@@ -80,9 +78,7 @@ class RoCLIPLoss:
 def run_roclip(model_dir: str | Path, poisoned_dir: str | Path, out_dir: str | Path, cfg: RoCLIPConfig, seed: int,
                ckpt_dir: str | Path | None = None, stage: str = "roclip") -> dict:
     device = pick_device(gpu=True)
-    loaded = load_artifact(model_dir, device)
-    split = load_split(poisoned_dir, loaded.image_size)
-    tokens = loaded.tokenizer(split["captions"])
+    loaded, split, tokens = load_training_pairs(model_dir, poisoned_dir, device)
     loss = RoCLIPLoss(split["images"], tokens, cfg, seed)
     history = train_clip(loaded, split["images"], tokens, cfg.optim, seed, ckpt_dir=ckpt_dir,
                          ckpt_every=cfg.optim.ckpt_every, loss_fn=loss,

@@ -79,7 +79,7 @@ def description_similarity(a: list[int], b: list[int], emb: np.ndarray) -> float
     return float((sim.max(axis=1).mean() + sim.max(axis=0).mean()) / 2)
 
 
-def describe(components: dict[str, np.ndarray], text_emb: np.ndarray, texts: list[str], m: int, rank: int) -> dict:
+def describe(components: dict[str, np.ndarray], text_emb: np.ndarray, m: int, rank: int) -> dict:
     return {name: textspan(out, text_emb, m, rank) for name, out in components.items()}
 
 
@@ -92,8 +92,8 @@ def run_textspan(clean_texts_emb: np.ndarray, bd_texts_emb: np.ndarray, texts: l
                     "text similarity = symmetrised best-match cosine of the two lists in the clean text space; "
                     "MMD^2 = clean vs triggered terms of the backdoored model (stage `mmd`; '-' if not computed).\n",
                     "| component | clean model | backdoored model | text similarity | MMD^2 |", "|---|---|---|---|---|"]
-    clean_desc = describe(clean_components, clean_texts_emb, texts, m, rank)
-    bd_desc = describe(bd_components, bd_texts_emb, texts, m, rank)
+    clean_desc = describe(clean_components, clean_texts_emb, m, rank)
+    bd_desc = describe(bd_components, bd_texts_emb, m, rank)
     for name in clean_components:
         a, b = [j for j, _ in clean_desc[name]], [j for j, _ in bd_desc[name]]
         sim = description_similarity(a, b, clean_texts_emb)

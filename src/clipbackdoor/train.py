@@ -27,7 +27,8 @@ from tqdm import tqdm
 from clipbackdoor.config import OptimConfig
 from clipbackdoor.distributed import barrier, is_main, rank_world
 from clipbackdoor.io import atomic_path
-from clipbackdoor.models import LoadedModel, normalize
+from clipbackdoor.models import LoadedModel, load_artifact, normalize, save_artifact
+from clipbackdoor.shards import load_split
 
 LOGIT_SCALE_MAX = math.log(100.0)
 CKPT_NAME = "last.safetensors"
@@ -162,15 +163,14 @@ def train_clip(loaded: LoadedModel, images: torch.Tensor, tokens: torch.Tensor, 
         loaded.model = torch.nn.parallel.DistributedDataParallel(model)
     try:
         return _train_loop(loaded, model, images, tokens, cfg, seed, opt, sched, loss_fn, device, ckpt_dir,
-                           ckpt_every, fp_extra, stop_after, desc)
+                           ckpt_every, fp_extra, stop_after, desc, rank, world)
     finally:
         loaded.model = model
         model.eval()
 
 
 def _train_loop(loaded, model, images, tokens, cfg, seed, opt, sched, loss_fn, device, ckpt_dir, ckpt_every,
-                fp_extra, stop_after, desc) -> list[dict]:
-    rank, world = rank_world()
+                fp_extra, stop_after, desc, rank, world) -> list[dict]:
     fp = fingerprint(cfg, seed, data_digest(images, tokens), fp_extra)
     ckpt = Path(ckpt_dir) / CKPT_NAME if ckpt_dir else None
     start, history = 0, []
@@ -204,14 +204,23 @@ def _train_loop(loaded, model, images, tokens, cfg, seed, opt, sched, loss_fn, d
     return history
 
 
-def save_trained(loaded: LoadedModel, out_dir: str | Path, history: list[dict], n_pairs: int, stage: str,
-                 base: str | Path, seed: int, **extra) -> dict:
-    """Write a trained model artifact with its loss summary and provenance; returns the metrics."""
-    from clipbackdoor.models import save_artifact
+def load_training_pairs(model_dir: str | Path, data_dir: str | Path, device) -> tuple[LoadedModel, dict, torch.Tensor]:
+    """The model to train (on ``device``), its image-caption split and the captions' tokens [N, ctx]."""
+    loaded = load_artifact(model_dir, device)
+    split = load_split(data_dir, loaded.image_size)
+    return loaded, split, loaded.tokenizer(split["captions"])
 
+
+def save_trained(loaded: LoadedModel, out_dir: str | Path, history: list[dict], n_pairs: int, stage: str,
+                 base: str | Path, seed: int, provenance_extra: dict | None = None, write: bool = True,
+                 **extra) -> dict:
+    """Write a trained model artifact (``write``: only the main process of a data-parallel run) with its loss
+    summary and provenance; returns the metrics."""
     loaded.model.cpu()
     metrics = {"first_loss": history[0]["loss"], "final_loss": history[-1]["loss"], "steps": len(history),
                "n_pairs": n_pairs, **extra}
-    save_artifact(loaded, out_dir, metrics, provenance={"stage": stage, "base": str(base), "seed": seed,
-                                                         "base_sha256": loaded.checkpoint_sha256})
+    if write:
+        save_artifact(loaded, out_dir, metrics, provenance={"stage": stage, "base": str(base),
+                                                             "seed": seed, "base_sha256": loaded.checkpoint_sha256,
+                                                             **(provenance_extra or {})})
     return metrics
