@@ -75,7 +75,8 @@ REPAIRS = list(config.get("repair", {}).get("methods", []))
 REPAIRED = [f"{r}.{m}" for r in RUNS for m in REPAIRS]
 MODELS = ["clean"] + RUNS + REPAIRED
 RUN_RE = "[a-z_]+-s[0-9]+"
-REPAIR_RE = "|".join(["cleanclip", "roclip"])
+ABD_ARMS = ["abd", "abd_img_only", "abd_eda_only", "finetune_clean", "uap"]  # seed 002's ABD and its ablation arms
+REPAIR_RE = "|".join(["cleanclip", "roclip", *ABD_ARMS])
 
 
 wildcard_constraints:
@@ -147,5 +148,7 @@ ALL_TARGETS = [
     "results/figures/fig6_eps_sweep.png",
     "results/figures/fig8_cacc_mmd.png",
 ]
+if set(REPAIRS) & set(ABD_ARMS):  # seed 002's Fig. 2 and Tables I-III
+    ALL_TARGETS += [f"results/tables/abd_{t}.md" for t in ("table1", "table2", "table3", "fig2")]
 if "analysis" in config:  # TEXTSPAN descriptions of every attacked model (Figures 3-4 analogues)
     ALL_TARGETS += [f"results/analysis/textspan/{r}_{e}.md" for r in RUNS for e in EVAL_SETS]

@@ -11,7 +11,8 @@ BASE = yaml.safe_load((ROOT / "params.yaml").read_text())
 
 
 @pytest.mark.parametrize("profile", ["params.yaml", "configs/smoke.yaml", "configs/paper.yaml",
-                                     "configs/all_attacks.yaml", "configs/core.yaml"])
+                                     "configs/all_attacks.yaml", "configs/core.yaml",
+                                     "configs/abd.yaml"])
 def test_profiles_validate_and_build(profile):
     params = load_params(ROOT / profile)
     assert isinstance(params, Params)
@@ -28,8 +29,23 @@ def test_embedded_variants_differ_from_params_yaml_only_where_they_say():
     base["poison"].pop("attacks")
     assert every == base
     core = yaml.safe_load((ROOT / "configs/core.yaml").read_text())
-    baselines = {k: BASE[k] for k in ("repair", "cleanclip", "roclip", "detect", "analysis")}
+    baselines = {k: BASE[k] for k in ("repair", "cleanclip", "roclip", "abd", "detect", "analysis")}
     assert core == {k: v for k, v in BASE.items() if k not in baselines} and all(baselines.values())
+    abd = yaml.safe_load((ROOT / "configs/abd.yaml").read_text())  # seed 002's attacks, every repair arm
+    assert abd["poison"].pop("attacks") == ["badnet", "blended", "badclip"]
+    assert abd["repair"].pop("methods") == ["cleanclip", "roclip", "abd", "abd_img_only", "abd_eda_only",
+                                            "finetune_clean", "uap"]
+    base = copy.deepcopy(BASE)
+    base["poison"].pop("attacks"), base["repair"].pop("methods")
+    assert abd == {k: v for k, v in base.items() if k not in ("detect", "analysis")}
+
+
+def test_a_repair_method_without_its_section_is_refused():
+    params = copy.deepcopy(BASE)
+    params["repair"]["methods"] = ["cleanclip", "abd_eda_only"]
+    del params["abd"]
+    with pytest.raises(UserError, match="repair.methods lists 'abd_eda_only' but there is no `abd` section"):
+        validate_params(params)
 
 
 def test_paper_profile_matches_seed_001():

@@ -78,3 +78,19 @@ def test_repaired_models_become_defense_rows(tmp_path):
                         "path": tmp_path / "d.parquet"}])
     assert [(r["attack"], r["defense"], r["seed"], r["asr"], r["cacc"]) for r in out] == [
         ("badnet", "cleanclip", 1, 1.0, 1.0), ("badnet", "cleanclip+decomp_rep", 1, 0.0, 1.0)]
+
+
+def test_abd_image_only_arm_is_also_table_iii_uap_lbd(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from clipbackdoor.defend import OUTPUT_SCHEMA
+    from clipbackdoor.report import defend_rows
+
+    rows = {"defense": ["none"] * 4, "variant": ["-"] * 4, "split": ["clean", "clean", "triggered", "triggered"],
+            "index": [0, 1, 0, 1], "label": [1, 2, 1, 2], "pred": [1, 1, 0, 2], "score": [None] * 4}
+    pq.write_table(pa.Table.from_pydict(rows, schema=OUTPUT_SCHEMA).replace_schema_metadata({"target": "0"}),
+                   tmp_path / "d.parquet")
+    out = defend_rows([{"model": "badnet-s0.abd_img_only", "trigger": "badnet-s0", "eval_set": "world",
+                        "path": tmp_path / "d.parquet"}])
+    assert [(r["defense"], r["asr"], r["cacc"]) for r in out] == [("abd_img_only", 0.5, 0.5), ("uap_lbd", 0.5, 0.5)]

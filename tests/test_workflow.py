@@ -57,6 +57,19 @@ def test_core_profile_plans_the_core_study_only():
     assert not {"cleanclip", "roclip", "detect", "mmd", "textspan"} & set(counts)
 
 
+def test_abd_profile_plans_every_arm_and_seed_002s_tables():
+    proc = dry_run("--cores", "2", "--configfile", "configs/abd.yaml")
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    counts = job_counts(proc.stdout)
+    runs, arms = 3, 5  # badnet, blended, badclip; abd, abd_img_only, abd_eda_only, finetune_clean, uap
+    assert counts["abd_generator"] == counts["abd_similarity"] == counts["cleanclip"] == counts["roclip"] == runs
+    assert counts["abd_finetune"] == runs * arms and counts["abd_tables"] == 1
+    assert counts["defend"] == runs * (2 + 2 + arms)  # attacked, clean control, CleanCLIP, RoCLIP, the arms
+    # only the arms that train on adversarial images wait for the generator
+    needs = [line for line in proc.stdout.splitlines() if line.strip().startswith("input:") and "data/abd/" in line]
+    assert len(needs) == runs * 3 + runs  # abd, abd_img_only, uap + the similarity table
+
+
 def test_fresh_checkout_plans_the_whole_pipeline(tmp_path):
     """Regression: committed outputs (results/) made a fresh clone's `make run` do nothing at all."""
     repo = copy_repo(tmp_path / "repo")

@@ -265,6 +265,58 @@ def cmd_roclip(args) -> None:
     _model_training_stage(args, run_roclip, RoCLIPConfig, "roclip", args.train)
 
 
+def cmd_abd_generator(args) -> None:
+    from clipbackdoor.abd import run_abd_generator
+    from clipbackdoor.attacks import parse_run
+    from clipbackdoor.config import AbdGeneratorConfig, section
+    from clipbackdoor.runtime import set_threads
+
+    p = parse_params(args.params)
+    set_threads(args.threads)
+    _, seed = parse_run(args.run)
+    summary = run_abd_generator(args.model, args.normal, args.clean_dir, args.out,
+                                section(AbdGeneratorConfig, p["abd"]["generator"]), seed)
+    print(json.dumps(summary))
+
+
+def cmd_abd_finetune(args) -> None:
+    from clipbackdoor.abd_finetune import run_abd_finetune
+    from clipbackdoor.attacks import parse_run
+    from clipbackdoor.config import AbdFinetuneConfig
+    from clipbackdoor.runtime import set_threads
+
+    p = parse_params(args.params)
+    set_threads(args.threads)
+    _, seed = parse_run(args.run)
+    print(json.dumps(run_abd_finetune(args.model, args.clean_dir, args.out, args.arm, AbdFinetuneConfig.from_section(p["abd"]),
+                                      seed, args.perturbations, args.ckpt_dir)))
+
+
+def cmd_abd_similarity(args) -> None:
+    from clipbackdoor.abd_similarity import run_abd_similarity
+    from clipbackdoor.attacks import parse_run
+    from clipbackdoor.decompose_stage import load_class_embeddings
+    from clipbackdoor.poison import check_target
+    from clipbackdoor.runtime import set_threads
+
+    p = parse_params(args.params)
+    set_threads(args.threads)
+    attack, seed = parse_run(args.trigger)
+    target = check_target(p["poison"]["target"], load_class_embeddings(args.classes)[1])
+    models = {"poisoned": (args.model, args.classes), "clean": (args.clean_model, args.clean_classes)}
+    df = run_abd_similarity(models, args.eval_dir, args.perturbations, args.out, args.trigger, p["attacks"][attack],
+                            seed, target, p["abd"]["generator"]["location"],
+                            p["abd"]["fig2_images"], seed, args.asset)
+    print(df.to_string(index=False))
+
+
+def cmd_abd_tables(args) -> None:
+    from clipbackdoor.tables import write_abd_tables
+
+    for path in write_abd_tables(args.summary, args.similarity, args.out_dir):
+        print(path)
+
+
 def cmd_detect(args) -> None:
     from clipbackdoor.attacks import parse_run
     from clipbackdoor.config import DetectConfig, section
@@ -472,6 +524,41 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True)
     sp.add_argument("--ckpt-dir", default=None)
     sp.add_argument("--threads", type=int, default=1)
+
+    sp = with_params(stage("abd-generator", cmd_abd_generator, "ABD: universal adversarial perturbations (UAP, UAP + L_bd)"))
+    sp.add_argument("--run", required=True, help="ATTACK-sSEED of the poisoned model")
+    sp.add_argument("--model", required=True, help="the poisoned model")
+    sp.add_argument("--normal", required=True, help="the normal (clean) model of L_bd")
+    sp.add_argument("--clean-dir", required=True, help="the defender's clean image-caption shards")
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--threads", type=int, default=1)
+
+    sp = with_params(stage("abd-finetune", cmd_abd_finetune, "ABD fine-tune of the poisoned model (and its ablation arms)"))
+    sp.add_argument("--run", required=True, help="ATTACK-sSEED of the poisoned model")
+    sp.add_argument("--arm", required=True, choices=["abd", "abd_img_only", "abd_eda_only", "finetune_clean", "uap"])
+    sp.add_argument("--model", required=True)
+    sp.add_argument("--clean-dir", required=True)
+    sp.add_argument("--perturbations", default=None, help="abd-generator output (arms with adversarial images)")
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--ckpt-dir", default=None)
+    sp.add_argument("--threads", type=int, default=1)
+
+    sp = with_params(stage("abd-similarity", cmd_abd_similarity, "seed 002 Fig. 2: image-caption similarities"))
+    sp.add_argument("--trigger", required=True, help="ATTACK-sSEED")
+    sp.add_argument("--model", required=True)
+    sp.add_argument("--classes", required=True)
+    sp.add_argument("--clean-model", required=True)
+    sp.add_argument("--clean-classes", required=True)
+    sp.add_argument("--eval-dir", required=True)
+    sp.add_argument("--perturbations", required=True)
+    sp.add_argument("--asset", default=None)
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--threads", type=int, default=1)
+
+    sp = stage("abd-tables", cmd_abd_tables, "seed 002's Fig. 2 and Tables I-III as Markdown")
+    sp.add_argument("--summary", required=True)
+    sp.add_argument("--similarity", nargs="*", default=[])
+    sp.add_argument("--out-dir", required=True)
 
     sp = with_params(stage("detect", cmd_detect, "STRIP / SCALE-UP / TeCo scores on clean and triggered test images"))
     sp.add_argument("--model", required=True)

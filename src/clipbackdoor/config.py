@@ -70,6 +70,11 @@ def _format_error(err: jsonschema.ValidationError, source: str) -> UserError:
     return UserError(f"{source}: {key}: {err.message}", fix="see schemas/params.schema.json")
 
 
+# repair method -> the parameter section its stage reads (ABD's ablation arms share one section)
+REPAIR_SECTIONS = {"cleanclip": "cleanclip", "roclip": "roclip", "abd": "abd", "abd_img_only": "abd",
+                   "abd_eda_only": "abd", "finetune_clean": "abd", "uap": "abd"}
+
+
 def validate_params(params: dict, source: str = "params.yaml") -> None:
     """Raise :class:`UserError` naming the first offending key (deepest, most specific error first)."""
     validator = jsonschema.Draft202012Validator(load_schema())
@@ -92,6 +97,11 @@ def _check_semantics(params: dict, source: str) -> None:
         raise UserError(f"{source}: poison.attacks lists {missing[0]!r} but attacks.{missing[0]} is not configured",
                         fix=f"add an `attacks.{missing[0]}` block (see params.yaml) or drop it from poison.attacks")
     check_devices(params["finetune"], source)
+    for method in params.get("repair", {}).get("methods", []):
+        needs = REPAIR_SECTIONS[method]
+        if needs not in params:
+            raise UserError(f"{source}: repair.methods lists {method!r} but there is no `{needs}` section",
+                            fix=f"add the `{needs}` block (see params.yaml / configs/abd.yaml) or drop {method!r}")
     for name, spec in data["eval_sets"].items():
         if (spec["kind"] == "embedded") != (data["source"] == "embedded"):
             raise UserError(f"{source}: data.eval_sets.{name}.kind = {spec['kind']!r} with data.source = "
@@ -265,6 +275,50 @@ class RoCLIPConfig:
 
 
 @dataclass(frozen=True)
+class AbdGeneratorConfig:
+    steps: int  # generator updates per perturbation
+    batch_size: int
+    lr: float  # Adam (generator and discriminator)
+    z_dim: int  # the generator's fixed noise input
+    patch_fraction: float  # patch variant: share of the image area (AdvCLIP ~3 %)
+    location: str  # patch variant: bottom_right (AdvCLIP) | random (a fresh position per image)
+    eps: float  # bounded variant: L-inf bound in [0, 1] pixel units (seed 002: 0.03)
+    temperature: float  # InfoNCE temperature of the adversarial term and L_bd (0.1)
+    adv_weight: float
+    text_weight: float  # weight of the image-text term inside the adversarial term (AdvCLIP: 5)
+    l2_weight: float
+    gan_weight: float  # 0 switches the discriminator off
+    lbd_weight: float  # weight of L_bd in the uap_lbd perturbations
+
+
+@dataclass(frozen=True)
+class AbdConfig:
+    generator: AbdGeneratorConfig
+    perturbation: str  # the kind the ABD fine-tunes use: patch | bounded
+    adv_fraction: float  # share of the fine-tuning images that carry the perturbation (seed: all)
+    eda_alpha: float
+    synonyms: str  # builtin | wordnet
+    optim: OptimConfig
+    fig2_images: int  # evaluation images of the Fig. 2 similarity table
+
+
+@dataclass(frozen=True)
+class AbdFinetuneConfig:
+    """What the ABD fine-tune reads of the ``abd`` section (its rule passes only these keys)."""
+    perturbation: str
+    location: str
+    adv_fraction: float
+    eda_alpha: float
+    synonyms: str
+    optim: OptimConfig
+
+    @classmethod
+    def from_section(cls, abd: dict) -> "AbdFinetuneConfig":
+        return cls(abd["perturbation"], abd["generator"]["location"], abd["adv_fraction"], abd["eda_alpha"],
+                   abd["synonyms"], _build(OptimConfig, abd["optim"]))
+
+
+@dataclass(frozen=True)
 class DetectConfig:
     detectors: tuple[str, ...]  # strip | scaleup | teco
     n_images: int  # test images scored (each clean and triggered)
@@ -304,6 +358,7 @@ class Params:
     repair: RepairConfig | None = None
     cleanclip: CleanCLIPConfig | None = None
     roclip: RoCLIPConfig | None = None
+    abd: AbdConfig | None = None
     detect: DetectConfig | None = None
     analysis: AnalysisConfig | None = None
 

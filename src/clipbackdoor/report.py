@@ -17,6 +17,10 @@ from clipbackdoor.io import atomic_path, write_json, write_text
 COLUMNS = ["attack", "defense", "variant", "seed", "eval_set", "asr", "asr_all", "cacc", "auroc", "tpr", "fpr"]
 
 
+# one model, two names in seed 002: ABD's image-only arm is Table III's "UAP (L_bd)"
+REPAIR_ALIASES = {"abd_img_only": ("uap_lbd",)}
+
+
 def defend_rows(entries: list[dict]) -> list[dict]:
     """entries: {model, trigger, eval_set, path}; the clean model's rows become attack=clean; a repaired
     model RUN.METHOD (e.g. badnet-s0.cleanclip) gives defense METHOD and METHOD+DEFENSE (e.g.
@@ -37,9 +41,10 @@ def defend_rows(entries: list[dict]) -> list[dict]:
                 r = {**r, "attack": "clean", "variant": f"trigger={attack}"}
             else:
                 repair = e["model"].partition(".")[2]
-                if repair:
-                    r = {**r, "defense": repair if r["defense"] == "none" else f"{repair}+{r['defense']}"}
-                r = {**r, "attack": attack}
+                for name in (repair, *REPAIR_ALIASES.get(repair, ())):
+                    d = r["defense"] if not name else name if r["defense"] == "none" else f"{name}+{r['defense']}"
+                    rows.append({**r, "defense": d, "attack": attack, "seed": seed, "eval_set": e["eval_set"]})
+                continue
             rows.append({**r, "seed": seed, "eval_set": e["eval_set"]})
     return rows
 

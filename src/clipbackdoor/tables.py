@@ -136,3 +136,73 @@ def write_tables(summary_csv: str | Path, out_dir: str | Path, fixed_heads: list
         write_text(out_dir / name, text)
         paths.append(out_dir / name)
     return paths
+
+
+# Seed 002 (ABD). Rows name summary.csv `defense` values; the model arms come from repair.methods.
+ABD_TABLE1_ROWS = [("Victim", "none"), ("RoCLIP", "roclip"), ("CleanCLIP", "cleanclip"), ("Ours (ABD)", "abd"),
+                   ("ABD + Decomp-Rep", "abd+decomp_rep")]
+ABD_TABLE2_ROWS = [("Victim", "none"), ("FT", "finetune_clean"), ("I_adv", "abd_img_only"), ("T_eda", "abd_eda_only"),
+                   ("I_adv + T_eda (ABD)", "abd")]
+ABD_TABLE3_ROWS = [("Victim", "none"), ("UAP", "uap"), ("UAP (L_bd)", "uap_lbd")]
+FIG2_COLUMNS = ["clean_img/own_caption", "triggered_img/target_caption", "adv_img/own_caption",
+                "adv_img/target_caption", "adv_img/unrelated_caption", "adv_target_rate", "cos_adv_triggered"]
+
+
+def abd_claims(df: pd.DataFrame, eval_set: str) -> str:
+    """The seed's two claims, checked per attack on this run's numbers."""
+    lines = []
+    for a in _attacks(df):
+        get = lambda d, m: _cell(df, a, d, m, eval_set)
+        abd, cc, abd_c, cc_c = get("abd", "asr"), get("cleanclip", "asr"), get("abd", "cacc"), get("cleanclip", "cacc")
+        uap, lbd = get("uap", "asr"), get("uap_lbd", "asr")
+        name = PAPER_ATTACK_NAMES.get(a, a)
+        if None not in (abd, cc, abd_c, cc_c):
+            ok = abd < cc and cc_c - abd_c <= 0.02
+            lines.append(f"- {name}: ABD ASR {_pct(abd)} vs CleanCLIP {_pct(cc)}, CACC {_pct(abd_c)} vs {_pct(cc_c)} "
+                         f"-> ABD below CleanCLIP at a CACC drop <= 2 points: **{'yes' if ok else 'no'}**")
+        if None not in (uap, lbd):
+            lines.append(f"- {name}: ASR after fine-tuning on UAP {_pct(uap)} vs UAP (L_bd) {_pct(lbd)} -> L_bd "
+                         f"improves over plain UAP: **{'yes' if lbd < uap else 'no'}**")
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+def fig2_table(sim: pd.DataFrame) -> str:
+    head = "| Run | Encoder | Perturbation | " + " | ".join(FIG2_COLUMNS) + " |"
+    lines = ["# Seed 002 Fig. 2: image-caption similarity (100 x cos), poisoned vs clean encoder\n",
+             "Pairs: (1) clean image / own caption, (2) triggered image / target caption, (3)-(5) adversarial image / "
+             "own, target and unrelated captions; adv_target_rate = share of adversarial images classified as the "
+             "target; cos_adv_triggered = mean cosine of an image's adversarial and triggered features.", "",
+             head, "|---|---|---|" + "---|" * len(FIG2_COLUMNS)]
+    for _, r in sim.iterrows():
+        vals = [f"{r[c]:.2f}" for c in FIG2_COLUMNS]
+        lines.append(f"| {r['run']} | {r['encoder']} | {r['perturbation']} | " + " | ".join(vals) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_abd_tables(summary_csv: str | Path, similarity_csvs: list[str], out_dir: str | Path) -> list[Path]:
+    df = pd.read_csv(summary_csv)
+    first = list(dict.fromkeys(df.eval_set.dropna()))[0]
+    claims = abd_claims(df, first)
+    texts = {
+        "abd_table1.md": _asr_cacc_table(df, ABD_TABLE1_ROWS, _attacks(df), first,
+                                         f"Seed 002 Table I. ASR (down, %) and CACC (up, %) on `{first}`",
+                                         "RoCLIP trains the clean model on the poisoned pairs (training-time defense); "
+                                         "CleanCLIP and ABD fine-tune the victim on clean pairs.")
+        + ("\n## Claim check\n\n" + claims if claims else ""),
+        "abd_table2.md": _asr_cacc_table(df, ABD_TABLE2_ROWS, _attacks(df), first,
+                                         f"Seed 002 Table II. Ablation of ABD's augmentations on `{first}`",
+                                         "FT: clean images and captions; I_adv: adversarial images (UAP + L_bd); "
+                                         "T_eda: EDA captions."),
+        "abd_table3.md": _asr_cacc_table(df, ABD_TABLE3_ROWS, _attacks(df), first,
+                                         f"Seed 002 Table III. UAP vs UAP + L_bd on `{first}`",
+                                         "Fine-tuned on adversarial images (clean captions) from the generator "
+                                         "without / with the backdoor loss; UAP (L_bd) is the I_adv arm."),
+    }
+    sim = [pd.read_csv(p) for p in similarity_csvs]
+    if sim:
+        texts["abd_fig2.md"] = fig2_table(pd.concat(sim, ignore_index=True))
+    paths = []
+    for name, text in texts.items():
+        write_text(Path(out_dir) / name, text)
+        paths.append(Path(out_dir) / name)
+    return paths

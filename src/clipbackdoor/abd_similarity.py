@@ -1,0 +1,81 @@
+"""Stage ``abd_similarity``: seed 002's Fig. 2 — do the adversarial images imitate the backdoor?
+
+On a seeded subsample of evaluation images, per encoder (the poisoned one, and the clean one as a control) and
+per perturbation (``patch|bounded`` x ``uap|uap_lbd``), the mean image-caption similarity 100 * cos (CLIP's
+logit scale, the seed's unit) of the five pairs of seed 002 Fig. 2:
+
+1. clean image / its own caption          2. triggered image / target caption
+3. adversarial image / its own caption    4. adversarial image / target caption
+5. adversarial image / unrelated caption (mean over the classes that are neither its own nor the target)
+
+Captions are the zero-shot class prompts of the evaluation set (the same embeddings the classifier uses).
+Two more columns measure the imitation directly: the share of adversarial images the model classifies as the
+target (``adv_target_rate``) and the mean cosine between an image's adversarial and triggered features
+(``cos_adv_triggered``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from clipbackdoor.abd import KINDS, VARIANTS, encode_all, adversarial_images, load_perturbations
+from clipbackdoor.attacks import trigger_eval_images
+from clipbackdoor.decompose_stage import load_class_embeddings
+from clipbackdoor.io import atomic_path
+from clipbackdoor.models import load_artifact
+from clipbackdoor.shards import load_split
+
+PAIRS = ["clean_img/own_caption", "triggered_img/target_caption", "adv_img/own_caption", "adv_img/target_caption",
+         "adv_img/unrelated_caption"]
+
+
+def similarity_row(clean: torch.Tensor, triggered: torch.Tensor, adv: torch.Tensor, labels: torch.Tensor,
+                   class_emb: torch.Tensor, target: int) -> dict:
+    """Unit image features [N, d] (clean, triggered, adversarial), labels [N], unit class features [C, d]."""
+    sim = lambda x: 100 * x @ class_emb.T  # [N, C]
+    s_clean, s_trig, s_adv = sim(clean), sim(triggered), sim(adv)
+    rows = torch.arange(len(labels))
+    unrelated = torch.ones_like(s_adv, dtype=torch.bool)
+    unrelated[rows, labels] = False
+    unrelated[:, target] = False
+    values = [s_clean[rows, labels], s_trig[:, target], s_adv[rows, labels], s_adv[:, target],
+              (s_adv * unrelated).sum(1) / unrelated.sum(1)]
+    out = {pair: float(v.mean()) for pair, v in zip(PAIRS, values)}
+    out["adv_target_rate"] = float((s_adv.argmax(1) == target).float().mean())
+    out["cos_adv_triggered"] = float((adv * triggered).sum(1).mean())
+    return out
+
+
+@torch.no_grad()
+def run_abd_similarity(models: dict[str, tuple[str, str]], eval_dir: str | Path, perturbations: str | Path,
+                       out_csv: str | Path, trigger: str, attack_cfg: dict, trigger_seed: int, target: int,
+                       location: str, n_images: int, seed: int, asset_path=None) -> pd.DataFrame:
+    """``models``: encoder label -> (model dir, its class-embeddings file of this evaluation set)."""
+    deltas = load_perturbations(perturbations)
+    rows = []
+    for encoder, (model_dir, classes) in models.items():
+        loaded = load_artifact(model_dir)
+        split = load_split(eval_dir, loaded.image_size)
+        index = np.sort(np.random.default_rng([seed, 31]).choice(len(split["labels"]),
+                                                                  size=min(n_images, len(split["labels"])), replace=False))
+        images, labels = split["images"][index], split["labels"][index]
+        attack = trigger.rpartition("-s")[0]
+        triggered = trigger_eval_images(split["images"], attack, attack_cfg, loaded.image_size, trigger_seed,
+                                        asset_path)[index]
+        class_emb = F.normalize(torch.from_numpy(np.asarray(load_class_embeddings(classes)[0])).float(), dim=-1)
+        clean_f, trig_f = encode_all(loaded, images), encode_all(loaded, triggered)
+        for kind in KINDS:
+            for variant in VARIANTS:
+                adv = adversarial_images(images, deltas[f"{kind}.{variant}"], kind, location, seed)
+                row = similarity_row(clean_f, trig_f, encode_all(loaded, adv), labels, class_emb, target)
+                rows.append({"run": trigger, "encoder": encoder, "perturbation": f"{kind}.{variant}",
+                             "n_images": len(index), **row})
+    df = pd.DataFrame(rows)
+    with atomic_path(out_csv) as tmp:
+        df.to_csv(tmp, index=False, float_format="%.4f")
+    return df
