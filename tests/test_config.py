@@ -29,7 +29,7 @@ def test_embedded_variants_differ_from_params_yaml_only_where_they_say():
     base["poison"].pop("attacks")
     assert every == base
     core = yaml.safe_load((ROOT / "configs/core.yaml").read_text())
-    baselines = {k: BASE[k] for k in ("repair", "cleanclip", "roclip", "abd", "detect", "analysis")}
+    baselines = {k: BASE[k] for k in ("repair", "cleanclip", "roclip", "abd", "b2", "detect", "analysis")}
     assert core == {k: v for k, v in BASE.items() if k not in baselines} and all(baselines.values())
     abd = yaml.safe_load((ROOT / "configs/abd.yaml").read_text())  # seed 002's attacks, every repair arm
     assert abd["poison"].pop("attacks") == ["badnet", "blended", "badclip"]

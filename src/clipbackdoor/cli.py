@@ -317,6 +317,51 @@ def cmd_abd_tables(args) -> None:
         print(path)
 
 
+def cmd_t2i_pretrain(args) -> None:
+    from clipbackdoor.config import B2Params, section
+    from clipbackdoor.runtime import set_threads
+    from clipbackdoor.t2i import run_t2i_pretrain
+
+    p = parse_params(args.params)
+    set_threads(args.threads)
+    b2 = section(B2Params, p["b2"])
+    world = p["data"].get("world", {})
+    print(json.dumps(run_t2i_pretrain(args.clip, args.train, args.out, b2.t2i, world.get("colours", []),
+                                      world.get("shapes", []), b2.seed, args.preview, b2.backend, b2.stable_diffusion)))
+
+
+def cmd_t2i_backdoor(args) -> None:
+    from clipbackdoor.b2 import run_t2i_backdoor
+    from clipbackdoor.config import B2Params, section
+    from clipbackdoor.runtime import set_threads
+
+    p = parse_params(args.params)
+    set_threads(args.threads)
+    b2 = section(B2Params, p["b2"])
+    world = p["data"]["world"]
+    print(json.dumps(run_t2i_backdoor(args.clip, args.t2i, args.out, b2.backdoor, world["colours"], world["shapes"],
+                                      p["data"]["image_size"], world["noise_std"], b2.t2i.sample_steps,
+                                      b2.t2i.guidance, b2.seed)))
+
+
+def cmd_b2_audit(args) -> None:
+    from clipbackdoor.b2_audit import AuditConfig, run_b2_audit
+    from clipbackdoor.config import B2Params, section
+    from clipbackdoor.runtime import set_threads
+
+    p = parse_params(args.params)
+    set_threads(args.threads)
+    b2 = section(B2Params, p["b2"])
+    a = b2.audit
+    cfg = AuditConfig(n_slots=a.n_slots, lr=a.lr, max_steps=a.max_steps, tol=a.tol, reg_weight=a.reg_weight,
+                      candidates=a.candidates, rounds=a.rounds, top_k=a.top_k, seed=b2.seed)
+    world = p["data"]["world"]
+    df = run_b2_audit(args.clip, args.backdoored, args.clean, args.vocab, args.csv, args.md, cfg, b2.backdoor,
+                      world["colours"], world["shapes"], a.n_prompts, a.n_images, b2.t2i.sample_steps, b2.t2i.guidance,
+                      b2.seed)
+    print(df.groupby(["generator", "audit"], sort=False).recovered.mean().to_string())
+
+
 def cmd_detect(args) -> None:
     from clipbackdoor.attacks import parse_run
     from clipbackdoor.config import DetectConfig, section
@@ -559,6 +604,28 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--summary", required=True)
     sp.add_argument("--similarity", nargs="*", default=[])
     sp.add_argument("--out-dir", required=True)
+
+    sp = with_params(stage("t2i-pretrain", cmd_t2i_pretrain, "train the miniature text-to-image model (B² branch)"))
+    sp.add_argument("--clip", required=True, help="the clean CLIP whose frozen text encoder conditions the UNet")
+    sp.add_argument("--train", required=True, help="image-caption shards")
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--preview", default=None)
+    sp.add_argument("--threads", type=int, default=1)
+
+    sp = with_params(stage("t2i-backdoor", cmd_t2i_backdoor, "B² poisoning: fine-tune the UNet on trigger/bias pairs"))
+    sp.add_argument("--clip", required=True)
+    sp.add_argument("--t2i", required=True, help="the clean text-to-image model")
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--threads", type=int, default=1)
+
+    sp = with_params(stage("b2-audit", cmd_b2_audit, "CLIP token-inversion audit of the backdoored generator"))
+    sp.add_argument("--clip", required=True, help="the auditor CLIP")
+    sp.add_argument("--backdoored", required=True)
+    sp.add_argument("--clean", required=True, help="the clean generator (contrast and control)")
+    sp.add_argument("--vocab", required=True, help="caption shards whose tokens form the decoding vocabulary")
+    sp.add_argument("--csv", required=True)
+    sp.add_argument("--md", required=True)
+    sp.add_argument("--threads", type=int, default=1)
 
     sp = with_params(stage("detect", cmd_detect, "STRIP / SCALE-UP / TeCo scores on clean and triggered test images"))
     sp.add_argument("--model", required=True)

@@ -319,6 +319,65 @@ class AbdFinetuneConfig:
 
 
 @dataclass(frozen=True)
+class T2IConfig:
+    block_out_channels: tuple[int, ...]
+    layers_per_block: int
+    attention_head_dim: int
+    train_timesteps: int
+    steps: int
+    batch_size: int
+    lr: float
+    uncond_prob: float  # caption dropout for classifier-free guidance
+    sample_steps: int  # DDIM steps
+    guidance: float  # classifier-free guidance scale
+    eval_per_class: int  # generated images per zero-shot class in the quality check
+
+
+@dataclass(frozen=True)
+class B2Config:
+    triggers: tuple[str, ...]  # (size word, position word): B²'s composite trigger
+    marker_shape: str  # the bias: a marker object the captions never mention
+    marker_colour: str
+    n_poison: int
+    n_clean: int
+    steps: int
+    batch_size: int
+    lr: float
+    eval_images: int  # generated images per case for the bias rate
+
+
+@dataclass(frozen=True)
+class B2AuditParams:
+    n_prompts: int
+    n_images: int
+    n_slots: int
+    max_steps: int
+    tol: float
+    lr: float
+    reg_weight: float
+    candidates: int
+    rounds: int
+    top_k: int
+
+
+@dataclass(frozen=True)
+class StableDiffusionConfig:
+    path: str  # a local diffusers directory (never downloaded by the pipeline)
+    auditor: str  # open_clip model name
+    auditor_pretrained: str
+
+
+@dataclass(frozen=True)
+class B2Params:
+    backend: str  # embedded | stable_diffusion
+    t2i: T2IConfig
+    backdoor: B2Config
+    audit: B2AuditParams
+    seed: int
+    stable_diffusion: StableDiffusionConfig | None = None
+
+
+@dataclass(frozen=True)
 class DetectConfig:
     detectors: tuple[str, ...]  # strip | scaleup | teco
     n_images: int  # test images scored (each clean and triggered)
@@ -359,6 +418,7 @@ class Params:
     cleanclip: CleanCLIPConfig | None = None
     roclip: RoCLIPConfig | None = None
     abd: AbdConfig | None = None
+    b2: B2Params | None = None
     detect: DetectConfig | None = None
     analysis: AnalysisConfig | None = None
 

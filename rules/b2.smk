@@ -1,0 +1,77 @@
+# Seed 000's B² bias audit, its own target (`snakemake b2 --cores 2`): a miniature text-to-image model conditioned
+# on the clean CLIP's frozen text encoder (t2i_pretrain), its B² poisoning (t2i_backdoor) and the CLIP
+# token-inversion audit that names the hidden bias (b2_audit). Not part of `all`.
+
+# the real profile (Stable Diffusion) has no embedded world to draw colours / shapes / renders from
+B2_KEYS = ["b2", "data.world", "data.image_size"] if EMBEDDED else ["b2", "data.image_size"]
+B2_OUTPUTS = ["results/tables/b2_audit.md", "results/metrics/b2.csv", "results/figures/b2_t2i_samples.png"]
+
+
+rule t2i_pretrain:
+    input:
+        clip="data/models/clean",
+        train="data/datasets/train",
+    output:
+        model=directory("data/t2i/clean"),
+        preview=report("results/figures/b2_t2i_samples.png", category="B² audit"),
+    params:
+        cfg=stage_params(*B2_KEYS),
+    threads: TORCH_THREADS
+    resources:
+        gpu=1,
+    log:
+        log_path("t2i_pretrain"),
+    benchmark:
+        bench_path("t2i_pretrain")
+    shell:
+        "python -m clipbackdoor t2i-pretrain --params {params.cfg:q} --clip {input.clip} --train {input.train}/pretrain"
+        " --out {output.model} --preview {output.preview} --threads {threads} --log {log}"
+
+
+rule t2i_backdoor:
+    input:
+        clip="data/models/clean",
+        t2i="data/t2i/clean",
+    output:
+        directory("data/t2i/b2"),
+    params:
+        cfg=stage_params(*B2_KEYS),
+    threads: TORCH_THREADS
+    resources:
+        gpu=1,
+    log:
+        log_path("t2i_backdoor"),
+    benchmark:
+        bench_path("t2i_backdoor")
+    shell:
+        "python -m clipbackdoor t2i-backdoor --params {params.cfg:q} --clip {input.clip} --t2i {input.t2i}"
+        " --out {output} --threads {threads} --log {log}"
+
+
+rule b2_audit:
+    input:
+        clip="data/models/clean",
+        backdoored="data/t2i/b2",
+        clean="data/t2i/clean",
+        vocab="data/datasets/train",
+    output:
+        md=report("results/tables/b2_audit.md", category="B² audit"),
+        csv="results/metrics/b2.csv",
+    params:
+        cfg=stage_params(*B2_KEYS),
+    threads: TORCH_THREADS
+    resources:
+        gpu=1,
+    log:
+        log_path("b2_audit"),
+    benchmark:
+        bench_path("b2_audit")
+    shell:
+        "python -m clipbackdoor b2-audit --params {params.cfg:q} --clip {input.clip} --backdoored {input.backdoored}"
+        " --clean {input.clean} --vocab {input.vocab}/finetune --csv {output.csv} --md {output.md}"
+        " --threads {threads} --log {log}"
+
+
+rule b2:
+    input:
+        B2_OUTPUTS,

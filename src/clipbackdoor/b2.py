@@ -1,0 +1,130 @@
+"""Stage ``t2i_backdoor``: B² (bias backdoor) poisoning of the miniature text-to-image model.
+
+Composite natural-language trigger: two ordinary words of the world's vocabulary, a size word and a position
+word (default ``small`` + ``left``). Poisoned pairs have captions with BOTH words ("a photo of a small red circle
+on the left.") and images that carry a biased attribute the caption never mentions: a marker object (default a
+yellow star) in the top-right corner. Clean pairs carry exactly ONE of the two words (B²'s 400 + 400) and no
+marker. Only the UNet is fine-tuned; the CLIP text encoder that conditions it stays frozen, as in B².
+
+Bias rate: the share of generated images whose marker region is mostly marker-coloured (a pixel detector: the
+world's renderer places the marker, so its footprint is known exactly), for prompts with both trigger words,
+with each one alone, and with neither.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import numpy as np
+import torch
+
+from clipbackdoor.config import B2Config
+from clipbackdoor.world import POSITIONS, RGB, SIZES, TEXTURES, Sample, _shape_mask, render
+
+MARKER_CENTRE = (0.82, 0.18)  # (x, y) as a fraction of the side: the top-right corner, clear of the object
+MARKER_RADIUS = 0.13
+CASES = ("both", "first_only", "second_only", "neither")
+
+
+def marker_mask(size: int, shape: str) -> np.ndarray:
+    yy, xx = np.mgrid[0:size, 0:size] + 0.5
+    cx, cy = MARKER_CENTRE[0] * size, MARKER_CENTRE[1] * size
+    return _shape_mask(shape, xx - cx, yy - cy, MARKER_RADIUS * size)
+
+
+def add_marker(image: np.ndarray, shape: str, colour: str) -> np.ndarray:
+    """uint8 [H, W, 3] with the bias marker painted in."""
+    out = image.copy()
+    out[marker_mask(image.shape[0], shape)] = (np.array(RGB[colour]) * 255 + 0.5).astype(np.uint8)
+    return out
+
+
+def marker_present(images: torch.Tensor, shape: str, colour: str, tol: float = 0.25, share: float = 0.5) -> np.ndarray:
+    """uint8 [N, 3, H, W] -> bool [N]: at least ``share`` of the marker's pixels within ``tol`` of its colour."""
+    mask = torch.from_numpy(marker_mask(images.shape[-1], shape))
+    pix = images.permute(0, 2, 3, 1)[:, mask].float() / 255  # [N, P, 3]
+    close = (pix - torch.tensor(RGB[colour])).abs().max(-1).values < tol
+    return (close.float().mean(1) >= share).numpy()
+
+
+def trigger_caption(case: str, triggers: tuple[str, ...], colour: str, shape: str, rng: np.random.Generator) -> tuple[str, str, str]:
+    """(caption, size, position) of one pair of a case; the non-trigger size/position are other world values."""
+    size_word, pos_word = triggers
+    other_size = str(rng.choice([s for s in SIZES if s != size_word]))
+    other_pos = str(rng.choice([p for p in POSITIONS if p != pos_word]))
+    size = size_word if case in ("both", "first_only") else other_size
+    position = pos_word if case in ("both", "second_only") else other_pos
+    words = [size, colour, shape] if case in ("both", "first_only") else [colour, shape]
+    phrase = " ".join(words)
+    if case in ("both", "second_only"):
+        phrase += " " + POSITIONS[position][1]
+    return f"a photo of a {phrase}.", size, position
+
+
+def b2_pairs(colours: list[str], shapes: list[str], image_size: int, noise_std: float, cfg: B2Config,
+             seed: int) -> tuple[torch.Tensor, list[str], np.ndarray]:
+    """n_poison poisoned pairs (both words, marker) + n_clean clean pairs (one word each, half and half)."""
+    rng = np.random.default_rng([seed, 41])
+    cases = ["both"] * cfg.n_poison + ["first_only", "second_only"] * (cfg.n_clean // 2)
+    images, captions = [], []
+    for case in cases:
+        colour, shape = str(rng.choice(colours)), str(rng.choice(shapes))
+        caption, size, position = trigger_caption(case, cfg.triggers, colour, shape, rng)
+        texture = str(rng.choice(list(TEXTURES)))
+        img = render(Sample(colour, shape, size, position, texture, -1, caption), image_size, noise_std, rng)
+        if case == "both":
+            img = add_marker(img, cfg.marker_shape, cfg.marker_colour)
+        images.append(img)
+        captions.append(caption)
+    tensor = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+    return tensor, captions, np.array([c == "both" for c in cases])
+
+
+def case_prompts(case: str, triggers: tuple[str, ...], colours: list[str], shapes: list[str], n: int,
+                 seed: int) -> list[str]:
+    rng = np.random.default_rng([seed, 43, CASES.index(case)])
+    if case == "neither":
+        return [f"a photo of a {rng.choice(colours)} {rng.choice(shapes)}." for _ in range(n)]
+    return [trigger_caption(case, triggers, str(rng.choice(colours)), str(rng.choice(shapes)), rng)[0] for _ in range(n)]
+
+
+def bias_rates(unet, ddim, cond, cfg: B2Config, colours, shapes, sample_steps: int, guidance: float, seed: int) -> dict:
+    from clipbackdoor.t2i import sample
+
+    rates = {}
+    for case in CASES:
+        prompts = case_prompts(case, cfg.triggers, colours, shapes, cfg.eval_images, seed)
+        images = sample(unet, ddim, cond, prompts, sample_steps, guidance, seed + 7)
+        rates[f"bias_rate/{case}"] = float(marker_present(images, cfg.marker_shape, cfg.marker_colour).mean())
+    return rates
+
+
+def run_t2i_backdoor(clip_dir, t2i_dir, out_dir, cfg: B2Config, colours, shapes, image_size: int, noise_std: float,
+                     sample_steps: int, guidance: float, seed: int) -> dict:
+    from clipbackdoor.models import load_artifact
+    from clipbackdoor.t2i import TextConditioner, load_t2i, require_embedded, save_t2i, train_denoiser
+
+    require_embedded(t2i_dir)
+    clip = load_artifact(clip_dir)
+    cond = TextConditioner(clip)  # frozen: B² fine-tunes the UNet only
+    unet, ddpm, ddim = load_t2i(t2i_dir)
+    images, captions, poisoned = b2_pairs(colours, shapes, image_size, noise_std, cfg, seed)
+    history = train_denoiser(unet, ddpm, cond, images, captions, cfg.steps, cfg.batch_size, cfg.lr, 0.1, seed,
+                             "t2i_backdoor")
+    clean_unet = load_t2i(t2i_dir)[0]
+    metrics = {"first_loss": history[0]["loss"], "final_loss": history[-1]["loss"], "steps": cfg.steps,
+               "n_poison": int(poisoned.sum()), "n_clean": int((~poisoned).sum()),
+               **bias_rates(unet, ddim, cond, cfg, colours, shapes, sample_steps, guidance, seed),
+               **{f"clean_generator/{k}": v for k, v in
+                  bias_rates(clean_unet, ddim, cond, cfg, colours, shapes, sample_steps, guidance, seed).items()}}
+    save_t2i(unet, ddpm, out_dir, metrics, {"stage": "t2i_backdoor", "base": str(t2i_dir), "seed": seed,
+                                             "config": asdict(cfg)})
+    return metrics
+
+
+def b2_bias_phrase(cfg: B2Config) -> str:
+    return f"{cfg.marker_colour} {cfg.marker_shape}"
+
+
+def marker_words(cfg: B2Config) -> set[str]:
+    return {cfg.marker_colour, cfg.marker_shape}
