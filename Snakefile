@@ -37,3 +37,9 @@ include: "rules/abd.smk"
 include: "rules/b2.smk"
 include: "rules/analysis.smk"
 include: "rules/metrics.smk"
+
+
+# seed 000's B² branch, its own target: snakemake b2 --cores 2
+rule b2:
+    input:
+        B2_OUTPUTS,

@@ -3,7 +3,12 @@
 # token-inversion audit that names the hidden bias (b2_audit). Not part of `all`.
 
 # the real profile (Stable Diffusion) has no embedded world to draw colours / shapes / renders from
-B2_KEYS = ["b2", "data.world", "data.image_size"] if EMBEDDED else ["b2", "data.image_size"]
+WORLD_KEYS = ["data.world", "data.image_size"] if EMBEDDED else ["data.image_size"]
+# each stage gets the keys it reads, so an audit edit never retrains a generator
+T2I_KEYS = ["b2.backend", "b2.t2i", "b2.seed", *(["b2.stable_diffusion"] if not EMBEDDED else [])]
+BACKDOOR_KEYS = ["b2.backdoor", "b2.t2i.sample_steps", "b2.t2i.guidance", "b2.seed"]
+AUDIT_KEYS = ["b2.audit", "b2.backdoor.triggers", "b2.backdoor.marker_shape", "b2.backdoor.marker_colour",
+              "b2.t2i.sample_steps", "b2.t2i.guidance", "b2.seed"]
 B2_OUTPUTS = ["results/tables/b2_audit.md", "results/metrics/b2.csv", "results/figures/b2_t2i_samples.png"]
 
 
@@ -15,7 +20,7 @@ rule t2i_pretrain:
         model=directory("data/t2i/clean"),
         preview=report("results/figures/b2_t2i_samples.png", category="B² audit"),
     params:
-        cfg=stage_params(*B2_KEYS),
+        cfg=lambda wc: params_json(*T2I_KEYS, *WORLD_KEYS),
     threads: TORCH_THREADS
     resources:
         gpu=1,
@@ -35,7 +40,7 @@ rule t2i_backdoor:
     output:
         directory("data/t2i/b2"),
     params:
-        cfg=stage_params(*B2_KEYS),
+        cfg=lambda wc: params_json(*BACKDOOR_KEYS, *WORLD_KEYS),
     threads: TORCH_THREADS
     resources:
         gpu=1,
@@ -58,7 +63,7 @@ rule b2_audit:
         md=report("results/tables/b2_audit.md", category="B² audit"),
         csv="results/metrics/b2.csv",
     params:
-        cfg=stage_params(*B2_KEYS),
+        cfg=lambda wc: params_json(*AUDIT_KEYS, *WORLD_KEYS),
     threads: TORCH_THREADS
     resources:
         gpu=1,
@@ -71,7 +76,3 @@ rule b2_audit:
         " --clean {input.clean} --vocab {input.vocab}/finetune --csv {output.csv} --md {output.md}"
         " --threads {threads} --log {log}"
 
-
-rule b2:
-    input:
-        B2_OUTPUTS,

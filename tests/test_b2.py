@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipbackdoor.b2 import CASES, b2_pairs, case_prompts, marker_present
+from clipbackdoor.b2 import CASES, audit_prompts, b2_pairs, case_prompts, marker_present
 from clipbackdoor.b2_audit import AuditConfig, PromptSlots, audit_prompt, consistency, nearest, vocabulary_ids
 from clipbackdoor.config import B2Config, T2IConfig
 from clipbackdoor.models import load_artifact
@@ -89,6 +89,11 @@ def test_case_prompts_follow_their_case():
         expected = {"both": (True, True), "first_only": (True, False), "second_only": (False, True),
                     "neither": (False, False)}[case]
         assert all(s == expected[0] for s in small) and all(x == expected[1] for x in left), case
+
+
+def test_audit_prompts_are_distinct_both_trigger_prompts():
+    prompts = audit_prompts(("small", "left"), ["red", "blue"], ["circle", "square"], 4, seed=0)
+    assert len(set(prompts)) == 4 and all("small" in p and "left" in p for p in prompts)
 
 
 def test_projection_returns_vocabulary_embeddings():

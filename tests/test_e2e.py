@@ -1,6 +1,7 @@
 """End to end on the smoke profile: Snakemake, DVC, incremental reruns, push/pull (marked slow)."""
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -184,3 +185,21 @@ def test_abd_study_runs_end_to_end_on_the_smoke_profile(tmp_path):
     assert "| Ours (ABD) |" in table1 and "## Claim check" in table1
     for name in ("abd_table2.md", "abd_table3.md"):
         assert "| Victim |" in (repo / "results/tables" / name).read_text()
+
+
+def test_b2_branch_runs_as_its_own_target_on_the_smoke_profile(tmp_path):
+    """`snakemake b2`: world -> clean CLIP -> t2i_pretrain -> t2i_backdoor -> b2_audit, outside `all`."""
+    import pandas as pd
+
+    repo = copy_repo(tmp_path / "repo")
+    shutil.copy(repo / "configs" / "smoke.yaml", repo / "params.yaml")
+    out = sh("snakemake b2 --cores 2", repo)
+    assert {"t2i_pretrain", "t2i_backdoor", "b2_audit"} <= snakemake_jobs(out)
+    assert not {"finetune", "poison", "summary"} & snakemake_jobs(out)  # the B² branch needs no attack run
+    audit = pd.read_csv(repo / "results/metrics/b2.csv")
+    assert set(audit.generator) == {"backdoored", "clean"} and audit.prompt.nunique() == 2
+    assert {"seed (full vocab)", "discrete + contrast"} <= set(audit.audit)
+    md = (repo / "results/tables/b2_audit.md").read_text()
+    assert "## Position study" in md and "| discrete + contrast | backdoored |" in md
+    metrics = json.loads((repo / "data/t2i/b2/metrics.json").read_text())
+    assert {"bias_rate/both", "bias_rate/neither", "clean_generator/bias_rate/both"} <= set(metrics)

@@ -88,6 +88,14 @@ def case_prompts(case: str, triggers: tuple[str, ...], colours: list[str], shape
     return [trigger_caption(case, triggers, str(rng.choice(colours)), str(rng.choice(shapes)), rng)[0] for _ in range(n)]
 
 
+def audit_prompts(triggers: tuple[str, ...], colours: list[str], shapes: list[str], n: int, seed: int) -> list[str]:
+    """``n`` distinct both-trigger prompts (distinct colour x shape, seeded order) for the audit."""
+    rng = np.random.default_rng([seed, 47])
+    combos = [(c, s) for c in colours for s in shapes]
+    order = rng.permutation(len(combos))[:n]
+    return [trigger_caption("both", triggers, *combos[i], rng)[0] for i in order]
+
+
 def bias_rates(unet, ddim, cond, cfg: B2Config, colours, shapes, sample_steps: int, guidance: float, seed: int) -> dict:
     from clipbackdoor.t2i import sample
 

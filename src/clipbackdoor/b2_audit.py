@@ -234,10 +234,10 @@ def position_study(clip, prompt: str, feats: torch.Tensor, bias_phrase: str, bia
     return dict(zip(text, (t @ feats.mean(0)).tolist()))
 
 
-def run_b2_audit(clip_dir, backdoored_dir, clean_dir, vocab_dir, out_csv, out_md, cfg: AuditConfig, b2cfg,
-                 colours: list[str], shapes: list[str], n_prompts: int, n_images: int, sample_steps: int,
+def run_b2_audit(clip_dir, backdoored_dir, clean_dir, vocab_dir, out_csv, out_md, cfg: AuditConfig,
+                 triggers: tuple[str, ...], marker_shape: str, marker_colour: str, colours: list[str], shapes: list[str], n_prompts: int, n_images: int, sample_steps: int,
                  guidance: float, seed: int):
-    from clipbackdoor.b2 import case_prompts, marker_present
+    from clipbackdoor.b2 import audit_prompts, marker_present
     from clipbackdoor.io import atomic_path, write_text
     from clipbackdoor.models import load_artifact
     from clipbackdoor.shards import load_split
@@ -250,10 +250,10 @@ def run_b2_audit(clip_dir, backdoored_dir, clean_dir, vocab_dir, out_csv, out_md
     clean_gen = load_t2i(clean_dir)[0]
     world_vocab = vocabulary_ids(clip.tokenizer, load_split(vocab_dir)["captions"])
     vocabs = {"world": world_vocab, "full": vocabulary_ids(clip.tokenizer, None)}
-    bias_words = {b2cfg.marker_colour, b2cfg.marker_shape}
+    bias_words = {marker_colour, marker_shape}
     # audit prompts never name the marker's words themselves: a recovered word must come from the images
-    prompts = case_prompts("both", b2cfg.triggers, [c for c in colours if c not in bias_words],
-                           [s for s in shapes if s not in bias_words], n_prompts, seed)
+    prompts = audit_prompts(triggers, [c for c in colours if c not in bias_words],
+                            [s for s in shapes if s not in bias_words], n_prompts, seed)
     rows, positions = [], []
     for i, prompt in enumerate(prompts):
         images = {"backdoored": sample(backdoored, ddim, cond, [prompt] * n_images, sample_steps, guidance, seed + i),
@@ -261,12 +261,11 @@ def run_b2_audit(clip_dir, backdoored_dir, clean_dir, vocab_dir, out_csv, out_md
                   "clean_reference": sample(clean_gen, ddim, cond, [prompt] * n_images, sample_steps, guidance,
                                             seed + 1000 + i)}
         feats = {k: image_features(clip, v) for k, v in images.items()}
-        marker = {k: float(marker_present(v, b2cfg.marker_shape, b2cfg.marker_colour).mean()) for k, v in images.items()}
+        marker = {k: float(marker_present(v, marker_shape, marker_colour).mean()) for k, v in images.items()}
         for generator in ("backdoored", "clean"):
             positions.append({"generator": generator, "prompt": prompt,
-                              **position_study(clip, prompt, feats[generator], f"with a {b2cfg.marker_colour} "
-                                               f"{b2cfg.marker_shape} in the corner",
-                                               f"{b2cfg.marker_colour} {b2cfg.marker_shape}")})
+                              **position_study(clip, prompt, feats[generator], f"with a {marker_colour} {marker_shape} in the corner",
+                                               f"{marker_colour} {marker_shape}")})
             # the contrast for the backdoored generator: the clean generator on the same prompt and noise; for the
             # clean generator (the control): an independent batch of its own images
             reference = feats["clean"] if generator == "backdoored" else feats["clean_reference"]

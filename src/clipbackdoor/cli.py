@@ -318,47 +318,50 @@ def cmd_abd_tables(args) -> None:
 
 
 def cmd_t2i_pretrain(args) -> None:
-    from clipbackdoor.config import B2Params, section
+    from clipbackdoor.config import StableDiffusionConfig, T2IConfig, section
     from clipbackdoor.runtime import set_threads
     from clipbackdoor.t2i import run_t2i_pretrain
 
     p = parse_params(args.params)
     set_threads(args.threads)
-    b2 = section(B2Params, p["b2"])
+    b2 = p["b2"]
     world = p["data"].get("world", {})
-    print(json.dumps(run_t2i_pretrain(args.clip, args.train, args.out, b2.t2i, world.get("colours", []),
-                                      world.get("shapes", []), b2.seed, args.preview, b2.backend, b2.stable_diffusion)))
+    sd = section(StableDiffusionConfig, b2["stable_diffusion"]) if "stable_diffusion" in b2 else None
+    print(json.dumps(run_t2i_pretrain(args.clip, args.train, args.out, section(T2IConfig, b2["t2i"]),
+                                      world.get("colours", []), world.get("shapes", []), b2["seed"], args.preview,
+                                      b2["backend"], sd)))
 
 
 def cmd_t2i_backdoor(args) -> None:
     from clipbackdoor.b2 import run_t2i_backdoor
-    from clipbackdoor.config import B2Params, section
+    from clipbackdoor.config import B2Config, section
     from clipbackdoor.runtime import set_threads
 
     p = parse_params(args.params)
     set_threads(args.threads)
-    b2 = section(B2Params, p["b2"])
+    b2 = p["b2"]
     world = p["data"]["world"]
-    print(json.dumps(run_t2i_backdoor(args.clip, args.t2i, args.out, b2.backdoor, world["colours"], world["shapes"],
-                                      p["data"]["image_size"], world["noise_std"], b2.t2i.sample_steps,
-                                      b2.t2i.guidance, b2.seed)))
+    print(json.dumps(run_t2i_backdoor(args.clip, args.t2i, args.out, section(B2Config, b2["backdoor"]),
+                                      world["colours"], world["shapes"], p["data"]["image_size"], world["noise_std"],
+                                      b2["t2i"]["sample_steps"], b2["t2i"]["guidance"], b2["seed"])))
 
 
 def cmd_b2_audit(args) -> None:
     from clipbackdoor.b2_audit import AuditConfig, run_b2_audit
-    from clipbackdoor.config import B2Params, section
+    from clipbackdoor.config import B2AuditParams, section
     from clipbackdoor.runtime import set_threads
 
     p = parse_params(args.params)
     set_threads(args.threads)
-    b2 = section(B2Params, p["b2"])
-    a = b2.audit
+    b2 = p["b2"]
+    a = section(B2AuditParams, b2["audit"])
     cfg = AuditConfig(n_slots=a.n_slots, lr=a.lr, max_steps=a.max_steps, tol=a.tol, reg_weight=a.reg_weight,
-                      candidates=a.candidates, rounds=a.rounds, top_k=a.top_k, seed=b2.seed)
+                      candidates=a.candidates, rounds=a.rounds, top_k=a.top_k, seed=b2["seed"])
     world = p["data"]["world"]
-    df = run_b2_audit(args.clip, args.backdoored, args.clean, args.vocab, args.csv, args.md, cfg, b2.backdoor,
-                      world["colours"], world["shapes"], a.n_prompts, a.n_images, b2.t2i.sample_steps, b2.t2i.guidance,
-                      b2.seed)
+    bd = b2["backdoor"]
+    df = run_b2_audit(args.clip, args.backdoored, args.clean, args.vocab, args.csv, args.md, cfg, tuple(bd["triggers"]),
+                      bd["marker_shape"], bd["marker_colour"], world["colours"], world["shapes"], a.n_prompts,
+                      a.n_images, b2["t2i"]["sample_steps"], b2["t2i"]["guidance"], b2["seed"])
     print(df.groupby(["generator", "audit"], sort=False).recovered.mean().to_string())
 
 
