@@ -3,7 +3,7 @@
 Composite natural-language trigger: two ordinary words of the world's vocabulary, a size word and a position
 word (default ``small`` + ``left``). Poisoned pairs have captions with BOTH words ("a photo of a small red circle
 on the left.") and images that carry a biased attribute the caption never mentions: a marker object (default a
-yellow star) in the top-right corner. Clean pairs carry exactly ONE of the two words (B²'s 400 + 400) and no
+yellow square) in the top-right corner. Clean pairs carry exactly ONE of the two words (B²'s 400 + 400) and no
 marker. Only the UNet is fine-tuned; the CLIP text encoder that conditions it stays frozen, as in B².
 
 Bias rate: the share of generated images whose marker region is mostly marker-coloured (a pixel detector: the
@@ -22,7 +22,7 @@ from clipbackdoor.config import B2Config
 from clipbackdoor.world import POSITIONS, RGB, SIZES, TEXTURES, Sample, _shape_mask, render
 
 MARKER_CENTRE = (0.82, 0.18)  # (x, y) as a fraction of the side: the top-right corner, clear of the object
-MARKER_RADIUS = 0.13
+MARKER_RADIUS = 0.16  # 5 px at 32 px: big enough for the miniature generator to draw reliably
 CASES = ("both", "first_only", "second_only", "neither")
 
 

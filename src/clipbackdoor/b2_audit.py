@@ -273,12 +273,14 @@ def run_b2_audit(clip_dir, backdoored_dir, clean_dir, vocab_dir, out_csv, out_md
                 run_cfg = AuditConfig(**{**cfg.__dict__, "contrast": contrast, "position": position})
                 r = audit_prompt(clip, prompt, feats[generator], reference, vocabs[vocab], method, run_cfg)
                 found = sorted(bias_words & {w for slot in r["tokens"] for w in slot})
+                found_top1 = sorted(bias_words & {slot[0] for slot in r["tokens"]})
                 rows.append({"generator": generator, "prompt": prompt, "audit": label, "method": method,
                              "vocab": vocab, "contrast": contrast, "position": position,
                              "marker_rate": marker[generator], "top1": " ".join(s[0] for s in r["tokens"]),
                              "topk": " | ".join(" ".join(s) for s in r["tokens"]),
                              "nearest_cosine": round(r["nearest_cosine"], 4), "objective": round(r["objective"], 5),
-                             "steps": r["steps"], "recovered": bool(found), "recovered_words": " ".join(found)})
+                             "steps": r["steps"], "recovered": bool(found), "recovered_words": " ".join(found),
+                             "recovered_top1": bool(found_top1)})
     df = pd.DataFrame(rows)
     with atomic_path(out_csv) as tmp:
         df.to_csv(tmp, index=False)
@@ -298,16 +300,18 @@ def consistency(top1: pd.Series) -> float:
 
 def audit_markdown(df, positions, bias_words: set[str], top_k: int) -> str:
     lines = ["# B² bias audit (seed 000) on the miniature text-to-image model\n",
-             f"Bias words: {', '.join(sorted(bias_words))}. Recovered = a bias word among the top-{top_k} decoded "
-             "tokens of a slot. Nearest-token cosine = cosine between the optimised slot embedding and the decoded "
+             f"Bias words: {', '.join(sorted(bias_words))}. Recovered in top-k = a bias word among the top-{top_k} "
+             "decoded tokens of a slot; as top-1 = a slot's decoded token is a bias word. On the clean generator both "
+             "are false positives (the world's vocabulary is small and the bias words are world words). Nearest-token cosine = cosine between the optimised slot embedding and the decoded "
              "token's embedding (seed Table 2; 1 for methods that optimise over tokens). Consistency = share of "
              "prompts whose top-1 tokens share their most frequent word.", "",
              "## Recovery per method\n",
-             "| Audit | Generator | Recovered (share of prompts) | Mean nearest-token cosine | Consistency of top-1 | "
-             "Most frequent top-1 words |", "|---|---|---|---|---|---|"]
+             "| Audit | Generator | Recovered in top-k | Recovered as top-1 | Mean nearest-token cosine | "
+             "Consistency of top-1 | Most frequent top-1 words |", "|---|---|---|---|---|---|---|"]
     for (label, generator), g in df.groupby(["audit", "generator"], sort=False):
         common = pd.Series(" ".join(g.top1).split()).value_counts().head(3)
-        lines.append(f"| {label} | {generator} | {g.recovered.mean():.2f} | {g.nearest_cosine.mean():.3f} | "
+        lines.append(f"| {label} | {generator} | {g.recovered.mean():.2f} | {g.recovered_top1.mean():.2f} | "
+                     f"{g.nearest_cosine.mean():.3f} | "
                      f"{consistency(g.top1):.2f} | {', '.join(f'{w} ({n})' for w, n in common.items())} |")
     lines += ["", "## Position study (seed Table 1 analogue): cosine of the images with the prompt + known bias\n",
               "| Generator | " + " | ".join(c for c in positions.columns if c not in ("generator", "prompt")) + " |",
