@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from clipbackdoor.b2 import CASES, audit_prompts, b2_pairs, case_prompts, marker_present
 from clipbackdoor.b2_audit import AuditConfig, PromptSlots, audit_prompt, consistency, nearest, vocabulary_ids
