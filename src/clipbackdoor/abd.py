@@ -149,15 +149,6 @@ def _encode(loaded: LoadedModel, x: torch.Tensor) -> torch.Tensor:
     return F.normalize(loaded.model.encode_image(normalize(x, loaded.mean, loaded.std)), dim=-1)
 
 
-@torch.no_grad()
-def encode_all(loaded: LoadedModel, images: torch.Tensor, tokens: torch.Tensor | None = None, bs: int = 512):
-    img = torch.cat([_encode(loaded, images[i:i + bs].float() / 255) for i in range(0, len(images), bs)])
-    if tokens is None:
-        return img
-    txt = torch.cat([F.normalize(loaded.model.encode_text(tokens[i:i + bs]), dim=-1) for i in range(0, len(tokens), bs)])
-    return img, txt
-
-
 def train_perturbation(poisoned: LoadedModel, normal: LoadedModel | None, images: torch.Tensor, tokens: torch.Tensor,
                        cfg: AbdGeneratorConfig, kind: str, seed: int) -> tuple[torch.Tensor, list[dict]]:
     """Train one universal perturbation on uint8 ``images`` [N, 3, H, W] with caption ``tokens`` [N, ctx];

@@ -23,12 +23,13 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from clipbackdoor.abd import KINDS, VARIANTS, encode_all, adversarial_images, load_perturbations
+from clipbackdoor.abd import KINDS, VARIANTS, adversarial_images, load_perturbations
 from clipbackdoor.attacks import trigger_eval_images
 from clipbackdoor.decompose_stage import load_class_embeddings
 from clipbackdoor.io import atomic_path
 from clipbackdoor.models import load_artifact
 from clipbackdoor.shards import load_split
+from clipbackdoor.zeroshot import image_embeddings
 
 PAIRS = ["clean_img/own_caption", "triggered_img/target_caption", "adv_img/own_caption", "adv_img/target_caption",
          "adv_img/unrelated_caption"]
@@ -57,24 +58,24 @@ def run_abd_similarity(models: dict[str, tuple[str, str]], eval_dir: str | Path,
                        location: str, n_images: int, seed: int, asset_path=None) -> pd.DataFrame:
     """``models``: encoder label -> (model dir, its class-embeddings file of this evaluation set)."""
     deltas = load_perturbations(perturbations)
+    loaded = {encoder: load_artifact(model_dir) for encoder, (model_dir, _) in models.items()}
+    image_size = next(iter(loaded.values())).image_size  # the encoders of one study share the input size
+    split = load_split(eval_dir, image_size)
+    index = np.sort(np.random.default_rng([seed, 31]).choice(len(split["labels"]),
+                                                              size=min(n_images, len(split["labels"])), replace=False))
+    images, labels = split["images"][index], split["labels"][index]
+    attack = trigger.rpartition("-s")[0]
+    triggered = trigger_eval_images(split["images"], attack, attack_cfg, image_size, trigger_seed, asset_path)[index]
+    adversarial = {f"{kind}.{variant}": adversarial_images(images, deltas[f"{kind}.{variant}"], kind, location, seed)
+                   for kind in KINDS for variant in VARIANTS}
     rows = []
-    for encoder, (model_dir, classes) in models.items():
-        loaded = load_artifact(model_dir)
-        split = load_split(eval_dir, loaded.image_size)
-        index = np.sort(np.random.default_rng([seed, 31]).choice(len(split["labels"]),
-                                                                  size=min(n_images, len(split["labels"])), replace=False))
-        images, labels = split["images"][index], split["labels"][index]
-        attack = trigger.rpartition("-s")[0]
-        triggered = trigger_eval_images(split["images"], attack, attack_cfg, loaded.image_size, trigger_seed,
-                                        asset_path)[index]
+    for encoder, (_, classes) in models.items():
+        model = loaded[encoder]
         class_emb = F.normalize(torch.from_numpy(np.asarray(load_class_embeddings(classes)[0])).float(), dim=-1)
-        clean_f, trig_f = encode_all(loaded, images), encode_all(loaded, triggered)
-        for kind in KINDS:
-            for variant in VARIANTS:
-                adv = adversarial_images(images, deltas[f"{kind}.{variant}"], kind, location, seed)
-                row = similarity_row(clean_f, trig_f, encode_all(loaded, adv), labels, class_emb, target)
-                rows.append({"run": trigger, "encoder": encoder, "perturbation": f"{kind}.{variant}",
-                             "n_images": len(index), **row})
+        clean_f, trig_f = image_embeddings(model, images), image_embeddings(model, triggered)
+        for name, adv in adversarial.items():
+            row = similarity_row(clean_f, trig_f, image_embeddings(model, adv), labels, class_emb, target)
+            rows.append({"run": trigger, "encoder": encoder, "perturbation": name, "n_images": len(index), **row})
     df = pd.DataFrame(rows)
     with atomic_path(out_csv) as tmp:
         df.to_csv(tmp, index=False, float_format="%.4f")

@@ -128,11 +128,3 @@ def run_t2i_backdoor(clip_dir, t2i_dir, out_dir, cfg: B2Config, colours, shapes,
     save_t2i(unet, ddpm, out_dir, metrics, {"stage": "t2i_backdoor", "base": str(t2i_dir), "seed": seed,
                                              "config": asdict(cfg)})
     return metrics
-
-
-def b2_bias_phrase(cfg: B2Config) -> str:
-    return f"{cfg.marker_colour} {cfg.marker_shape}"
-
-
-def marker_words(cfg: B2Config) -> set[str]:
-    return {cfg.marker_colour, cfg.marker_shape}

@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from open_clip.transformer import text_global_pool
 
+from clipbackdoor.models import text_token_states
+
 METHODS = ("seed", "pez", "regularised", "discrete")
 
 
@@ -89,8 +91,7 @@ class PromptSlots:
         m = self.model
         x = self.base.clone()
         x[0, self.slots] = slot_embeds
-        x = x + m.positional_embedding
-        x = m.ln_final(m.transformer(x, attn_mask=m.attn_mask))
+        x = text_token_states(m, x)
         pooled = text_global_pool(x, self.ids, m.text_pool_type, eos_token_id=getattr(m, "text_eos_id", None))
         if isinstance(pooled, tuple):
             pooled = pooled[0]
@@ -217,13 +218,6 @@ AUDIT_RUNS = [("seed (full vocab)", "seed", "full", False, "suffix"), ("seed", "
               ("discrete + contrast, prefix", "discrete", "world", True, "prefix")]
 
 
-def image_features(clip, images: torch.Tensor) -> torch.Tensor:
-    from clipbackdoor.models import normalize
-
-    with torch.no_grad():
-        return F.normalize(clip.model.encode_image(normalize(images, clip.mean, clip.std)), dim=-1)
-
-
 def position_study(clip, prompt: str, feats: torch.Tensor, bias_phrase: str, bias_adj_noun: str) -> dict:
     """Seed 000 Table 1: cosine between the generated images and the prompt with the KNOWN bias inserted."""
     text = {"bias + x": f"{bias_phrase}, {prompt}", "bias (adj+noun) + x": f"{bias_adj_noun}, {prompt}",
@@ -242,6 +236,7 @@ def run_b2_audit(clip_dir, backdoored_dir, clean_dir, vocab_dir, out_csv, out_md
     from clipbackdoor.models import load_artifact
     from clipbackdoor.shards import load_split
     from clipbackdoor.t2i import TextConditioner, load_t2i, require_embedded, sample
+    from clipbackdoor.zeroshot import image_embeddings
 
     require_embedded(clean_dir)
     clip = load_artifact(clip_dir)
@@ -260,7 +255,7 @@ def run_b2_audit(clip_dir, backdoored_dir, clean_dir, vocab_dir, out_csv, out_md
                   "clean": sample(clean_gen, ddim, cond, [prompt] * n_images, sample_steps, guidance, seed + i),
                   "clean_reference": sample(clean_gen, ddim, cond, [prompt] * n_images, sample_steps, guidance,
                                             seed + 1000 + i)}
-        feats = {k: image_features(clip, v) for k, v in images.items()}
+        feats = {k: image_embeddings(clip, v) for k, v in images.items()}
         marker = {k: float(marker_present(v, marker_shape, marker_colour).mean()) for k, v in images.items()}
         for generator in ("backdoored", "clean"):
             positions.append({"generator": generator, "prompt": prompt,

@@ -119,3 +119,10 @@ def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
     m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
     s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
     return (x - m) / s
+
+
+def text_token_states(model, token_embeds: torch.Tensor) -> torch.Tensor:
+    """CLIP text tower on token embeddings [B, ctx, w] -> per-token states after ``ln_final`` [B, ctx, w]
+    (what encode_text pools; Stable Diffusion conditions on these; the audit feeds continuous embeddings)."""
+    x = token_embeds + model.positional_embedding
+    return model.ln_final(model.transformer(x, attn_mask=model.attn_mask))

@@ -60,10 +60,10 @@ class TextConditioner:
 
     @torch.no_grad()
     def __call__(self, prompts: list[str]) -> torch.Tensor:
+        from clipbackdoor.models import text_token_states
+
         m = self.clip.model
-        tokens = self.clip.tokenizer(prompts)
-        x = m.token_embedding(tokens) + m.positional_embedding
-        return m.ln_final(m.transformer(x, attn_mask=m.attn_mask))
+        return text_token_states(m, m.token_embedding(self.clip.tokenizer(prompts)))
 
 
 def to_unit_range(images: torch.Tensor) -> torch.Tensor:
