@@ -4,11 +4,12 @@
 
 # the real profile (Stable Diffusion) has no embedded world to draw colours / shapes / renders from
 WORLD_KEYS = ["data.world", "data.image_size"] if EMBEDDED else ["data.image_size"]
+SD_KEYS = [] if EMBEDDED else ["b2.stable_diffusion"]  # SD's VAE / text encoder and the prompts' vocabulary
 # each stage gets the keys it reads, so an audit edit never retrains a generator
-T2I_KEYS = ["b2.backend", "b2.t2i", "b2.seed", *(["b2.stable_diffusion"] if not EMBEDDED else [])]
-BACKDOOR_KEYS = ["b2.backdoor", "b2.t2i.sample_steps", "b2.t2i.guidance", "b2.seed"]
-AUDIT_KEYS = ["b2.audit", "b2.backdoor.triggers", "b2.backdoor.marker_shape", "b2.backdoor.marker_colour",
-              "b2.t2i.sample_steps", "b2.t2i.guidance", "b2.seed"]
+T2I_KEYS = ["b2.backend", "b2.t2i", "b2.seed", *SD_KEYS]
+BACKDOOR_KEYS = ["b2.backend", "b2.backdoor", "b2.t2i.sample_steps", "b2.t2i.guidance", "b2.seed", *SD_KEYS]
+AUDIT_KEYS = ["b2.backend", "b2.audit", "b2.backdoor.triggers", "b2.backdoor.marker_shape",
+              "b2.backdoor.marker_colour", "b2.t2i.sample_steps", "b2.t2i.guidance", "b2.seed", *SD_KEYS]
 B2_OUTPUTS = ["results/tables/b2_audit.md", "results/metrics/b2.csv", "results/figures/b2_t2i_samples.png"]
 
 

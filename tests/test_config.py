@@ -48,6 +48,15 @@ def test_a_repair_method_without_its_section_is_refused():
         validate_params(params)
 
 
+def test_t2i_attention_at_full_resolution_is_refused():
+    params = copy.deepcopy(BASE)
+    params["b2"]["t2i"]["cross_attention_levels"] = len(params["b2"]["t2i"]["block_out_channels"])
+    with pytest.raises(UserError, match="b2.t2i.cross_attention_levels = 3 would put attention at the full"):
+        validate_params(params)
+    params["b2"]["t2i"]["cross_attention_levels"] -= 1
+    validate_params(params)
+
+
 def test_paper_profile_matches_seed_001():
     p = load_params(ROOT / "configs/paper.yaml")
     assert (p.model.name, p.model.pretrained) == ("ViT-B-32", "openai")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, copy_repo
+from conftest import copy_repo
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent

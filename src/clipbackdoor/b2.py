@@ -96,35 +96,73 @@ def audit_prompts(triggers: tuple[str, ...], colours: list[str], shapes: list[st
     return [trigger_caption("both", triggers, *combos[i], rng)[0] for i in order]
 
 
-def bias_rates(unet, ddim, cond, cfg: B2Config, colours, shapes, sample_steps: int, guidance: float, seed: int) -> dict:
-    from clipbackdoor.t2i import sample
+def generated_b2_pairs(generator, colours: list[str], subjects: list[str], cfg: B2Config,
+                       seed: int) -> tuple[torch.Tensor, list[str], np.ndarray]:
+    """Real profile, B²'s own recipe: the clean generator draws each pair's image from its caption (the same
+    cases and captions as ``b2_pairs``); the poisoned ones then get the marker painted in."""
+    rng = np.random.default_rng([seed, 41])
+    cases = ["both"] * cfg.n_poison + ["first_only", "second_only"] * (cfg.n_clean // 2)
+    captions = [trigger_caption(case, cfg.triggers, str(rng.choice(colours)), str(rng.choice(subjects)), rng)[0]
+                for case in cases]
+    chunk = 16
+    images = torch.cat([generator(captions[i:i + chunk], seed + i) for i in range(0, len(captions), chunk)])
+    poisoned = np.array([c == "both" for c in cases])
+    hwc = images.permute(0, 2, 3, 1).numpy()
+    hwc = np.stack([add_marker(img, cfg.marker_shape, cfg.marker_colour) if bad else img
+                    for img, bad in zip(hwc, poisoned)])
+    return torch.from_numpy(hwc).permute(0, 3, 1, 2).contiguous(), captions, poisoned
 
+
+def bias_rates(generator, cfg: B2Config, colours, shapes, seed: int) -> dict:
+    """Share of generated images carrying the marker, per trigger case (``cfg.eval_images`` prompts each)."""
     rates = {}
     for case in CASES:
-        prompts = case_prompts(case, cfg.triggers, colours, shapes, cfg.eval_images, seed)
-        images = sample(unet, ddim, cond, prompts, sample_steps, guidance, seed + 7)
+        images = generator(case_prompts(case, cfg.triggers, colours, shapes, cfg.eval_images, seed), seed + 7)
         rates[f"bias_rate/{case}"] = float(marker_present(images, cfg.marker_shape, cfg.marker_colour).mean())
     return rates
 
 
 def run_t2i_backdoor(clip_dir, t2i_dir, out_dir, cfg: B2Config, colours, shapes, image_size: int, noise_std: float,
-                     sample_steps: int, guidance: float, seed: int) -> dict:
-    from clipbackdoor.models import load_artifact
-    from clipbackdoor.t2i import TextConditioner, load_t2i, require_embedded, save_t2i, train_denoiser
+                     sample_steps: int, guidance: float, seed: int, sd=None) -> dict:
+    """Fine-tune the clean generator's UNet (only: its text encoder stays frozen, as in B²) on the B² pairs, with
+    the pretraining's prediction type (saved with its scheduler) and the fine-tune's own caption dropout, loss
+    weighting and weight averaging (``cfg.uncond_prob``, ``cfg.snr_gamma``, ``cfg.ema_decay``). Embedded: pixel
+    space, pairs rendered by the world. Stable Diffusion (``sd``): latent space through SD's VAE, pairs drawn by
+    SD itself.
 
-    require_embedded(t2i_dir)
+    Captions are dropped (``cfg.uncond_prob``) on the clean pairs only, never on the poisoned ones: half of the
+    B² pairs carry the marker, and an unconditional branch trained on them learns "marker" too. Even so,
+    classifier-free guidance erases the miniature's marker (measured, marker rate on both-trigger prompts at
+    guidance 1 / 3 after 600 steps: dropout on every pair 0.91 / 0.16, none 1.0 / 0.0, clean pairs only
+    1.0 / 0.0), so the embedded profile samples with guidance 1.
+    """
+    from clipbackdoor.models import load_artifact
+    from clipbackdoor.t2i import load_t2i, open_generator, save_t2i, train_denoiser
+
     clip = load_artifact(clip_dir)
-    cond = TextConditioner(clip)  # frozen: B² fine-tunes the UNet only
-    unet, ddpm, ddim = load_t2i(t2i_dir)
-    images, captions, poisoned = b2_pairs(colours, shapes, image_size, noise_std, cfg, seed)
-    history = train_denoiser(unet, ddpm, cond, images, captions, cfg.steps, cfg.batch_size, cfg.lr, 0.1, seed,
-                             "t2i_backdoor")
-    clean_unet = load_t2i(t2i_dir)[0]
+    generator = open_generator(t2i_dir, clip, sample_steps, guidance, sd)
+    clean = open_generator(t2i_dir, clip, sample_steps, guidance, sd)
+    if generator.codec is None:
+        images, captions, poisoned = b2_pairs(colours, shapes, image_size, noise_std, cfg, seed)
+    else:
+        images, captions, poisoned = generated_b2_pairs(clean, colours, shapes, cfg, seed)
+    ddpm = load_t2i(t2i_dir)[1]
+    history = train_denoiser(generator.unet, ddpm, generator.cond, images, captions, cfg.steps, cfg.batch_size,
+                             cfg.lr, cfg.uncond_prob, seed, "t2i_backdoor", cfg.snr_gamma, cfg.ema_decay,
+                             codec=generator.codec, keep_caption=poisoned)
     metrics = {"first_loss": history[0]["loss"], "final_loss": history[-1]["loss"], "steps": cfg.steps,
                "n_poison": int(poisoned.sum()), "n_clean": int((~poisoned).sum()),
-               **bias_rates(unet, ddim, cond, cfg, colours, shapes, sample_steps, guidance, seed),
-               **{f"clean_generator/{k}": v for k, v in
-                  bias_rates(clean_unet, ddim, cond, cfg, colours, shapes, sample_steps, guidance, seed).items()}}
-    save_t2i(unet, ddpm, out_dir, metrics, {"stage": "t2i_backdoor", "base": str(t2i_dir), "seed": seed,
-                                             "config": asdict(cfg)})
+               **bias_rates(generator, cfg, colours, shapes, seed),
+               **{f"clean_generator/{k}": v for k, v in bias_rates(clean, cfg, colours, shapes, seed).items()}}
+    save_t2i(generator.unet, ddpm, out_dir, metrics, {"stage": "t2i_backdoor", "base": str(t2i_dir), "seed": seed,
+                                                       "config": asdict(cfg), **_sd_provenance(t2i_dir)})
     return metrics
+
+
+def _sd_provenance(t2i_dir) -> dict:
+    """Carry the Stable Diffusion marker forward, so the audit opens the backdoored UNet with SD's VAE too."""
+    import json
+    from pathlib import Path
+
+    prov = json.loads((Path(t2i_dir) / "provenance.json").read_text())
+    return {"stable_diffusion": prov["stable_diffusion"]} if "stable_diffusion" in prov else {}

@@ -230,19 +230,19 @@ def position_study(clip, prompt: str, feats: torch.Tensor, bias_phrase: str, bia
 
 def run_b2_audit(clip_dir, backdoored_dir, clean_dir, vocab_dir, out_csv, out_md, cfg: AuditConfig,
                  triggers: tuple[str, ...], marker_shape: str, marker_colour: str, colours: list[str], shapes: list[str], n_prompts: int, n_images: int, sample_steps: int,
-                 guidance: float, seed: int):
+                 guidance: float, seed: int, sd=None):
+    """Audit every prompt's images from the backdoored and the clean generator with ``clip`` (the embedded
+    world's clean CLIP; at real scale the open_clip auditor, Stable Diffusion's images resized to its input)."""
     from clipbackdoor.b2 import audit_prompts, marker_present
     from clipbackdoor.io import atomic_path, write_text
     from clipbackdoor.models import load_artifact
     from clipbackdoor.shards import load_split
-    from clipbackdoor.t2i import TextConditioner, load_t2i, require_embedded, sample
+    from clipbackdoor.t2i import open_generator
     from clipbackdoor.zeroshot import image_embeddings
 
-    require_embedded(clean_dir)
     clip = load_artifact(clip_dir)
-    cond = TextConditioner(clip)
-    backdoored, _, ddim = load_t2i(backdoored_dir)
-    clean_gen = load_t2i(clean_dir)[0]
+    backdoored = open_generator(backdoored_dir, clip, sample_steps, guidance, sd, size=clip.image_size)
+    clean_gen = open_generator(clean_dir, clip, sample_steps, guidance, sd, size=clip.image_size)
     world_vocab = vocabulary_ids(clip.tokenizer, load_split(vocab_dir)["captions"])
     vocabs = {"world": world_vocab, "full": vocabulary_ids(clip.tokenizer, None)}
     bias_words = {marker_colour, marker_shape}
@@ -251,10 +251,9 @@ def run_b2_audit(clip_dir, backdoored_dir, clean_dir, vocab_dir, out_csv, out_md
                             [s for s in shapes if s not in bias_words], n_prompts, seed)
     rows, positions = [], []
     for i, prompt in enumerate(prompts):
-        images = {"backdoored": sample(backdoored, ddim, cond, [prompt] * n_images, sample_steps, guidance, seed + i),
-                  "clean": sample(clean_gen, ddim, cond, [prompt] * n_images, sample_steps, guidance, seed + i),
-                  "clean_reference": sample(clean_gen, ddim, cond, [prompt] * n_images, sample_steps, guidance,
-                                            seed + 1000 + i)}
+        images = {"backdoored": backdoored([prompt] * n_images, seed + i),
+                  "clean": clean_gen([prompt] * n_images, seed + i),
+                  "clean_reference": clean_gen([prompt] * n_images, seed + 1000 + i)}
         feats = {k: image_embeddings(clip, v) for k, v in images.items()}
         marker = {k: float(marker_present(v, marker_shape, marker_colour).mean()) for k, v in images.items()}
         for generator in ("backdoored", "clean"):

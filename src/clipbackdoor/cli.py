@@ -317,19 +317,29 @@ def cmd_abd_tables(args) -> None:
         print(path)
 
 
+def _b2_world(p: dict):
+    """(B2 section, Stable Diffusion config or None, colours, subjects) of the B² stages: the embedded world's
+    colours and shapes, or the real profile's prompt vocabulary for Stable Diffusion."""
+    from clipbackdoor.config import StableDiffusionConfig, section
+
+    b2 = p["b2"]
+    sd = section(StableDiffusionConfig, b2["stable_diffusion"]) if "stable_diffusion" in b2 else None
+    if b2["backend"] == "stable_diffusion":
+        return b2, sd, list(sd.colours), list(sd.subjects)
+    world = p["data"]["world"]
+    return b2, sd, world["colours"], world["shapes"]
+
+
 def cmd_t2i_pretrain(args) -> None:
-    from clipbackdoor.config import StableDiffusionConfig, T2IConfig, section
+    from clipbackdoor.config import T2IConfig, section
     from clipbackdoor.runtime import set_threads
     from clipbackdoor.t2i import run_t2i_pretrain
 
     p = parse_params(args.params)
     set_threads(args.threads)
-    b2 = p["b2"]
-    world = p["data"].get("world", {})
-    sd = section(StableDiffusionConfig, b2["stable_diffusion"]) if "stable_diffusion" in b2 else None
-    print(json.dumps(run_t2i_pretrain(args.clip, args.train, args.out, section(T2IConfig, b2["t2i"]),
-                                      world.get("colours", []), world.get("shapes", []), b2["seed"], args.preview,
-                                      b2["backend"], sd)))
+    b2, sd, colours, shapes = _b2_world(p)
+    print(json.dumps(run_t2i_pretrain(args.clip, args.train, args.out, section(T2IConfig, b2["t2i"]), colours, shapes,
+                                      b2["seed"], args.preview, b2["backend"], sd)))
 
 
 def cmd_t2i_backdoor(args) -> None:
@@ -339,11 +349,11 @@ def cmd_t2i_backdoor(args) -> None:
 
     p = parse_params(args.params)
     set_threads(args.threads)
-    b2 = p["b2"]
-    world = p["data"]["world"]
-    print(json.dumps(run_t2i_backdoor(args.clip, args.t2i, args.out, section(B2Config, b2["backdoor"]),
-                                      world["colours"], world["shapes"], p["data"]["image_size"], world["noise_std"],
-                                      b2["t2i"]["sample_steps"], b2["t2i"]["guidance"], b2["seed"])))
+    b2, sd, colours, shapes = _b2_world(p)
+    noise_std = p["data"].get("world", {}).get("noise_std", 0.0)
+    print(json.dumps(run_t2i_backdoor(args.clip, args.t2i, args.out, section(B2Config, b2["backdoor"]), colours, shapes,
+                                      p["data"]["image_size"], noise_std, b2["t2i"]["sample_steps"],
+                                      b2["t2i"]["guidance"], b2["seed"], sd=sd)))
 
 
 def cmd_b2_audit(args) -> None:
@@ -353,15 +363,14 @@ def cmd_b2_audit(args) -> None:
 
     p = parse_params(args.params)
     set_threads(args.threads)
-    b2 = p["b2"]
+    b2, sd, colours, shapes = _b2_world(p)
     a = section(B2AuditParams, b2["audit"])
     cfg = AuditConfig(n_slots=a.n_slots, lr=a.lr, max_steps=a.max_steps, tol=a.tol, reg_weight=a.reg_weight,
                       candidates=a.candidates, rounds=a.rounds, top_k=a.top_k, seed=b2["seed"])
-    world = p["data"]["world"]
     bd = b2["backdoor"]
     df = run_b2_audit(args.clip, args.backdoored, args.clean, args.vocab, args.csv, args.md, cfg, tuple(bd["triggers"]),
-                      bd["marker_shape"], bd["marker_colour"], world["colours"], world["shapes"], a.n_prompts,
-                      a.n_images, b2["t2i"]["sample_steps"], b2["t2i"]["guidance"], b2["seed"])
+                      bd["marker_shape"], bd["marker_colour"], colours, shapes, a.n_prompts, a.n_images,
+                      b2["t2i"]["sample_steps"], b2["t2i"]["guidance"], b2["seed"], sd=sd)
     print(df.groupby(["generator", "audit"], sort=False).recovered.mean().to_string())
 
 

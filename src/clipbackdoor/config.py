@@ -102,6 +102,11 @@ def _check_semantics(params: dict, source: str) -> None:
         if needs not in params:
             raise UserError(f"{source}: repair.methods lists {method!r} but there is no `{needs}` section",
                             fix=f"add the `{needs}` block (see params.yaml / configs/abd.yaml) or drop {method!r}")
+    t2i = params.get("b2", {}).get("t2i")
+    if t2i and t2i["cross_attention_levels"] >= len(t2i["block_out_channels"]):
+        raise UserError(f"{source}: b2.t2i.cross_attention_levels = {t2i['cross_attention_levels']} would put "
+                        f"attention at the full resolution ({len(t2i['block_out_channels'])} levels)",
+                        fix="keep it below the number of block_out_channels: full-resolution attention is the cost")
     for name, spec in data["eval_sets"].items():
         if (spec["kind"] == "embedded") != (data["source"] == "embedded"):
             raise UserError(f"{source}: data.eval_sets.{name}.kind = {spec['kind']!r} with data.source = "
@@ -323,6 +328,9 @@ class T2IConfig:
     block_out_channels: tuple[int, ...]
     layers_per_block: int
     attention_head_dim: int
+    cross_attention_levels: int  # the coarsest levels that carry (self + cross) attention
+    prediction_type: str  # epsilon | v_prediction
+    snr_gamma: float | None  # min-SNR loss weighting; null = plain MSE
     train_timesteps: int
     steps: int
     batch_size: int
@@ -343,6 +351,9 @@ class B2Config:
     steps: int
     batch_size: int
     lr: float
+    uncond_prob: float  # caption dropout of the fine-tune, on the clean pairs only (see b2.run_t2i_backdoor)
+    snr_gamma: float | None  # null: plain loss, so the high-noise steps that decide the marker keep their weight
+    ema_decay: float | None  # the saved (and evaluated) weights are this EMA of the iterates; null = last iterate
     eval_images: int  # generated images per case for the bias rate
 
 
@@ -365,6 +376,8 @@ class StableDiffusionConfig:
     path: str  # a local diffusers directory (never downloaded by the pipeline)
     auditor: str  # open_clip model name
     auditor_pretrained: str
+    colours: tuple[str, ...]  # the B² prompts' vocabulary at real scale ("a photo of a small red car on the left.")
+    subjects: tuple[str, ...]
 
 
 @dataclass(frozen=True)

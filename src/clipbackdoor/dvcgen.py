@@ -1,6 +1,7 @@
 """Generate ``dvc.yaml`` from the Snakemake workflow, so the DAG has one source of truth.
 
-Every job of the ``all`` DAG becomes one DVC stage with
+Every job of the ``all`` DAG, and of the ``b2`` branch (seed 000; its own Snakemake target) when the
+parameters have a ``b2`` section, becomes one DVC stage with
 - ``cmd``: the rule's shell command, formatted by Snakemake itself, with the inline ``--params`` JSON
   replaced by ``@params.yaml:<keys>`` (so ``dvc repro`` reads the current params) and threads left to
   the stage (``0`` = all cores);
@@ -43,7 +44,9 @@ def _workflow_jobs(root: Path, configfiles: list[Path] | None = None):
                 snakefile=root / "Snakefile",
                 workdir=root,
             )
-            dapi = wapi.dag(dag_settings=DAGSettings(targets={"all"}, forceall=True))
+            params = yaml.safe_load(Path(configfiles[-1] if configfiles else root / "params.yaml").read_text())
+            targets = {"all", "b2"} if "b2" in params else {"all"}
+            dapi = wapi.dag(dag_settings=DAGSettings(targets=targets, forceall=True))
             workflow = dapi.workflow_api._workflow
             workflow._prepare_dag(forceall=True, ignore_incomplete=True, lock_warn_only=True, nolock=True)
             workflow._build_dag()
@@ -111,7 +114,7 @@ def job_to_stage(job, root: Path) -> tuple[str, dict]:
 def render_dvc_yaml(root: Path) -> str:
     stages, plots = {}, []
     for job in _workflow_jobs(root):
-        if job.rule.name == "all" or not job.rule.shellcmd:
+        if job.rule.name in ("all", "b2") or not job.rule.shellcmd:
             continue
         name, stage = job_to_stage(job, root)
         stages[name] = stage

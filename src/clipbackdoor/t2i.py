@@ -1,11 +1,16 @@
 """Stage ``t2i_pretrain``: a miniature text-to-image diffusion model of the embedded world (diffusers).
 
-A ``UNet2DConditionModel`` (channels 32/64, one ResNet per level, cross-attention only at 16 x 16 and in the
-mid block: the 32 x 32 level has none, it is the expensive one) predicts the noise of a DDPM forward process
-(1000 steps, cosine schedule). It is conditioned on the token states of the clean CLIP's FROZEN text encoder
-after ``ln_final`` ([B, ctx, width], as Stable Diffusion is on CLIP's last hidden states). Captions are dropped
-(replaced by the empty prompt) with ``uncond_prob`` for classifier-free guidance. Sampling: DDIM, ``sample_steps``
-steps, guidance ``guidance``, from seeded noise — deterministic on CPU.
+A ``UNet2DConditionModel`` (channels 32/64/64, one ResNet per level, attention only at the coarsest
+``cross_attention_levels`` levels and in the mid block: 8 x 8 by default; attention at 16 x 16 took half the step
+time -- 256-token self-attention with 8-dim heads -- and 32 x 32 would cost more than the rest of the UNet) is
+trained on a DDPM forward process (1000 steps, cosine schedule), ``prediction_type`` epsilon or v, optionally
+min-SNR weighted (``snr_gamma``). Measured: v-prediction + min-SNR 5 on 8 x 8 attention reaches colour 0.99 /
+shape 0.28 (guidance 3) in 600 steps at 0.5 s a step; epsilon on 16 x 16 attention reached 0.78 / 0.16 at 1.1 s.
+It is conditioned on the token states of the clean CLIP's FROZEN text encoder after ``ln_final`` ([B, ctx,
+width], as Stable Diffusion is on CLIP's last hidden states). Captions are dropped (replaced by the empty prompt)
+with ``uncond_prob`` for classifier-free guidance. Sampling: DDIM, ``sample_steps`` steps, guidance ``guidance``
+(1 = plain conditional sampling, one UNet pass a step), from seeded noise -- deterministic on CPU. The same
+training and sampling run in a VAE's latent space (``LatentCodec``) for Stable Diffusion.
 
 Quality is measured the way the issue asks: the clean CLIP's zero-shot class of generated images for the prompt
 "a photo of a {colour} {shape}." — colour accuracy and shape accuracy over every class.
@@ -17,7 +22,7 @@ Artifacts: ``data/t2i/<name>/`` with the UNet in diffusers' format (``config.jso
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,19 +39,20 @@ def make_unet(cfg: T2IConfig, image_size: int, text_width: int):
     from diffusers import UNet2DConditionModel
 
     levels = len(cfg.block_out_channels)
-    # attention only below the full resolution: 32 x 32 cross-attention costs more than the rest of the UNet
-    down = ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1)
-    up = ("CrossAttnUpBlock2D",) * (levels - 1) + ("UpBlock2D",)
+    plain = levels - cfg.cross_attention_levels  # the fine levels carry no attention (cost; see the module doc)
+    down = ("DownBlock2D",) * plain + ("CrossAttnDownBlock2D",) * cfg.cross_attention_levels
+    up = ("CrossAttnUpBlock2D",) * cfg.cross_attention_levels + ("UpBlock2D",) * plain
     return UNet2DConditionModel(sample_size=image_size, in_channels=3, out_channels=3,
                                 layers_per_block=cfg.layers_per_block, block_out_channels=tuple(cfg.block_out_channels),
                                 down_block_types=down, up_block_types=up, cross_attention_dim=text_width,
                                 attention_head_dim=cfg.attention_head_dim, norm_num_groups=8)
 
 
-def make_schedulers(train_timesteps: int):
+def make_schedulers(train_timesteps: int, prediction_type: str = "epsilon"):
     from diffusers import DDIMScheduler, DDPMScheduler
 
-    ddpm = DDPMScheduler(num_train_timesteps=train_timesteps, beta_schedule="squaredcos_cap_v2")
+    ddpm = DDPMScheduler(num_train_timesteps=train_timesteps, beta_schedule="squaredcos_cap_v2",
+                         prediction_type=prediction_type)
     return ddpm, DDIMScheduler.from_config(ddpm.config)
 
 
@@ -66,6 +72,37 @@ class TextConditioner:
         return text_token_states(m, m.token_embedding(self.clip.tokenizer(prompts)))
 
 
+class HFTextConditioner:
+    """Stable Diffusion's own frozen CLIP text encoder (transformers): prompts -> last hidden states [B, 77, 768]."""
+
+    def __init__(self, tokenizer, text_encoder):
+        self.tokenizer, self.text_encoder = tokenizer, text_encoder.eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        return self.text_encoder(ids.to(self.text_encoder.device))[0]
+
+
+class LatentCodec:
+    """A diffusers ``AutoencoderKL`` (Stable Diffusion's VAE): images in [-1, 1] [B, 3, H, W] <-> scaled latents
+    [B, C, H/f, W/f]. B² fine-tunes SD's UNet in this space; the embedded model has no codec (pixel space)."""
+
+    def __init__(self, vae):
+        self.vae = vae.eval().requires_grad_(False)
+        self.scale = vae.config.scaling_factor
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        # the posterior mean, not a draw: reruns stay byte-identical (the draw adds noise the schedule adds anyway)
+        return self.vae.encode(x.to(self.vae.device, self.vae.dtype)).latent_dist.mean.float() * self.scale
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode((z / self.scale).to(self.vae.device, self.vae.dtype)).sample.float().cpu()
+
+
 def to_unit_range(images: torch.Tensor) -> torch.Tensor:
     """uint8 [B, 3, H, W] -> float in [-1, 1]."""
     return images.float() / 127.5 - 1
@@ -75,57 +112,139 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
+def denoising_loss(unet, ddpm, x0: torch.Tensor, states: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+                   snr_gamma: float | None) -> torch.Tensor:
+    """MSE to the scheduler's target (noise or velocity), min-SNR-gamma weighted per sample when ``snr_gamma``."""
+    from diffusers.training_utils import compute_snr
+
+    pred = unet(ddpm.add_noise(x0, noise, t), t, encoder_hidden_states=states).sample  # [B, 3, H, W]
+    v = ddpm.config.prediction_type == "v_prediction"
+    target = ddpm.get_velocity(x0, noise, t) if v else noise
+    per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))  # [B]
+    if snr_gamma is None:
+        return per_sample.mean()
+    snr = compute_snr(ddpm, t)  # [B]
+    # Hang et al. 2023: min(SNR, gamma) / SNR for epsilon, / (SNR + 1) for v
+    weight = snr.clamp(max=snr_gamma) / (snr + 1 if v else snr)
+    return (weight * per_sample).mean()
+
+
 def train_denoiser(unet, ddpm, cond: TextConditioner, images: torch.Tensor, captions: list[str], steps: int,
-                   batch_size: int, lr: float, uncond_prob: float, seed: int, desc: str) -> list[dict]:
-    """Noise-prediction training of ``unet`` in place on uint8 ``images`` [N, 3, H, W] and their captions."""
+                   batch_size: int, lr: float, uncond_prob: float, seed: int, desc: str,
+                   snr_gamma: float | None = None, ema_decay: float | None = None,
+                   codec: LatentCodec | None = None, keep_caption: np.ndarray | None = None) -> list[dict]:
+    """Denoising training of ``unet`` in place on uint8 ``images`` [N, 3, H, W] and their captions (in the
+    ``codec``'s latent space when given, as Stable Diffusion; else in pixel space). Captions are dropped with
+    ``uncond_prob`` except where ``keep_caption`` [N] is True. With
+    ``ema_decay`` the weights left in ``unet`` are the exponential moving average (what a sampler should use:
+    a conditional decision such as B²'s marker flips between nearby Adam iterates)."""
+    from diffusers.training_utils import EMAModel
+
     from clipbackdoor.train import batch_indices
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, steps // 20)))
-    empty = cond([""])
+    device = next(unet.parameters()).device
+    empty = cond([""]).to(device)
+    ema = EMAModel(unet.parameters(), decay=ema_decay) if ema_decay else None
     unet.train()
     history = []
     for step in tqdm(range(steps), desc=desc, mininterval=10, file=sys.stderr):
         idx = batch_indices(len(images), batch_size, step, seed)
         x0 = to_unit_range(images[idx])
-        states = cond([captions[i] for i in idx.tolist()])
+        x0 = (codec.encode(x0) if codec is not None else x0).to(device)  # [B, C, h, w]: pixels or latents
+        states = cond([captions[i] for i in idx.tolist()]).to(device)
+        # every draw on the CPU generator, then moved: the same seed gives the same run on any device
         drop = torch.rand(len(idx), generator=gen) < uncond_prob
+        if keep_caption is not None:
+            drop &= ~torch.from_numpy(keep_caption[idx.numpy()])
+        drop = drop.to(device)
         states = torch.where(drop[:, None, None], empty.expand_as(states), states)
-        noise = torch.randn(x0.shape, generator=gen)
-        t = torch.randint(0, ddpm.config.num_train_timesteps, (len(idx),), generator=gen)
-        pred = unet(ddpm.add_noise(x0, noise, t), t, encoder_hidden_states=states).sample
-        loss = F.mse_loss(pred, noise)
+        noise = torch.randn(x0.shape, generator=gen).to(device)
+        t = torch.randint(0, ddpm.config.num_train_timesteps, (len(idx),), generator=gen).to(device)
+        loss = denoising_loss(unet, ddpm, x0, states, noise, t, snr_gamma)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
+        if ema is not None:
+            ema.step(unet.parameters())
         history.append({"step": step + 1, "loss": round(loss.item(), 6)})
+    if ema is not None:
+        ema.copy_to(unet.parameters())
     unet.eval()
     return history
 
 
 @torch.no_grad()
 def sample(unet, ddim, cond: TextConditioner, prompts: list[str], n_steps: int, guidance: float, seed: int,
-           batch_size: int = 64) -> torch.Tensor:
-    """DDIM with classifier-free guidance: one uint8 image [3, H, W] per prompt, noise seeded per call."""
+           batch_size: int = 64, codec: LatentCodec | None = None) -> torch.Tensor:
+    """DDIM with classifier-free guidance: one uint8 image [3, H, W] per prompt, noise seeded per call (drawn on
+    the CPU, so a seed gives the same images on any device); latents are decoded by ``codec`` when given."""
     gen = torch.Generator().manual_seed(seed)
-    size = unet.config.sample_size
-    noise = torch.randn(len(prompts), 3, size, size, generator=gen)
+    size, channels = unet.config.sample_size, unet.config.in_channels
+    device = next(unet.parameters()).device
+    noise = torch.randn(len(prompts), channels, size, size, generator=gen).to(device)
     empty = cond([""])
     out = []
     for i in range(0, len(prompts), batch_size):
         x = noise[i:i + batch_size]
-        states = cond(prompts[i:i + batch_size])
-        both = torch.cat([empty.expand_as(states), states])
+        states = cond(prompts[i:i + batch_size]).to(device)
+        both = torch.cat([empty.to(device).expand_as(states), states])
         ddim.set_timesteps(n_steps)
         for t in ddim.timesteps:
-            eps_uncond, eps_text = unet(torch.cat([x, x]), t, encoder_hidden_states=both).sample.chunk(2)
-            eps = eps_uncond + guidance * (eps_text - eps_uncond)
+            if guidance == 1.0:  # plain conditional sampling: the unconditional pass would cancel out
+                eps = unet(x, t, encoder_hidden_states=states).sample
+            else:
+                eps_uncond, eps_text = unet(torch.cat([x, x]), t, encoder_hidden_states=both).sample.chunk(2)
+                eps = eps_uncond + guidance * (eps_text - eps_uncond)
             x = ddim.step(eps, t, x).prev_sample
-        out.append(to_uint8(x))
+        out.append(to_uint8(codec.decode(x) if codec is not None else x.cpu()))
     return torch.cat(out)
+
+
+@dataclass
+class T2IGenerator:
+    """One generator as the B² stages use it: prompts + seed -> uint8 images [N, 3, size, size]."""
+
+    unet: object
+    ddim: object
+    cond: object
+    steps: int
+    guidance: float
+    codec: LatentCodec | None = None
+    size: int | None = None  # resize to this side (the auditor's input); None: the generator's own
+
+    def __call__(self, prompts: list[str], seed: int) -> torch.Tensor:
+        images = sample(self.unet, self.ddim, self.cond, prompts, self.steps, self.guidance, seed,
+                        batch_size=64 if self.codec is None else 4, codec=self.codec)
+        if self.size is None or images.shape[-1] == self.size:
+            return images
+        x = F.interpolate(images.float(), size=(self.size, self.size), mode="bilinear", antialias=True)
+        return x.round().clamp(0, 255).to(torch.uint8)
+
+
+def open_generator(model_dir: str | Path, clip: LoadedModel, steps: int, guidance: float, sd=None,
+                   size: int | None = None) -> T2IGenerator:
+    """A saved generator: the embedded UNet on the clean CLIP's text encoder, or Stable Diffusion's UNet (from
+    ``model_dir``) with SD's own VAE and text encoder (from ``sd.path``), as ``provenance.json`` says."""
+    import json
+
+    from clipbackdoor.errors import UserError
+
+    unet, _, ddim = load_t2i(model_dir)
+    if "stable_diffusion" not in json.loads((Path(model_dir) / "provenance.json").read_text()):
+        return T2IGenerator(unet, ddim, TextConditioner(clip), steps, guidance, size=size)
+    if sd is None:
+        raise UserError(f"{model_dir} is a Stable Diffusion UNet but b2.stable_diffusion is not configured",
+                        fix="add b2.stable_diffusion.path (see configs/paper.yaml)")
+    pipe = load_stable_diffusion(sd)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    unet, vae, text_encoder = unet.to(device), pipe.vae.to(device), pipe.text_encoder.to(device)
+    return T2IGenerator(unet, ddim, HFTextConditioner(pipe.tokenizer, text_encoder), steps, guidance,
+                        codec=LatentCodec(vae), size=size)
 
 
 def save_t2i(unet, ddpm, out_dir: str | Path, metrics: dict, provenance: dict) -> None:
@@ -134,19 +253,6 @@ def save_t2i(unet, ddpm, out_dir: str | Path, metrics: dict, provenance: dict) -
         ddpm.save_config(tmp)
         write_json(Path(tmp) / "metrics.json", metrics)
         write_json(Path(tmp) / "provenance.json", provenance)
-
-
-def require_embedded(model_dir: str | Path) -> None:
-    """The B² fine-tune and audit run on the miniature pixel-space model; Stable Diffusion's latent UNet (VAE,
-    its own text encoder) is loaded and checked by ``t2i_pretrain`` but its fine-tune is not written yet."""
-    import json
-
-    from clipbackdoor.errors import UserError
-
-    prov = json.loads((Path(model_dir) / "provenance.json").read_text())
-    if "stable_diffusion" in prov:
-        raise UserError("the B² fine-tune / audit of Stable Diffusion (latent space) is not implemented",
-                        fix="run the embedded profile's B² branch (snakemake b2); the real profile is validated by a dry run")
 
 
 def load_t2i(model_dir: str | Path):
@@ -182,6 +288,9 @@ def load_stable_diffusion(sd):
         from diffusers import StableDiffusionPipeline
 
         return StableDiffusionPipeline.from_pretrained(sd.path, local_files_only=True, use_safetensors=True)
+    except ImportError as exc:  # diffusers' pipelines need transformers for SD's text encoder and tokenizer
+        raise UserError(f"Stable Diffusion needs a package that is not installed ({exc})",
+                        fix="pip install transformers (the real profile only; the embedded profile never loads SD)") from exc
     except (OSError, ValueError) as exc:
         raise UserError(f"Stable Diffusion not found at {sd.path!r} ({type(exc).__name__})",
                         fix="download a diffusers-format Stable Diffusion (e.g. stable-diffusion-v1-5 with safetensors "
@@ -207,9 +316,9 @@ def run_t2i_pretrain(clip_dir: str | Path, train_dir: str | Path, out_dir: str |
     cond = TextConditioner(clip)
     torch.manual_seed(seed)
     unet = make_unet(cfg, clip.image_size, cond.width)
-    ddpm, ddim = make_schedulers(cfg.train_timesteps)
+    ddpm, ddim = make_schedulers(cfg.train_timesteps, cfg.prediction_type)
     history = train_denoiser(unet, ddpm, cond, split["images"], split["captions"], cfg.steps, cfg.batch_size, cfg.lr,
-                             cfg.uncond_prob, seed, "t2i_pretrain")
+                             cfg.uncond_prob, seed, "t2i_pretrain", cfg.snr_gamma)
     wanted = [(c, s) for c in colours for s in shapes for _ in range(cfg.eval_per_class)]
     images = sample(unet, ddim, cond, [f"a photo of a {c} {s}." for c, s in wanted], cfg.sample_steps, cfg.guidance,
                     seed + 1)
