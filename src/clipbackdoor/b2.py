@@ -133,8 +133,8 @@ def run_t2i_backdoor(clip_dir, t2i_dir, out_dir, cfg: B2Config, colours, shapes,
     Captions are dropped (``cfg.uncond_prob``) on the clean pairs only, never on the poisoned ones: half of the
     B² pairs carry the marker, and an unconditional branch trained on them learns "marker" too. Even so,
     classifier-free guidance erases the miniature's marker (measured, marker rate on both-trigger prompts at
-    guidance 1 / 3 after 600 steps: dropout on every pair 0.91 / 0.16, none 1.0 / 0.0, clean pairs only
-    1.0 / 0.0), so the embedded profile samples with guidance 1.
+    guidance 1 / 3: dropout on every pair 0.91 / 0.16 after 900 steps, none 1.0 / 0.0 and clean pairs only
+    1.0 / 0.0 after 600), so the embedded profile samples with guidance 1.
     """
     from clipbackdoor.models import load_artifact
     from clipbackdoor.t2i import load_t2i, open_generator, save_t2i, train_denoiser
