@@ -210,13 +210,14 @@ def _tiny_latent_generator(clip):
                                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=cond.width,
                                 attention_head_dim=4, norm_num_groups=8)
     ddpm, ddim = make_schedulers(50, "epsilon")
-    return T2IGenerator(unet, ddim, cond, steps=2, guidance=2.0, codec=LatentCodec(vae)), ddpm
+    return T2IGenerator(unet, ddpm, ddim, cond, steps=2, guidance=2.0, codec=LatentCodec(vae))
 
 
 def test_latent_space_b2_fine_tune_and_sampling_as_for_stable_diffusion(micro_model):
     """The real profile's path: training in the VAE's latent space, sampling decodes to images, seeded."""
     clip = load_artifact(micro_model)
-    generator, ddpm = _tiny_latent_generator(clip)
+    generator = _tiny_latent_generator(clip)
+    ddpm = generator.ddpm
     latents = generator.codec.encode(torch.zeros(2, 3, 32, 32))
     assert latents.shape == (2, 4, 16, 16)
     images, captions, _ = b2_pairs(COLOURS, SHAPES, 32, 0.03, B2, seed=0)

@@ -136,17 +136,20 @@ def run_t2i_backdoor(clip_dir, t2i_dir, out_dir, cfg: B2Config, colours, shapes,
     guidance 1 / 3: dropout on every pair 0.91 / 0.16 after 900 steps, none 1.0 / 0.0 and clean pairs only
     1.0 / 0.0 after 600), so the embedded profile samples with guidance 1.
     """
+    import copy
+    from dataclasses import replace
+
     from clipbackdoor.models import load_artifact
-    from clipbackdoor.t2i import load_t2i, open_generator, save_t2i, train_denoiser
+    from clipbackdoor.t2i import open_generator, save_t2i, train_denoiser
 
     clip = load_artifact(clip_dir)
-    generator = open_generator(t2i_dir, clip, sample_steps, guidance, sd)
     clean = open_generator(t2i_dir, clip, sample_steps, guidance, sd)
+    generator = replace(clean, unet=copy.deepcopy(clean.unet))  # the copy is fine-tuned; text encoder / VAE shared
     if generator.codec is None:
         images, captions, poisoned = b2_pairs(colours, shapes, image_size, noise_std, cfg, seed)
     else:
         images, captions, poisoned = generated_b2_pairs(clean, colours, shapes, cfg, seed)
-    ddpm = load_t2i(t2i_dir)[1]
+    ddpm = generator.ddpm
     history = train_denoiser(generator.unet, ddpm, generator.cond, images, captions, cfg.steps, cfg.batch_size,
                              cfg.lr, cfg.uncond_prob, seed, "t2i_backdoor", cfg.snr_gamma, cfg.ema_decay,
                              codec=generator.codec, keep_caption=poisoned)
@@ -160,7 +163,7 @@ def run_t2i_backdoor(clip_dir, t2i_dir, out_dir, cfg: B2Config, colours, shapes,
 
 
 def _sd_provenance(t2i_dir) -> dict:
-    """Carry the Stable Diffusion marker forward, so the audit opens the backdoored UNet with SD's VAE too."""
+    """Carry the Stable Diffusion marker forward: the backdoored artifact says which VAE / text encoder it needs."""
     import json
     from pathlib import Path
 

@@ -237,12 +237,12 @@ def run_b2_audit(clip_dir, backdoored_dir, clean_dir, vocab_dir, out_csv, out_md
     from clipbackdoor.io import atomic_path, write_text
     from clipbackdoor.models import load_artifact
     from clipbackdoor.shards import load_split
-    from clipbackdoor.t2i import open_generator
+    from clipbackdoor.t2i import open_generator, with_unet
     from clipbackdoor.zeroshot import image_embeddings
 
     clip = load_artifact(clip_dir)
-    backdoored = open_generator(backdoored_dir, clip, sample_steps, guidance, sd, size=clip.image_size)
     clean_gen = open_generator(clean_dir, clip, sample_steps, guidance, sd, size=clip.image_size)
+    backdoored = with_unet(clean_gen, backdoored_dir)
     world_vocab = vocabulary_ids(clip.tokenizer, load_split(vocab_dir)["captions"])
     vocabs = {"world": world_vocab, "full": vocabulary_ids(clip.tokenizer, None)}
     bias_words = {marker_colour, marker_shape}

@@ -187,12 +187,12 @@ def sample(unet, ddim, cond: TextConditioner, prompts: list[str], n_steps: int, 
     size, channels = unet.config.sample_size, unet.config.in_channels
     device = next(unet.parameters()).device
     noise = torch.randn(len(prompts), channels, size, size, generator=gen).to(device)
-    empty = cond([""])
+    empty = cond([""]).to(device)
     out = []
     for i in range(0, len(prompts), batch_size):
         x = noise[i:i + batch_size]
         states = cond(prompts[i:i + batch_size]).to(device)
-        both = torch.cat([empty.to(device).expand_as(states), states])
+        both = torch.cat([empty.expand_as(states), states])
         ddim.set_timesteps(n_steps)
         for t in ddim.timesteps:
             if guidance == 1.0:  # plain conditional sampling: the unconditional pass would cancel out
@@ -210,6 +210,7 @@ class T2IGenerator:
     """One generator as the B² stages use it: prompts + seed -> uint8 images [N, 3, size, size]."""
 
     unet: object
+    ddpm: object  # the training scheduler saved with the UNet (a fine-tune continues on it)
     ddim: object
     cond: object
     steps: int
@@ -234,17 +235,25 @@ def open_generator(model_dir: str | Path, clip: LoadedModel, steps: int, guidanc
 
     from clipbackdoor.errors import UserError
 
-    unet, _, ddim = load_t2i(model_dir)
+    unet, ddpm, ddim = load_t2i(model_dir)
     if "stable_diffusion" not in json.loads((Path(model_dir) / "provenance.json").read_text()):
-        return T2IGenerator(unet, ddim, TextConditioner(clip), steps, guidance, size=size)
+        return T2IGenerator(unet, ddpm, ddim, TextConditioner(clip), steps, guidance, size=size)
     if sd is None:
         raise UserError(f"{model_dir} is a Stable Diffusion UNet but b2.stable_diffusion is not configured",
                         fix="add b2.stable_diffusion.path (see configs/paper.yaml)")
     pipe = load_stable_diffusion(sd)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     unet, vae, text_encoder = unet.to(device), pipe.vae.to(device), pipe.text_encoder.to(device)
-    return T2IGenerator(unet, ddim, HFTextConditioner(pipe.tokenizer, text_encoder), steps, guidance,
+    return T2IGenerator(unet, ddpm, ddim, HFTextConditioner(pipe.tokenizer, text_encoder), steps, guidance,
                         codec=LatentCodec(vae), size=size)
+
+
+def with_unet(generator: T2IGenerator, model_dir: str | Path) -> T2IGenerator:
+    """The same generator (text encoder, VAE, sampling) with another saved UNet: Stable Diffusion's VAE and text
+    encoder are loaded once for both the clean and the backdoored model."""
+    from dataclasses import replace
+
+    return replace(generator, unet=load_t2i(model_dir)[0].to(next(generator.unet.parameters()).device))
 
 
 def save_t2i(unet, ddpm, out_dir: str | Path, metrics: dict, provenance: dict) -> None:
