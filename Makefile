@@ -5,7 +5,7 @@ CORES ?= $(shell nproc 2>/dev/null || echo 2)
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup run abd b2 test test-slow dvc-yaml clean-results
+.PHONY: setup run abd b2 rehearsal test test-slow dvc-yaml clean-results
 
 # torch first, from the exact pin (a CPU build where one is provided; never a newer range: that pulls
 # GBs of CUDA wheels), then everything else under the same constraints so nothing can move torch.
@@ -29,6 +29,12 @@ abd: setup  # seed 002's ABD study (configs/abd.yaml): results/tables/abd_*.md
 b2: setup  # seed 000's B² audit, its own target: results/tables/b2_audit.md
 	snakemake b2 --cores $(CORES)
 	head -30 results/tables/b2_audit.md
+
+rehearsal: setup  # the paper profile's stage graph on generated real-format inputs (configs/rehearsal.yaml)
+	python -m clipbackdoor.rehearsal --out data/rehearsal
+	snakemake all --cores $(CORES) --configfile configs/rehearsal.yaml
+	snakemake b2 --cores $(CORES) --configfile configs/rehearsal.yaml
+	python -m clipbackdoor report
 
 test: setup
 	python -m pytest -q

@@ -26,8 +26,17 @@ EVAL_IMAGES = {"imagenet": 50_000, "caltech101": 9_144, "pets": 7_349}
 
 
 def job_counts() -> dict[str, int]:
-    proc = subprocess.run(["snakemake", "all", "-n", "--configfile", "configs/paper.yaml", "--cores", "8"], cwd=ROOT,
-                          capture_output=True, text=True, check=True)
+    """Jobs of the paper profile's dry run (its TEXTSPAN pool, a user download, stood in by a temporary file)."""
+    import tempfile
+
+    params = yaml.safe_load((ROOT / "configs/paper.yaml").read_text())
+    with tempfile.TemporaryDirectory() as tmp:
+        pool = Path(tmp) / "image_descriptions.txt"
+        pool.write_text("An image of a dog\n")
+        params["analysis"]["textspan_pool"] = str(pool)
+        (Path(tmp) / "paper.yaml").write_text(yaml.safe_dump(params))
+        proc = subprocess.run(["snakemake", "all", "-n", "--configfile", str(Path(tmp) / "paper.yaml"), "--cores",
+                               "8"], cwd=ROOT, capture_output=True, text=True, check=True)
     table = proc.stdout.split("Job stats:")[1].split("\n\n")[0]
     return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)}
 
@@ -44,11 +53,14 @@ def main() -> None:
     params = yaml.safe_load((ROOT / "configs/paper.yaml").read_text())
     counts = job_counts()
     n_eval = sum(EVAL_IMAGES[n] for n in params["data"]["eval_sets"])
-    runs = len(params["poison"]["attacks"]) * len(params["poison"]["seeds"])
-    ft = params["finetune"]
+    runs = counts["finetune"]  # one backdoored model per (attack, evaluation-set target, seed)
+    ft, cc = params["finetune"], params["cleanclip"]["optim"]
     stages = {
         # stage: images through the image tower (forward-equivalents)
-        "finetune": runs * ft["steps"] * ft["batch_size"] * args.train_factor,
+        f"finetune ({runs} runs)": runs * ft["steps"] * ft["batch_size"] * args.train_factor,
+        # CleanCLIP also encodes the augmented image: twice the image forwards of a plain step
+        f"cleanclip ({counts.get('cleanclip', 0)} runs)": counts.get("cleanclip", 0) * cc["steps"] * cc["batch_size"]
+        * args.train_factor * 2,
         "decompose": counts.get("decompose", 0) / len(EVAL_IMAGES) * n_eval,
         "clean_model (zero-shot eval)": n_eval,
     }

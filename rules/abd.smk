@@ -5,8 +5,9 @@
 ABD_NEEDS_PERTURBATION = {"abd", "abd_img_only", "uap"}
 
 
-def abd_similarity_path(run):
-    return f"results/analysis/abd/{run}_{EVAL_SETS[0]}.csv"
+def abd_similarity_path(run, evalset=None):
+    """Fig. 2 on the run's first evaluation set (the one its attacker-side stages use)."""
+    return f"results/analysis/abd/{run}_{evalset or run_eval(run)}.csv"
 
 
 rule abd_generator:
@@ -17,7 +18,7 @@ rule abd_generator:
     output:
         "data/abd/{run}/perturbations.safetensors",
     params:
-        cfg=stage_params("abd.generator"),
+        cfg=lambda wc: params_json("abd.generator", *optional_keys("abd.n_pairs")),
     threads: JOB_THREADS
     resources:
         gpu=1,
@@ -42,8 +43,8 @@ rule abd_finetune:
     wildcard_constraints:
         arm="|".join(ABD_ARMS),
     params:
-        cfg=stage_params("abd.perturbation", "abd.generator.location", "abd.adv_fraction", "abd.eda_alpha",
-                         "abd.synonyms", "abd.optim"),
+        cfg=lambda wc: params_json("abd.perturbation", "abd.generator.location", "abd.adv_fraction", "abd.eda_alpha",
+                                   "abd.synonyms", "abd.optim", *optional_keys("abd.n_pairs")),
         perturbations=lambda wc, input: ["--perturbations", *input.perturbations] if input.perturbations else [],
     threads: JOB_THREADS
     resources:
@@ -61,25 +62,25 @@ rule abd_finetune:
 rule abd_similarity:
     input:
         model="data/models/{run}",
-        classes=f"data/decomp/{{run}}/{EVAL_SETS[0]}/classes.safetensors",
+        classes="data/decomp/{run}/{evalset}/classes.safetensors",
         clean_model="data/models/clean",
-        clean_classes=f"data/decomp/clean/{EVAL_SETS[0]}/classes.safetensors",
-        evalset=eval_dir(EVAL_SETS[0]),
+        clean_classes="data/decomp/clean/{evalset}/classes.safetensors",
+        evalset=lambda wc: eval_dir(wc.evalset),
         perturbations="data/abd/{run}/perturbations.safetensors",
         asset=lambda wc: trigger_asset(wc.run),
     output:
-        abd_similarity_path("{run}"),
+        abd_similarity_path("{run}", "{evalset}"),
     params:
         cfg=lambda wc: params_json("abd.generator.location", "abd.fig2_images", f"attacks.{attack_of(wc.run)}",
-                                   "poison.target"),
+                                   target_key(wc.run)),
         asset=lambda wc: asset_args(wc.run),
     threads: JOB_THREADS
     resources:
         gpu=1,
     log:
-        log_path("abd_similarity_{run}"),
+        log_path("abd_similarity_{run}_{evalset}"),
     benchmark:
-        bench_path("abd_similarity_{run}")
+        bench_path("abd_similarity_{run}_{evalset}")
     shell:
         "python -m clipbackdoor abd-similarity --params {params.cfg:q} --trigger {wildcards.run} --model {input.model}"
         " --classes {input.classes} --clean-model {input.clean_model} --clean-classes {input.clean_classes}"

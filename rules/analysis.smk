@@ -35,6 +35,8 @@ rule textspan:
         decomps=[decomp_path("{run}", "{evalset}", "none"), decomp_path("{run}", "{evalset}", "{run}")],
         prototypes="data/prototypes/{run}/{evalset}.safetensors",
         mmd=mmd_path("{run}", "{evalset}"),
+        # a pool file is an input: a missing file fails before any job, an edit reruns TEXTSPAN
+        pool=lambda wc: [] if config["analysis"]["textspan_pool"] == "embedded" else [config["analysis"]["textspan_pool"]],
     output:
         csv="results/analysis/textspan/{run}_{evalset}.csv",
         md=report("results/analysis/textspan/{run}_{evalset}.md", category="TEXTSPAN"),
@@ -55,7 +57,7 @@ rule textspan:
 rule tables:
     input:
         summary="results/metrics/summary.csv",
-        mmd=[mmd_path(r, EVAL_SETS[0]) for r in RUNS] if ANALYSIS else [],
+        mmd=[mmd_path(r, run_eval(r)) for r in RUNS] if ANALYSIS else [],
     output:
         tables=[report(t, category="Tables") for t in TABLES],
         fig1=report("results/figures/fig1_ablate_all.png", category="Figures"),
@@ -63,7 +65,7 @@ rule tables:
         fig8=report("results/figures/fig8_cacc_mmd.png", category="Figures"),
     params:
         cfg=stage_params("defend.fixed_heads"),
-        mmd=[f"{r}={mmd_path(r, EVAL_SETS[0])}" for r in RUNS] if ANALYSIS else [],
+        mmd=[f"{r}={mmd_path(r, run_eval(r))}" for r in RUNS] if ANALYSIS else [],
     log:
         log_path("tables"),
     benchmark:

@@ -5,14 +5,14 @@ rule badclip_patch:
     input:
         model="data/models/clean",
         train="data/datasets/train",
-        evalset=eval_dir(EVAL_SETS[0]),
+        evalset=lambda wc: eval_dir(run_eval(wc.run)),
     output:
         patch=ASSET_FILES["badclip_patch"],
         png="results/attacks/{run}_patch.png",
     wildcard_constraints:
         run="badclip-s[0-9]+",
     params:
-        cfg=lambda wc: params_json(f"attacks.{attack_of(wc.run)}", "poison.target", "zeroshot.templates"),
+        cfg=lambda wc: params_json(f"attacks.{attack_of(wc.run)}", target_key(wc.run), "zeroshot.templates"),
     threads: JOB_THREADS
     resources:
         gpu=1,
@@ -29,7 +29,7 @@ rule badclip_patch:
 rule issba_codec:
     input:
         train="data/datasets/train",
-        evalset=eval_dir(EVAL_SETS[0]),
+        evalset=lambda wc: eval_dir(run_eval(wc.run)),
     output:
         codec=ASSET_FILES["issba_codec"],
         png="results/attacks/{run}_codec.png",
@@ -54,13 +54,13 @@ rule lc_adversarial:
     input:
         model="data/models/clean",
         train="data/datasets/train",
-        evalset=eval_dir(EVAL_SETS[0]),
+        evalset=lambda wc: eval_dir(run_eval(wc.run)),
     output:
         images=ASSET_FILES["lc_adversarial"],
     wildcard_constraints:
         run="label_consistent-s[0-9]+",
     params:
-        cfg=lambda wc: params_json(f"attacks.{attack_of(wc.run)}", "poison.target", "zeroshot.templates"),
+        cfg=lambda wc: params_json(f"attacks.{attack_of(wc.run)}", target_key(wc.run), "zeroshot.templates"),
     threads: JOB_THREADS
     resources:
         gpu=1,
@@ -77,16 +77,16 @@ rule lc_adversarial:
 rule poison:
     input:
         train="data/datasets/train",
-        evals=[eval_dir(n) for n in EVAL_SETS],
+        evals=lambda wc: [eval_dir(n) for n in RUN_EVALS[wc.run]],
         asset=lambda wc: trigger_asset(wc.run, poisoning=True),
     output:
         shards=directory("data/poisoned/{run}"),
         manifest="data/poisoned/{run}.manifest.parquet",
         preview="results/attacks/{run}.png",
     params:
-        cfg=lambda wc: params_json(f"attacks.{attack_of(wc.run)}", "poison.target", "poison.caption_templates",
+        cfg=lambda wc: params_json(f"attacks.{attack_of(wc.run)}", target_key(wc.run), "poison.caption_templates",
                                     "data.image_size"),
-        evals=eval_args(),
+        evals=lambda wc: eval_args(RUN_EVALS[wc.run]),
         asset=lambda wc: asset_args(wc.run, poisoning=True),
     log:
         log_path("poison_{run}"),

@@ -55,7 +55,7 @@ rule detect:
     output:
         detect_path("{model}", "{evalset}", "{trigger}"),
     params:
-        cfg=lambda wc: params_json("detect", f"attacks.{attack_of(wc.trigger)}", "poison.target"),
+        cfg=lambda wc: params_json("detect", f"attacks.{attack_of(wc.trigger)}", target_key(wc.trigger)),
         asset=lambda wc: asset_args(wc.trigger),
     threads: JOB_THREADS
     resources:

@@ -4,7 +4,8 @@ import os
 
 from snakemake.utils import validate
 
-from clipbackdoor.config import validate_params
+from clipbackdoor.runs import parse_run, run_name
+from clipbackdoor.config import eval_targets, validate_params
 from clipbackdoor.errors import UserError
 
 try:
@@ -42,6 +43,18 @@ def params_json(*keys):
     return json.dumps({k: get_key(k) for k in keys}, sort_keys=True, separators=(",", ":"))
 
 
+def optional_keys(*keys):
+    """The keys of ``keys`` that this profile sets (optional parameters with a default in the stage)."""
+    out = []
+    for key in keys:
+        try:
+            get_key(key)
+        except KeyError:
+            continue
+        out.append(key)
+    return out
+
+
 def stage_params(*keys):
     """params_json as a function of the wildcards: Snakemake never brace-expands a function's result, and
     values such as a shard pattern `cc3m-{0000..0575}.tar` must reach the stage untouched."""
@@ -54,9 +67,10 @@ def eval_dir(name):
     return f"data/datasets/eval/{name}"
 
 
-def eval_args(wildcards=None):
-    """NAME=PATH per evaluation set, a list so the shell quotes each (`{params.evals:q}`)."""
-    return [f"{n}={eval_dir(n)}" for n in EVAL_SETS]
+def eval_args(names=None):
+    """NAME=PATH per evaluation set (all of them, or ``names``), a list so the shell quotes each
+    (`{params.evals:q}`)."""
+    return [f"{n}={eval_dir(n)}" for n in (EVAL_SETS if names is None else names)]
 
 
 def log_path(name):
@@ -67,14 +81,24 @@ def bench_path(name):
     return f"data/benchmarks/{name}.tsv"
 
 
-# Attack runs: every attack once per seed, named ATTACK-sSEED (the model, its poisoned set and its trigger).
+# Attack runs: every attack once per seed and per target, named ATTACK-sSEED (ATTACK-TARGET-sSEED when the
+# evaluation sets have different targets, seed 001 B.1): the model, its poisoned set and its trigger. A run is
+# scored on the evaluation sets whose target it was backdoored towards (RUN_EVALS).
+TARGETS = eval_targets(config)  # {eval set: target class}
+_DISTINCT = list(dict.fromkeys(TARGETS.values()))
 ATTACKS = list(config["poison"]["attacks"])
-RUNS = [f"{a}-s{s}" for a in ATTACKS for s in config["poison"]["seeds"]]
+RUN_EVALS = {
+    run_name(a, s, None if len(_DISTINCT) == 1 else t): [e for e in EVAL_SETS if TARGETS[e] == t]
+    for a in ATTACKS
+    for t in _DISTINCT
+    for s in config["poison"]["seeds"]
+}
+RUNS = list(RUN_EVALS)
 # Model-repair defenses (CleanCLIP, ...) turn every attacked model RUN into a new model RUN.METHOD.
 REPAIRS = list(config.get("repair", {}).get("methods", []))
 REPAIRED = [f"{r}.{m}" for r in RUNS for m in REPAIRS]
 MODELS = ["clean"] + RUNS + REPAIRED
-RUN_RE = "[a-z_]+-s[0-9]+"
+RUN_RE = "[a-z_]+(?:-[a-z0-9_]+)?-s[0-9]+"
 ABD_ARMS = ["abd", "abd_img_only", "abd_eda_only", "finetune_clean", "uap"]  # seed 002's ABD and its ablation arms
 REPAIR_RE = "|".join(["cleanclip", "roclip", *ABD_ARMS])
 
@@ -86,8 +110,18 @@ wildcard_constraints:
     evalset="|".join(EVAL_SETS),
 
 
+def target_key(run):
+    """The one parameter key holding a run's target: a stage edit of another set's target reruns nothing here."""
+    return "poison.target" if isinstance(config["poison"]["target"], str) else f"poison.target.{RUN_EVALS[run][0]}"
+
+
+def run_eval(run):
+    """The evaluation set a run's attacker-side stages use (learned triggers, ABD's Fig. 2)."""
+    return RUN_EVALS[run][0]
+
+
 def attack_of(run):
-    return run.rpartition("-s")[0]
+    return parse_run(run)[0]
 
 
 # Attacks with a learned trigger get it from a stage of their own (registry: Trigger.asset = stage name).
@@ -126,7 +160,7 @@ def defend_path(model, evalset, trigger):
 # clean model with every trigger (the control: a clean model must not follow any trigger).
 DEFEND_PAIRS = [(run, run) for run in RUNS] + [("clean", run) for run in RUNS]
 DEFEND_PAIRS += [(f"{run}.{m}", run) for run in RUNS for m in REPAIRS]  # repaired models, same trigger
-DEFEND_OUTPUTS = {f"{m}:{t}:{e}": defend_path(m, e, t) for m, t in DEFEND_PAIRS for e in EVAL_SETS}
+DEFEND_OUTPUTS = {f"{m}:{t}:{e}": defend_path(m, e, t) for m, t in DEFEND_PAIRS for e in RUN_EVALS[t]}
 
 
 def detect_path(model, evalset, trigger):
@@ -135,7 +169,7 @@ def detect_path(model, evalset, trigger):
 
 # Input detectors (STRIP, SCALE-UP, TeCo) score each attacked model's clean and triggered test images.
 DETECTORS = list(config.get("detect", {}).get("detectors", []))
-DETECT_OUTPUTS = {f"{r}:{r}:{e}": detect_path(r, e, r) for r in RUNS for e in EVAL_SETS} if DETECTORS else {}
+DETECT_OUTPUTS = {f"{r}:{r}:{e}": detect_path(r, e, r) for r in RUNS for e in RUN_EVALS[r]} if DETECTORS else {}
 
 ALL_TARGETS = [
     "results/metrics/summary.csv",
@@ -151,4 +185,4 @@ ALL_TARGETS = [
 if set(REPAIRS) & set(ABD_ARMS):  # seed 002's Fig. 2 and Tables I-III
     ALL_TARGETS += [f"results/tables/abd_{t}.md" for t in ("table1", "table2", "table3", "fig2")]
 if "analysis" in config:  # TEXTSPAN descriptions of every attacked model (Figures 3-4 analogues)
-    ALL_TARGETS += [f"results/analysis/textspan/{r}_{e}.md" for r in RUNS for e in EVAL_SETS]
+    ALL_TARGETS += [f"results/analysis/textspan/{r}_{e}.md" for r in RUNS for e in RUN_EVALS[r]]

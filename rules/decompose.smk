@@ -32,6 +32,8 @@ rule class_embeddings:
     params:
         cfg=stage_params("zeroshot.templates"),
     threads: JOB_THREADS
+    resources:
+        gpu=1,
     log:
         log_path("class_embeddings_{model}_{evalset}"),
     benchmark:

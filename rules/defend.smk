@@ -10,7 +10,7 @@ rule defend:
     output:
         defend_path("{model}", "{evalset}", "{trigger}"),
     params:
-        cfg=stage_params("defend", "poison.target"),
+        cfg=lambda wc: params_json("defend", target_key(wc.trigger)),
     log:
         log_path("defend_{model}_{evalset}_{trigger}"),
     benchmark:

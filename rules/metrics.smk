@@ -25,8 +25,8 @@ rule summary:
 
 
 # One seed per attack in Figure 5 keeps it readable; Figure 2 averages over seeds.
-FIG5_RUNS = [f"{a}-s{config['poison']['seeds'][0]}" for a in ATTACKS]
 FIG_EVAL = EVAL_SETS[0]
+FIG5_RUNS = [next(r for r in RUNS if attack_of(r) == a and FIG_EVAL in RUN_EVALS[r]) for a in ATTACKS]
 
 
 rule figures:

@@ -12,7 +12,7 @@ BASE = yaml.safe_load((ROOT / "params.yaml").read_text())
 
 @pytest.mark.parametrize("profile", ["params.yaml", "configs/smoke.yaml", "configs/paper.yaml",
                                      "configs/all_attacks.yaml", "configs/core.yaml",
-                                     "configs/abd.yaml"])
+                                     "configs/abd.yaml", "configs/rehearsal.yaml"])
 def test_profiles_validate_and_build(profile):
     params = load_params(ROOT / profile)
     assert isinstance(params, Params)
@@ -38,6 +38,44 @@ def test_embedded_variants_differ_from_params_yaml_only_where_they_say():
     base = copy.deepcopy(BASE)
     base["poison"].pop("attacks"), base["repair"].pop("methods")
     assert abd == {k: v for k, v in base.items() if k not in ("detect", "analysis")}
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out |= _flat(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+# what the rehearsal may change (configs/rehearsal.yaml's header says why): where inputs live, the narrower
+# ViT-B-32 geometry, the tiny Stable Diffusion's UNet sizes, EDA's WordNet (user-installed data), sizes and steps
+REHEARSAL_PATHS = {"data.webdataset.urls", "data.eval_sets.imagenet.root", "data.eval_sets.caltech101.root",
+                   "data.eval_sets.pets.root", "model.pretrained", "b2.stable_diffusion.path",
+                   "b2.stable_diffusion.auditor_pretrained", "analysis.textspan_pool"}
+REHEARSAL_MODEL = {"model.name", "b2.stable_diffusion.auditor", "cleanclip.synonyms", "abd.synonyms"}
+SIZE_LEAVES = {"n_pairs", "shard_size", "batch_size", "steps", "warmup_steps", "ckpt_every", "bank_size",
+               "fig2_images", "n_images", "strip_n", "mmd_images", "textspan_m", "textspan_rank", "n_poison",
+               "n_clean", "eval_images", "n_prompts", "max_steps", "candidates", "rounds"}
+
+
+def test_rehearsal_differs_from_paper_only_in_sizes_steps_and_paths():
+    paper = _flat(yaml.safe_load((ROOT / "configs/paper.yaml").read_text()))
+    rehearsal = _flat(yaml.safe_load((ROOT / "configs/rehearsal.yaml").read_text()))
+    assert paper.keys() == rehearsal.keys()
+    changed = {k for k in paper if paper[k] != rehearsal[k]} - {"profile"}
+    allowed = REHEARSAL_PATHS | REHEARSAL_MODEL
+    odd = {k for k in changed if k not in allowed and not k.startswith("b2.t2i.")
+           and k.rpartition(".")[2] not in SIZE_LEAVES}
+    assert not odd, f"rehearsal.yaml changes more than sizes, steps and paths: {sorted(odd)}"
+    assert all(rehearsal[k].startswith("data/rehearsal/") for k in REHEARSAL_PATHS)
+    for key in ("model.name", "b2.stable_diffusion.auditor"):
+        assert rehearsal[key] == "clipbackdoor-narrow-vit-b32" and paper[key] == "ViT-B-32"
+    assert rehearsal["b2.stable_diffusion.auditor_pretrained"] == rehearsal["model.pretrained"]
+    assert rehearsal["b2.t2i.prediction_type"] == paper["b2.t2i.prediction_type"]  # sizes only under b2.t2i too
+    assert rehearsal["b2.t2i.guidance"] == paper["b2.t2i.guidance"]
 
 
 def test_a_repair_method_without_its_section_is_refused():

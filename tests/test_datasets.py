@@ -45,11 +45,24 @@ def test_missing_imagefolder_says_what_to_download(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_imagenet_classnames_need_1000_folders(tmp_path):
+def test_imagenet_classnames_need_wordnet_folders(tmp_path):
     _fake_imagefolder(tmp_path / "val")
     cfg = EvalSetConfig(kind="imagefolder", root=str(tmp_path / "val"), classnames="imagenet")
-    with pytest.raises(UserError, match="ImageNet-1K has 1000"):
+    with pytest.raises(UserError, match="folder 'cat' is not an ImageNet-1K WordNet id"):
         convert_imagefolder("imagenet", cfg, 32, tmp_path / "out", seed=0, templates=[])
+    assert not (tmp_path / "out").exists()
+
+
+def test_imagenet_synset_folders_get_open_clip_names(tmp_path):
+    """ROOT/<wnid>/ folders (a subset is allowed) map to open_clip's class names in ImageNet's index order."""
+    _fake_imagefolder(tmp_path / "val", classes=("n07753592", "n01440764", "dog"))
+    (tmp_path / "val" / "dog" / "notes.txt").rename(tmp_path / "val" / "n07753592" / "notes.txt")
+    for f in (tmp_path / "val" / "dog").iterdir():
+        f.unlink()
+    (tmp_path / "val" / "dog").rmdir()
+    cfg = EvalSetConfig(kind="imagefolder", root=str(tmp_path / "val"), classnames="imagenet")
+    convert_imagefolder("imagenet", cfg, 32, tmp_path / "out", seed=0, templates=[])
+    assert world_classes_json(tmp_path / "out")["classnames"] == ["tench", "banana"]  # sorted wnids
 
 
 def test_cc3m_style_shards_are_selected(tmp_path):

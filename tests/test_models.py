@@ -15,7 +15,7 @@ def test_project_configs_are_registered_with_open_clip():
     assert len(visual.transformer.resblocks) == 6
     assert visual.transformer.resblocks[0].attn.num_heads == 8
     assert tiny.image_size == 32 and tiny.tokenizer(["a red circle"]).shape == (1, 24)
-    assert set(PROJECT_MODELS) == {"clipbackdoor-tiny-vit-p8", "clipbackdoor-micro-vit-p8"}
+    assert set(PROJECT_MODELS) == {"clipbackdoor-tiny-vit-p8", "clipbackdoor-micro-vit-p8", "clipbackdoor-narrow-vit-b32"}
 
 
 def test_artifact_round_trip(tmp_path):
@@ -43,5 +43,17 @@ def test_unknown_model_and_offline_pretrained_fail_clearly(monkeypatch):
         create("ViT-Z-99")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UserError) as info:
-        create("clipbackdoor-micro-vit-p8", pretrained="openai")
+        create("ViT-B-32", pretrained="openai")  # a real tag, but this machine is offline
     assert "no internet" in info.value.fix
+
+
+def test_unknown_pretrained_tag_lists_the_valid_ones(tmp_path):
+    with pytest.raises(UserError) as info:
+        create("ViT-B-32", pretrained="opneai")
+    assert "not a pretrained tag of ViT-B-32" in info.value.problem and "openai" in info.value.fix
+    assert "local open_clip checkpoint file" in info.value.fix
+    with pytest.raises(UserError, match="is not a file"):
+        create("ViT-B-32", pretrained=str(tmp_path / "missing.safetensors"))
+    (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="not an open_clip checkpoint of clipbackdoor-micro-vit-p8"):
+        create("clipbackdoor-micro-vit-p8", pretrained=str(tmp_path / "junk.safetensors"))

@@ -86,18 +86,38 @@ def test_resources_swallowing_all_is_the_known_pitfall():
     assert proc.returncode != 0
 
 
-def test_paper_profile_dry_runs_at_real_scale():
+@pytest.fixture
+def paper_textspan_pool():
+    """The paper profile's TEXTSPAN pool is a rule input (users download Gandelsman et al.'s file): a dry run
+    needs the file to exist."""
+    pool = ROOT / yaml.safe_load((ROOT / "configs" / "paper.yaml").read_text())["analysis"]["textspan_pool"]
+    created = not pool.exists()
+    if created:
+        pool.parent.mkdir(parents=True, exist_ok=True)
+        pool.write_text("An image of a dog\nA photo taken at night\n")
+    yield pool
+    if created:
+        pool.unlink()
+
+
+def test_paper_profile_dry_runs_at_real_scale(paper_textspan_pool):
     proc = dry_run("--cores", "8", "--configfile", "configs/paper.yaml")
     assert proc.returncode == 0, proc.stderr + proc.stdout
     counts = job_counts(proc.stdout)
-    sets, runs = 3, 2
+    # seed 001 B.1: one target per evaluation set, so one backdoored model per (attack, set), scored on its set
+    sets, attacks = 3, 2
+    runs = attacks * sets
     models = 1 + 2 * runs  # clean, attacked, CleanCLIP-repaired
     assert counts == {"cc3m": 1, "eval_data": sets, "clean_model": 1, "poison": runs, "finetune": runs,
-                      "cleanclip": runs, "decompose": sets * ((1 + runs) + 2 * runs + 2 * runs),
-                      "class_embeddings": sets * models, "prototypes": sets * models, "defend": sets * 3 * runs,
-                      "detect": sets * runs, "mmd": sets * runs, "textspan": sets * runs, "summary": 1, "figures": 1,
+                      "cleanclip": runs, "decompose": (sets + runs) + 2 * runs + 2 * runs,
+                      "class_embeddings": sets + 2 * runs, "prototypes": sets + 2 * runs, "defend": 3 * runs,
+                      "detect": runs, "mmd": runs, "textspan": runs, "summary": 1, "figures": 1,
                       "tables": 1, "all": 1}
     assert "ViT-B-32" in proc.stdout and "world" not in counts
+    for target in ("banana", "accordion", "samoyed"):
+        assert f"data/models/badnet-{target}-s0" in proc.stdout and f"data/models/blended-{target}-s0" in proc.stdout
+    # each run is poisoned towards its own set's target, and checked against that set only
+    assert '"poison.target.caltech101":"accordion"' in proc.stdout.replace("\\", "")
 
 
 def test_invalid_params_stop_the_workflow_before_any_job(tmp_path):
@@ -182,7 +202,7 @@ def _dry_run_jobs(*args) -> dict[str, dict]:
     return jobs
 
 
-def test_slurm_profile_submission_parameters():
+def test_slurm_profile_submission_parameters(paper_textspan_pool):
     """The SLURM profile on the paper profile: the sbatch line the executor plugin would submit per rule."""
     from types import SimpleNamespace
 

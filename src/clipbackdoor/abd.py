@@ -157,17 +157,20 @@ def train_perturbation(poisoned: LoadedModel, normal: LoadedModel | None, images
         if m is not None:
             m.model.eval().requires_grad_(False)
     torch.manual_seed(seed)
+    # everything trains where the frozen encoders live (the rule's GPU); the images stay on the host and move
+    # a batch at a time
+    device = next(poisoned.model.parameters()).device
     size = images.shape[-1]
     side = patch_side(size, cfg.patch_fraction) if kind == "patch" else size
-    gen = PerturbationGenerator(cfg.z_dim, side, kind, cfg.eps, seed)
+    gen = PerturbationGenerator(cfg.z_dim, side, kind, cfg.eps, seed).to(device)
     opt_g = torch.optim.Adam(gen.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
-    disc = Discriminator() if cfg.gan_weight > 0 else None
+    disc = Discriminator().to(device) if cfg.gan_weight > 0 else None
     opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=(0.5, 0.999)) if disc else None
     rng = np.random.default_rng([seed, 29])
     history = []
     for step in range(cfg.steps):
         idx = batch_indices(len(images), cfg.batch_size, step, seed)
-        x = images[idx].float() / 255
+        x = images[idx].to(device).float() / 255
         delta = gen()
         x_adv = apply_perturbation(x, delta, kind, patch_origins(1, size, side, cfg.location, rng))
         with torch.no_grad():  # frozen encoders: the clean image's and the caption's features are constants
@@ -182,14 +185,14 @@ def train_perturbation(poisoned: LoadedModel, normal: LoadedModel | None, images
             terms["lbd"] = backdoor_loss(adv_emb, _encode(normal, x_adv), direction, cfg.temperature)
             loss = loss + cfg.lbd_weight * terms["lbd"]
         if disc is not None:
-            terms["gan"] = F.binary_cross_entropy_with_logits(disc(x_adv), torch.ones(len(x)))
+            terms["gan"] = F.binary_cross_entropy_with_logits(disc(x_adv), torch.ones(len(x), device=device))
             loss = loss + cfg.gan_weight * terms["gan"]
         opt_g.zero_grad(set_to_none=True)
         loss.backward()
         opt_g.step()
         if disc is not None:  # discriminator step: clean = 1, adversarial = 0
             logits = disc(torch.cat([x, x_adv.detach()]))
-            labels = torch.cat([torch.ones(len(x)), torch.zeros(len(x))])
+            labels = torch.cat([torch.ones(len(x), device=device), torch.zeros(len(x), device=device)])
             opt_d.zero_grad(set_to_none=True)
             F.binary_cross_entropy_with_logits(logits, labels).backward()
             opt_d.step()
@@ -200,11 +203,12 @@ def train_perturbation(poisoned: LoadedModel, normal: LoadedModel | None, images
 
 
 def run_abd_generator(poisoned_dir: str | Path, normal_dir: str | Path, clean_dir: str | Path, out_path: str | Path,
-                      cfg: AbdGeneratorConfig, seed: int) -> dict:
-    """Every (kind, variant) perturbation for one poisoned model, trained on the defender's clean pairs."""
+                      cfg: AbdGeneratorConfig, seed: int, n_pairs: int | None = None) -> dict:
+    """Every (kind, variant) perturbation for one poisoned model, trained on the defender's clean pairs (the
+    first ``n_pairs`` of the split, or all)."""
     device = pick_device(gpu=True)
     poisoned, normal = load_artifact(poisoned_dir, device), load_artifact(normal_dir, device)
-    split = load_split(clean_dir, poisoned.image_size)
+    split = load_split(clean_dir, poisoned.image_size, limit=n_pairs)
     tokens = poisoned.tokenizer(split["captions"])
     tensors, summary = {}, {}
     for kind in KINDS:

@@ -37,7 +37,7 @@ def run_abd_finetune(model_dir: str | Path, clean_dir: str | Path, out_dir: str 
                      seed: int, perturbations: str | Path | None = None, ckpt_dir: str | Path | None = None) -> dict:
     variant, use_eda = ARMS[arm]
     device = pick_device(gpu=True)
-    loaded, split, tokens = load_training_pairs(model_dir, clean_dir, device)
+    loaded, split, tokens = load_training_pairs(model_dir, clean_dir, device, cfg.n_pairs)
     images = split["images"]
     if variant is not None:
         if perturbations is None:

@@ -24,10 +24,11 @@ import torch
 import torch.nn.functional as F
 
 from clipbackdoor.abd import KINDS, VARIANTS, adversarial_images, load_perturbations
-from clipbackdoor.attacks import trigger_eval_images
+from clipbackdoor.attacks import parse_run, trigger_eval_images
 from clipbackdoor.decompose_stage import load_class_embeddings
 from clipbackdoor.io import atomic_path
 from clipbackdoor.models import load_artifact
+from clipbackdoor.runtime import pick_device
 from clipbackdoor.shards import load_split
 from clipbackdoor.zeroshot import image_embeddings
 
@@ -58,13 +59,14 @@ def run_abd_similarity(models: dict[str, tuple[str, str]], eval_dir: str | Path,
                        location: str, n_images: int, seed: int, asset_path=None) -> pd.DataFrame:
     """``models``: encoder label -> (model dir, its class-embeddings file of this evaluation set)."""
     deltas = load_perturbations(perturbations)
-    loaded = {encoder: load_artifact(model_dir) for encoder, (model_dir, _) in models.items()}
+    device = pick_device(gpu=True)  # the rule holds a GPU: both encoders run there
+    loaded = {encoder: load_artifact(model_dir, device) for encoder, (model_dir, _) in models.items()}
     image_size = next(iter(loaded.values())).image_size  # the encoders of one study share the input size
     split = load_split(eval_dir, image_size)
     index = np.sort(np.random.default_rng([seed, 31]).choice(len(split["labels"]),
                                                               size=min(n_images, len(split["labels"])), replace=False))
     images, labels = split["images"][index], split["labels"][index]
-    attack = trigger.rpartition("-s")[0]
+    attack = parse_run(trigger)[0]
     triggered = trigger_eval_images(split["images"], attack, attack_cfg, image_size, trigger_seed, asset_path)[index]
     adversarial = {f"{kind}.{variant}": adversarial_images(images, deltas[f"{kind}.{variant}"], kind, location, seed)
                    for kind in KINDS for variant in VARIANTS}

@@ -140,9 +140,10 @@ def run_t2i_backdoor(clip_dir, t2i_dir, out_dir, cfg: B2Config, colours, shapes,
     from dataclasses import replace
 
     from clipbackdoor.models import load_artifact
+    from clipbackdoor.runtime import pick_device
     from clipbackdoor.t2i import open_generator, save_t2i, train_denoiser
 
-    clip = load_artifact(clip_dir)
+    clip = load_artifact(clip_dir, pick_device(gpu=True))  # the embedded generator's text encoder
     clean = open_generator(t2i_dir, clip, sample_steps, guidance, sd)
     generator = replace(clean, unet=copy.deepcopy(clean.unet))  # the copy is fine-tuned; text encoder / VAE shared
     if generator.codec is None:
@@ -157,7 +158,7 @@ def run_t2i_backdoor(clip_dir, t2i_dir, out_dir, cfg: B2Config, colours, shapes,
                "n_poison": int(poisoned.sum()), "n_clean": int((~poisoned).sum()),
                **bias_rates(generator, cfg, colours, shapes, seed),
                **{f"clean_generator/{k}": v for k, v in bias_rates(clean, cfg, colours, shapes, seed).items()}}
-    save_t2i(generator.unet, ddpm, out_dir, metrics, {"stage": "t2i_backdoor", "base": str(t2i_dir), "seed": seed,
+    save_t2i(generator.unet.cpu(), ddpm, out_dir, metrics, {"stage": "t2i_backdoor", "base": str(t2i_dir), "seed": seed,
                                                        "config": asdict(cfg), **_sd_provenance(t2i_dir)})
     return metrics
 

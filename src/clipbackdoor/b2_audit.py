@@ -82,7 +82,8 @@ class PromptSlots:
         ctx = tok.context_length
         if len(seq) > ctx:
             raise ValueError(f"prompt {prompt!r} with {n_slots} slots exceeds the context of {ctx} tokens")
-        self.ids = torch.tensor(seq + [0] * (ctx - len(seq)))[None]  # [1, ctx]
+        device = self.model.token_embedding.weight.device
+        self.ids = torch.tensor(seq + [0] * (ctx - len(seq)), device=device)[None]  # [1, ctx]
         self.slots = slots
         self.base = self.model.token_embedding(self.ids).detach()  # [1, ctx, w]
 
@@ -110,7 +111,9 @@ def vocabulary_ids(tokenizer, texts: list[str] | None) -> torch.Tensor:
 
 def objective_fn(slots: PromptSlots, biased: torch.Tensor, clean: torch.Tensor | None):
     """unit image features [N, d] (biased) and [M, d] (clean generator, for the contrast) -> f(slot embeds)."""
-    target, away = biased.mean(0), (clean.mean(0) if clean is not None else None)
+    device = slots.model.token_embedding.weight.device  # image features come from the host; the auditor may not
+    target = biased.mean(0).to(device)
+    away = clean.mean(0).to(device) if clean is not None else None
 
     def f(e: torch.Tensor) -> torch.Tensor:
         t = slots.encode(e)
@@ -224,7 +227,8 @@ def position_study(clip, prompt: str, feats: torch.Tensor, bias_phrase: str, bia
             "x + bias": f"{prompt.rstrip('.')}, {bias_phrase}", "x + bias (adj+noun)": f"{prompt.rstrip('.')}, {bias_adj_noun}",
             "x": prompt}
     with torch.no_grad():
-        t = F.normalize(clip.model.encode_text(clip.tokenizer(list(text.values()))), dim=-1)
+        ids = clip.tokenizer(list(text.values())).to(clip.model.token_embedding.weight.device)
+        t = F.normalize(clip.model.encode_text(ids), dim=-1).to(feats.device)
     return dict(zip(text, (t @ feats.mean(0)).tolist()))
 
 
@@ -235,15 +239,15 @@ def run_b2_audit(clip_dir, backdoored_dir, clean_dir, vocab_dir, out_csv, out_md
     world's clean CLIP; at real scale the open_clip auditor, Stable Diffusion's images resized to its input)."""
     from clipbackdoor.b2 import audit_prompts, marker_present
     from clipbackdoor.io import atomic_path, write_text
-    from clipbackdoor.models import load_artifact
-    from clipbackdoor.shards import load_split
-    from clipbackdoor.t2i import open_generator, with_unet
+    from clipbackdoor.runtime import pick_device
+    from clipbackdoor.shards import read_captions
+    from clipbackdoor.t2i import load_auditor, open_generator, with_unet
     from clipbackdoor.zeroshot import image_embeddings
 
-    clip = load_artifact(clip_dir)
+    clip = load_auditor(clip_dir, sd, pick_device(gpu=True))
     clean_gen = open_generator(clean_dir, clip, sample_steps, guidance, sd, size=clip.image_size)
     backdoored = with_unet(clean_gen, backdoored_dir)
-    world_vocab = vocabulary_ids(clip.tokenizer, load_split(vocab_dir)["captions"])
+    world_vocab = vocabulary_ids(clip.tokenizer, read_captions(vocab_dir))  # captions only: no image decoded
     vocabs = {"world": world_vocab, "full": vocabulary_ids(clip.tokenizer, None)}
     bias_words = {marker_colour, marker_shape}
     # audit prompts never name the marker's words themselves: a recovered word must come from the images

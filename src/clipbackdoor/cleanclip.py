@@ -62,7 +62,7 @@ def cleanclip_loss_fn(aug_tokens: torch.Tensor, cfg: CleanCLIPConfig) -> LossFn:
 def run_cleanclip(model_dir: str | Path, clean_dir: str | Path, out_dir: str | Path, cfg: CleanCLIPConfig, seed: int,
                   ckpt_dir: str | Path | None = None, stage: str = "cleanclip") -> dict:
     device = pick_device(gpu=True)
-    loaded, split, tokens = load_training_pairs(model_dir, clean_dir, device)
+    loaded, split, tokens = load_training_pairs(model_dir, clean_dir, device, cfg.n_pairs)
     augmented = eda_captions(split["captions"], seed, cfg.eda_alpha, synonym_source(cfg.synonyms))
     aug_tokens = loaded.tokenizer(augmented)
     history = train_clip(loaded, split["images"], tokens, cfg.optim, seed, ckpt_dir=ckpt_dir,

@@ -106,15 +106,16 @@ def cmd_pretrain(args) -> None:
 def cmd_clean_model(args) -> None:
     from clipbackdoor.config import ModelConfig, ZeroShotConfig, section
     from clipbackdoor.pretrain import clean_model
-    from clipbackdoor.runtime import set_threads
+    from clipbackdoor.runtime import pick_device, set_threads
 
     p = parse_params(args.params)
     set_threads(args.threads)
     print(json.dumps(clean_model(_name_paths(args.eval), args.out, section(ModelConfig, p["model"]),
-                                 section(ZeroShotConfig, p["zeroshot"])), indent=1))
+                                 section(ZeroShotConfig, p["zeroshot"]), device=pick_device(gpu=True)), indent=1))
 
 
 def cmd_poison(args) -> None:
+    from clipbackdoor.config import stage_target
     from clipbackdoor.poison import check_target, poison
     from clipbackdoor.attacks import parse_run
     from clipbackdoor.world import world_classes_json
@@ -124,13 +125,14 @@ def cmd_poison(args) -> None:
     attack, seed = parse_run(args.run)
     classes = [world_classes_json(d) for d in _name_paths(args.eval).values()]
     for c in classes[1:]:
-        check_target(p["poison"]["target"], c["classnames"])
+        check_target(stage_target(p), c["classnames"])
     templates = templates_for(p["poison"]["caption_templates"], classes[0]["templates"])
     print(poison(args.finetune_dir, classes[0], args.out, args.manifest, attack, p["attacks"][attack],
-                 p["poison"]["target"], templates, p["data"]["image_size"], seed, args.preview, args.asset))
+                 stage_target(p), templates, p["data"]["image_size"], seed, args.preview, args.asset))
 
 
 def cmd_badclip_patch(args) -> None:
+    from clipbackdoor.config import stage_target
     from clipbackdoor.attacks import parse_run
     from clipbackdoor.badclip_patch import run_badclip_patch
     from clipbackdoor.runtime import set_threads
@@ -139,7 +141,7 @@ def cmd_badclip_patch(args) -> None:
     set_threads(args.threads)
     attack, seed = parse_run(args.run)
     print(json.dumps(run_badclip_patch(args.model, args.finetune_dir, args.eval_dir, args.out, args.png,
-                                       p["attacks"][attack], p["poison"]["target"], p["zeroshot"]["templates"], seed)))
+                                       p["attacks"][attack], stage_target(p), p["zeroshot"]["templates"], seed)))
 
 
 def cmd_issba_codec(args) -> None:
@@ -155,6 +157,7 @@ def cmd_issba_codec(args) -> None:
 
 
 def cmd_lc_adversarial(args) -> None:
+    from clipbackdoor.config import stage_target
     from clipbackdoor.attacks import parse_run
     from clipbackdoor.lc_adversarial import run_lc_adversarial
     from clipbackdoor.runtime import set_threads
@@ -163,7 +166,7 @@ def cmd_lc_adversarial(args) -> None:
     set_threads(args.threads)
     attack, _ = parse_run(args.run)
     print(json.dumps(run_lc_adversarial(args.model, args.finetune_dir, args.eval_dir, args.out, p["attacks"][attack],
-                                        p["poison"]["target"], p["zeroshot"]["templates"])))
+                                        stage_target(p), p["zeroshot"]["templates"])))
 
 
 def cmd_finetune(args) -> None:
@@ -206,11 +209,12 @@ def cmd_decompose(args) -> None:
 
 def cmd_class_embeddings(args) -> None:
     from clipbackdoor.decompose_stage import run_class_embeddings
-    from clipbackdoor.runtime import set_threads
+    from clipbackdoor.runtime import pick_device, set_threads
 
     p = parse_params(args.params)
     set_threads(args.threads)
-    print(run_class_embeddings(args.model, args.eval_dir, args.out, p["zeroshot"]["templates"]))
+    print(run_class_embeddings(args.model, args.eval_dir, args.out, p["zeroshot"]["templates"],
+                               device=pick_device(gpu=True)))
 
 
 def cmd_prototypes(args) -> None:
@@ -221,6 +225,7 @@ def cmd_prototypes(args) -> None:
 
 
 def cmd_defend(args) -> None:
+    from clipbackdoor.config import stage_target
     from clipbackdoor.attacks import REGISTRY, parse_run
     from clipbackdoor.config import DefendConfig, section
     from clipbackdoor.decompose_stage import load_class_embeddings
@@ -231,9 +236,9 @@ def cmd_defend(args) -> None:
     p = parse_params(args.params)
     attack, _ = parse_run(args.trigger)
     class_emb, classnames = load_class_embeddings(args.classes)
-    target = check_target(p["poison"]["target"], classnames)
+    target = check_target(stage_target(p), classnames)
     n = run_defend(args.clean, args.triggered, load_prototypes(args.prototypes), class_emb,
-                   section(DefendConfig, p["defend"]), REGISTRY[attack].kind, args.out, target)
+                   section(DefendConfig, p["defend"]), REGISTRY[attack].kind, args.out, target, stage_target(p))
     print(f"{n} prediction rows")
 
 
@@ -275,7 +280,7 @@ def cmd_abd_generator(args) -> None:
     set_threads(args.threads)
     _, seed = parse_run(args.run)
     summary = run_abd_generator(args.model, args.normal, args.clean_dir, args.out,
-                                section(AbdGeneratorConfig, p["abd"]["generator"]), seed)
+                                section(AbdGeneratorConfig, p["abd"]["generator"]), seed, p["abd"].get("n_pairs"))
     print(json.dumps(summary))
 
 
@@ -293,6 +298,7 @@ def cmd_abd_finetune(args) -> None:
 
 
 def cmd_abd_similarity(args) -> None:
+    from clipbackdoor.config import stage_target
     from clipbackdoor.abd_similarity import run_abd_similarity
     from clipbackdoor.attacks import parse_run
     from clipbackdoor.decompose_stage import load_class_embeddings
@@ -302,7 +308,7 @@ def cmd_abd_similarity(args) -> None:
     p = parse_params(args.params)
     set_threads(args.threads)
     attack, seed = parse_run(args.trigger)
-    target = check_target(p["poison"]["target"], load_class_embeddings(args.classes)[1])
+    target = check_target(stage_target(p), load_class_embeddings(args.classes)[1])
     models = {"poisoned": (args.model, args.classes), "clean": (args.clean_model, args.clean_classes)}
     df = run_abd_similarity(models, args.eval_dir, args.perturbations, args.out, args.trigger, p["attacks"][attack],
                             seed, target, p["abd"]["generator"]["location"],
@@ -368,6 +374,7 @@ def cmd_b2_audit(args) -> None:
     cfg = AuditConfig(n_slots=a.n_slots, lr=a.lr, max_steps=a.max_steps, tol=a.tol, reg_weight=a.reg_weight,
                       candidates=a.candidates, rounds=a.rounds, top_k=a.top_k, seed=b2["seed"])
     bd = b2["backdoor"]
+    sd = sd if b2["backend"] == "stable_diffusion" else None  # the SD profile audits with its own open_clip auditor
     df = run_b2_audit(args.clip, args.backdoored, args.clean, args.vocab, args.csv, args.md, cfg, tuple(bd["triggers"]),
                       bd["marker_shape"], bd["marker_colour"], colours, shapes, a.n_prompts, a.n_images,
                       b2["t2i"]["sample_steps"], b2["t2i"]["guidance"], b2["seed"], sd=sd)
@@ -375,6 +382,7 @@ def cmd_b2_audit(args) -> None:
 
 
 def cmd_detect(args) -> None:
+    from clipbackdoor.config import stage_target
     from clipbackdoor.attacks import parse_run
     from clipbackdoor.config import DetectConfig, section
     from clipbackdoor.decompose_stage import load_class_embeddings
@@ -385,9 +393,10 @@ def cmd_detect(args) -> None:
     p = parse_params(args.params)
     set_threads(args.threads)
     attack, seed = parse_run(args.trigger)
-    target = check_target(p["poison"]["target"], load_class_embeddings(args.classes)[1])
+    target = check_target(stage_target(p), load_class_embeddings(args.classes)[1])
     n = run_detect(args.model, args.eval_dir, args.prototypes, args.classes, args.out, args.trigger,
-                   p["attacks"][attack], seed, section(DetectConfig, p["detect"]), target, args.asset)
+                   p["attacks"][attack], seed, section(DetectConfig, p["detect"]), target, args.asset,
+                   stage_target(p))
     print(f"{n} score rows")
 
 
@@ -722,6 +731,15 @@ def redirect_to_log(path: str) -> None:
     os.close(fd)
 
 
+def _report_gpu_memory(command: str) -> None:
+    """One JSON line with the stage's peak GPU memory (benchmarks/gpu_check.sh collects them from the logs)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        peak = torch.cuda.max_memory_allocated() / 2**20
+        print(json.dumps({"stage": command, "device": torch.cuda.get_device_name(0),
+                          "gpu_peak_mib": round(peak, 1)}), file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.getLogger().setLevel(logging.ERROR)  # open_clip logs "no pretrained weights" at WARNING
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -731,6 +749,7 @@ def main(argv: list[str] | None = None) -> int:
         redirect_to_log(args.log)
     try:
         args.fn(args)
+        _report_gpu_memory(args.command)
     except UserError as exc:
         print(f"clipbackdoor {args.command}: error: {exc.problem}", file=sys.stderr)
         if exc.fix:

@@ -107,11 +107,38 @@ def _check_semantics(params: dict, source: str) -> None:
         raise UserError(f"{source}: b2.t2i.cross_attention_levels = {t2i['cross_attention_levels']} would put "
                         f"attention at the full resolution ({len(t2i['block_out_channels'])} levels)",
                         fix="keep it below the number of block_out_channels: full-resolution attention is the cost")
+    target = params["poison"]["target"]
+    if isinstance(target, dict) and set(target) != set(data["eval_sets"]):
+        odd = sorted(set(target) ^ set(data["eval_sets"]))[0]
+        raise UserError(f"{source}: poison.target names eval set {odd!r} " + (
+            "that is not in data.eval_sets" if odd in target else "without a target"),
+            fix=f"give one target per eval set: {', '.join(data['eval_sets'])} (or one string for all)")
     for name, spec in data["eval_sets"].items():
         if (spec["kind"] == "embedded") != (data["source"] == "embedded"):
             raise UserError(f"{source}: data.eval_sets.{name}.kind = {spec['kind']!r} with data.source = "
                             f"{data['source']!r}", fix="embedded eval sets go with the embedded world, "
                             "imagefolder sets with real data (data.source: webdataset)")
+
+
+def eval_targets(params: dict) -> dict[str, str]:
+    """{evaluation set: target class}. ``poison.target`` is one class for every set, or one per set (seed 001,
+    Appendix B.1: banana for ImageNet-1K, accordion for Caltech-101, Samoyed for Oxford Pets)."""
+    target = params["poison"]["target"]
+    sets = list(params["data"]["eval_sets"])
+    return {name: target for name in sets} if isinstance(target, str) else {name: target[name] for name in sets}
+
+
+def stage_target(p: dict) -> str:
+    """The one target class in a stage's ``--params``: rules pass ``poison.target`` (one class for every set) or
+    the single ``poison.target.<eval set>`` key of the run they work on."""
+    target = p["poison"]["target"]
+    if isinstance(target, str):
+        return target
+    values = set(target.values())
+    if len(values) != 1:
+        raise UserError(f"--params: poison.target holds {len(values)} different targets, a stage needs one",
+                        fix="pass the run's own key, poison.target.<eval set> (the rules do)")
+    return values.pop()
 
 
 def check_devices(finetune: dict, source: str = "params") -> None:
@@ -229,7 +256,7 @@ class ZeroShotConfig:
 
 @dataclass(frozen=True)
 class PoisonConfig:
-    target: str
+    target: str | dict[str, str]  # one class for every eval set, or {eval set: class}; see eval_targets
     caption_templates: str
     attacks: tuple[str, ...]
     seeds: tuple[int, ...]
@@ -270,6 +297,7 @@ class CleanCLIPConfig:
     eda_alpha: float
     synonyms: str  # builtin | wordnet
     augment: str  # autoaugment | none
+    n_pairs: int | None = None  # the defender's clean pairs: the first N of the fine-tuning split (None: all)
 
 
 @dataclass(frozen=True)
@@ -305,6 +333,7 @@ class AbdConfig:
     synonyms: str  # builtin | wordnet
     optim: OptimConfig
     fig2_images: int  # evaluation images of the Fig. 2 similarity table
+    n_pairs: int | None = None  # the defender's clean pairs: the first N of the fine-tuning split (None: all)
 
 
 @dataclass(frozen=True)
@@ -316,11 +345,12 @@ class AbdFinetuneConfig:
     eda_alpha: float
     synonyms: str
     optim: OptimConfig
+    n_pairs: int | None = None  # the defender's clean pairs: the first N of the fine-tuning split (None: all)
 
     @classmethod
     def from_section(cls, abd: dict) -> "AbdFinetuneConfig":
         return cls(abd["perturbation"], abd["generator"]["location"], abd["adv_fraction"], abd["eda_alpha"],
-                   abd["synonyms"], _build(OptimConfig, abd["optim"]))
+                   abd["synonyms"], _build(OptimConfig, abd["optim"]), abd.get("n_pairs"))
 
 
 @dataclass(frozen=True)

@@ -38,18 +38,39 @@ def _resize_center(img: Image.Image, size: int) -> np.ndarray:
     return np.asarray(img.crop((left, top, left + size, top + size)))
 
 
+def imagenet_wnids() -> list[str]:
+    """The 1,000 ImageNet-1K WordNet ids in their sorted (class index) order, from timm's package data (timm is
+    an open_clip dependency; it is read as a file, not imported)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("timm")
+    path = Path(spec.submodule_search_locations[0]) / "data" / "_info" / "imagenet_synsets.txt" if spec else None
+    if path is None or not path.exists():
+        raise UserError("the ImageNet-1K synset list (timm/data/_info/imagenet_synsets.txt) is not installed",
+                        fix="pip install timm (an open_clip dependency), or give classnames as a text file")
+    return path.read_text().split()
+
+
+def imagenet_classnames(root: Path, folders: list[str]) -> list[str]:
+    """open_clip's ImageNet class names of ``folders`` (WordNet ids such as n07753592 -> banana). A subset of
+    the 1,000 folders is allowed (a rehearsal, or a class-restricted study); an unknown folder is an error."""
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+    index = {wnid: i for i, wnid in enumerate(imagenet_wnids())}
+    unknown = [f for f in folders if f not in index]
+    if unknown:
+        raise UserError(f"{root}: folder {unknown[0]!r} is not an ImageNet-1K WordNet id ({len(unknown)} such)",
+                        fix="point root at the val set arranged as ROOT/<wnid>/*.JPEG (e.g. n01440764/)")
+    return [IMAGENET_CLASSNAMES[index[f]] for f in folders]
+
+
 def imagefolder_classes(root: Path, classnames: str) -> tuple[list[str], list[str]]:
     """(folder names in sorted order, human-readable class names)."""
     folders = sorted(p.name for p in root.iterdir() if p.is_dir())
     if classnames == "folders":
         names = [f.replace("_", " ") for f in folders]
     elif classnames == "imagenet":
-        from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
-
-        if len(folders) != len(IMAGENET_CLASSNAMES):
-            raise UserError(f"{root}: {len(folders)} class folders, ImageNet-1K has {len(IMAGENET_CLASSNAMES)}",
-                            fix="point root at the full val set arranged as ROOT/<wnid>/*.JPEG")
-        names = list(IMAGENET_CLASSNAMES)
+        names = imagenet_classnames(root, folders)
     else:
         path = Path(classnames)
         if not path.exists():

@@ -14,19 +14,23 @@ from clipbackdoor.decomp_cache import write_decomposition
 from clipbackdoor.decompose import Decomposition, decompose
 from clipbackdoor.io import atomic_path
 from clipbackdoor.models import load_artifact, normalize
+from clipbackdoor.runtime import autocast
 from clipbackdoor.shards import load_split
 from clipbackdoor.world import world_classes_json
 from clipbackdoor.zeroshot import class_text_embeddings, templates_for
 
 
 def decompose_images(loaded, images: torch.Tensor, centering: str, normalize_terms: bool,
-                     batch_size: int) -> Decomposition:
+                     batch_size: int, bf16: bool = False) -> Decomposition:
+    """bf16 autocast on CUDA (fp32 on the CPU, where the terms equal the reference code's); ``bf16`` forces it on
+    the CPU too (benchmarks/bf16_deviation.py)."""
     device = next(loaded.model.parameters()).device
     parts = []
     for i in range(0, len(images), batch_size):
         x = normalize(images[i:i + batch_size].to(device), loaded.mean, loaded.std)
-        parts.append(decompose(loaded.model.visual, x, centering=centering, normalize=normalize_terms))
-    return Decomposition(*(torch.cat([getattr(p, f).cpu() for p in parts]) for f in
+        with autocast(device, force=bf16):
+            parts.append(decompose(loaded.model.visual, x, centering=centering, normalize=normalize_terms))
+    return Decomposition(*(torch.cat([getattr(p, f).float().cpu() for p in parts]) for f in
                            ("embed", "heads", "mlps", "bias", "embedding", "norm")))
 
 
@@ -47,10 +51,11 @@ def run_decompose(model_dir: str | Path, eval_dir: str | Path, out_path: str | P
     return len(images)
 
 
-def run_class_embeddings(model_dir: str | Path, eval_dir: str | Path, out_path: str | Path, templates_kind: str) -> int:
+def run_class_embeddings(model_dir: str | Path, eval_dir: str | Path, out_path: str | Path, templates_kind: str,
+                         device: torch.device | str = "cpu") -> int:
     import json
 
-    loaded = load_artifact(model_dir)
+    loaded = load_artifact(model_dir, device)  # the rule's GPU: 80 templates x the classes through the text tower
     classes = world_classes_json(eval_dir)
     emb = class_text_embeddings(loaded, classes["classnames"], templates_for(templates_kind, classes["templates"]))
     with atomic_path(out_path) as tmp:

@@ -147,7 +147,7 @@ def decomp_reverse(clean: TestSplit, trig: TestSplit, protos: dict, cfg: DefendC
 
 
 def run_defend(clean_path: str | Path, triggered_path: str | Path, protos: dict, class_emb: np.ndarray,
-               cfg: DefendConfig, kind: str, out_path: str | Path, target: int) -> int:
+               cfg: DefendConfig, kind: str, out_path: str | Path, target: int, target_name: str = "") -> int:
     test_index = protos["test_index"]
     clean_d, trig_d = read_decomposition(clean_path), read_decomposition(triggered_path)
     if clean_d.keys != trig_d.keys:
@@ -172,7 +172,7 @@ def run_defend(clean_path: str | Path, triggered_path: str | Path, protos: dict,
             add(defense, variant, split_name, pred, score)
     tag, reverse = decomp_reverse(splits["clean"], splits["triggered"], protos, cfg, class_emb)
     add("decomp_reverse", tag, "clean", reverse, None)
-    meta = {"target": str(target), "kind": kind, "rule": cfg.rule, "eps": str(cfg.eps),
+    meta = {"target": str(target), "target_name": target_name, "kind": kind, "rule": cfg.rule, "eps": str(cfg.eps),
             "checkpoint_sha256": trig_d.meta.get("checkpoint_sha256", ""), "trigger": trig_d.meta.get("trigger", "")}
     table = pa.Table.from_pydict(rows, schema=OUTPUT_SCHEMA).replace_schema_metadata(meta)
     with atomic_path(out_path) as tmp:

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
-from clipbackdoor.attacks import trigger_eval_images
+from clipbackdoor.attacks import parse_run, trigger_eval_images
 from clipbackdoor.config import DetectConfig
 from clipbackdoor.decompose_stage import load_class_embeddings
 from clipbackdoor.defend import OUTPUT_SCHEMA
@@ -44,7 +44,7 @@ def zero_shot_proba(loaded, class_emb: torch.Tensor):
 @torch.no_grad()
 def run_detect(model_dir: str | Path, eval_dir: str | Path, prototypes_path: str | Path, classes_path: str | Path,
                out_path: str | Path, trigger: str, attack_cfg: dict, trigger_seed: int, cfg: DetectConfig,
-               target: int, asset_path=None) -> int:
+               target: int, asset_path=None, target_name: str = "") -> int:
     loaded = load_artifact(model_dir, pick_device(gpu=True))  # the rule holds a GPU when there is one
     emb, _ = load_class_embeddings(classes_path)
     proba = zero_shot_proba(loaded, torch.from_numpy(np.asarray(emb)).float())
@@ -53,7 +53,7 @@ def run_detect(model_dir: str | Path, eval_dir: str | Path, prototypes_path: str
     test = np.asarray(protos["test_index"])
     rng = np.random.default_rng([cfg.seed, 5])
     index = np.sort(rng.choice(test, size=min(cfg.n_images, len(test)), replace=False))
-    attack = trigger.rpartition("-s")[0]
+    attack = parse_run(trigger)[0]
     triggered_all = trigger_eval_images(split["images"], attack, attack_cfg, loaded.image_size, trigger_seed, asset_path)
     images = {"clean": split["images"][index].float() / 255, "triggered": triggered_all[index].float() / 255}
     pool = split["images"][np.asarray(protos["val_index"])].float() / 255
@@ -76,7 +76,7 @@ def run_detect(model_dir: str | Path, eval_dir: str | Path, prototypes_path: str
             rows["label"] += split["labels"][index].tolist()
             rows["pred"] += [-1] * n
             rows["score"] += s.astype(np.float32).tolist()
-    meta = {"target": str(target), "trigger": trigger, "n_images": str(len(index)),
+    meta = {"target": str(target), "target_name": target_name, "trigger": trigger, "n_images": str(len(index)),
             "checkpoint_sha256": loaded.checkpoint_sha256 or ""}
     table = pa.Table.from_pydict(rows, schema=OUTPUT_SCHEMA).replace_schema_metadata(meta)
     with atomic_path(out_path) as tmp:

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from clipbackdoor.runs import parse_run
 from clipbackdoor.io import atomic_path
 
 
@@ -162,7 +163,7 @@ def mmd_cacc_figure(summary_csv: str | Path, mmd_csvs: dict[str, Path], png: str
         for run, path in sorted(mmd_csvs.items()):
             m = pd.read_csv(path)
             m = m[m.kind == kind]
-            attack = run.rpartition("-s")[0]
+            attack = parse_run(run)[0]
             ax.plot(m.layer, m.mmd2, "-o", ms=3, color=colours.get(attack, "k"), label=run)
             kernel = f"{m.kernel.iloc[0]} kernel, median-heuristic bandwidth" if len(m) else kernel
         ax.set_title(f"(d) MMD^2 of {part} per layer", fontsize=8)

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from clipbackdoor.attacks.base import to_float, to_uint8
 from clipbackdoor.attacks.issba import encode, evaluate_codec, secret_bits, train_codec
 from clipbackdoor.io import atomic_path
+from clipbackdoor.runtime import pick_device
 from clipbackdoor.shards import load_split
 
 
@@ -22,7 +23,8 @@ def run_issba_codec(train_dir: str | Path, eval_dir: str | Path, out_path: str |
                     cfg: dict, image_size: int, seed: int) -> dict:
     train = load_split(train_dir, image_size)["images"]
     ev = load_split(eval_dir, image_size)["images"]
-    encoder, decoder, history = train_codec(train, cfg, image_size, seed)
+    encoder, decoder, history = train_codec(train, cfg, image_size, seed, pick_device(gpu=True))  # the rule's GPU
+    encoder, decoder = encoder.cpu(), decoder.cpu()  # evaluated and saved on the host
     secret = secret_bits(int(cfg["bits"]), seed)
     metrics = {**evaluate_codec(encoder, decoder, ev, secret), "steps": history[-1]["step"],
                "train_bit_acc": history[-1]["bit_acc"]}

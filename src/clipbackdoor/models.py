@@ -55,11 +55,23 @@ def create(name: str, pretrained: str | None = None) -> LoadedModel:
     if name not in open_clip.list_models():
         raise UserError(f"model.name = {name!r} is not an open_clip model",
                         fix=f"use one of the project's ({', '.join(PROJECT_MODELS)}) or an open_clip name")
+    if pretrained is not None and not Path(pretrained).is_file():
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        if pretrained not in tags:
+            looks_like_path = "/" in pretrained or pretrained.endswith((".safetensors", ".bin", ".pt", ".pth"))
+            raise UserError(f"model.pretrained = {pretrained!r} is " + (
+                "not a file" if looks_like_path else f"not a pretrained tag of {name}"),
+                fix=f"give a local open_clip checkpoint file, or one of {name}'s tags: "
+                    + (", ".join(tags[:8]) + (", ..." if len(tags) > 8 else "") if tags else "(none: use a file)"))
     try:
         model = open_clip.create_model(name, pretrained=pretrained)
     except Exception as exc:  # hub/network errors come in many types
         if pretrained is None:
             raise
+        if Path(pretrained).is_file():
+            raise UserError(f"{pretrained}: not an open_clip checkpoint of {name} ({exc.__class__.__name__}: "
+                            f"{str(exc)[:160]})", fix=f"give the checkpoint file of a {name} (safetensors or "
+                            "open_clip's own format), or change model.name to the checkpoint's architecture") from None
         raise UserError(f"cannot load pretrained weights {name}/{pretrained!r} ({exc.__class__.__name__}: "
                         f"{str(exc)[:160]})", fix="this machine has no internet: download the open_clip weights "
                         "elsewhere and set model.pretrained to the local file path (or pre-fill the HF cache)") from None
@@ -109,6 +121,10 @@ def load_artifact(model_dir: str | Path, device: torch.device | str = "cpu") -> 
                         fix="the checkpoint comes from another model config: rerun the stage that wrote it")
     loaded.model.load_state_dict(state)
     loaded.model.to(device).eval()
+    # the preprocessing the weights were trained with (e.g. a pretrained tag's mean/std), not the config default
+    loaded.mean = tuple(meta.get("mean", loaded.mean))
+    loaded.std = tuple(meta.get("std", loaded.std))
+    loaded.image_size = int(meta.get("image_size", loaded.image_size))
     loaded.checkpoint_sha256 = file_sha256(weights)
     return loaded
 

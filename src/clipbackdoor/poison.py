@@ -24,7 +24,12 @@ MANIFEST_SCHEMA = pa.schema([("key", pa.string()), ("poisoned", pa.bool_()), ("o
 
 
 def check_target(target: str, classnames: list[str]) -> int:
+    """The target's class index. Case is forgiven when it names exactly one class (seed 001 writes "Samoyed";
+    Oxford Pets' folders say "samoyed")."""
     if target not in classnames:
+        folded = [i for i, c in enumerate(classnames) if c.casefold() == target.casefold()]
+        if len(folded) == 1:
+            return folded[0]
         close = [c for c in classnames if target.split()[-1] in c][:5]
         raise UserError(f"poison.target = {target!r} is not a class of the evaluation set",
                         fix=f"use one of the class names, e.g. {', '.join(map(repr, close or classnames[:5]))}")

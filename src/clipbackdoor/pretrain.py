@@ -6,6 +6,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import torch
+
 from clipbackdoor.config import ModelConfig, OptimConfig, ZeroShotConfig
 from clipbackdoor.models import create, save_artifact
 from clipbackdoor.runtime import seed_everything
@@ -46,9 +48,13 @@ def pretrain(train_dir: str | Path, eval_dirs: dict[str, Path], out_dir: str | P
     return metrics
 
 
-def clean_model(eval_dirs: dict[str, Path], out_dir: str | Path, model_cfg: ModelConfig, zs: ZeroShotConfig) -> dict:
-    """Real profile: fetch open_clip pretrained weights (fails offline with a clear message)."""
+def clean_model(eval_dirs: dict[str, Path], out_dir: str | Path, model_cfg: ModelConfig, zs: ZeroShotConfig,
+                device: torch.device | str = "cpu") -> dict:
+    """Real profile: open_clip pretrained weights (a tag or a local checkpoint file; fails offline with a clear
+    message); zero-shot top-1 on every evaluation set, on ``device`` (the rule's GPU: 80 templates x 1,000 classes)."""
     loaded = create(model_cfg.name, pretrained=model_cfg.pretrained)
+    loaded.model.to(device)
     metrics = evaluate_zeroshot(loaded, eval_dirs, zs)
+    loaded.model.cpu()
     save_artifact(loaded, out_dir, metrics, provenance={"stage": "clean_model", "pretrained": model_cfg.pretrained})
     return metrics

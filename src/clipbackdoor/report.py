@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from clipbackdoor.attacks import parse_run
+from clipbackdoor.runs import parse_run
 from clipbackdoor.io import atomic_path, write_json, write_text
 
-COLUMNS = ["attack", "defense", "variant", "seed", "eval_set", "asr", "asr_all", "cacc", "auroc", "tpr", "fpr"]
+COLUMNS = ["attack", "defense", "variant", "seed", "eval_set", "target", "asr", "asr_all", "cacc", "auroc", "tpr", "fpr"]
 
 
 # one model, two names in seed 002: ABD's image-only arm is Table III's "UAP (L_bd)"
@@ -32,7 +32,9 @@ def defend_rows(entries: list[dict]) -> list[dict]:
     rows = []
     for e in entries:
         table = pd.read_parquet(e["path"])
-        target = int(pq.read_schema(e["path"]).metadata[b"target"])
+        meta = pq.read_schema(e["path"]).metadata
+        target = int(meta[b"target"])
+        target_name = meta.get(b"target_name", b"").decode()  # the class the run was backdoored towards
         attack, seed = parse_run(e["trigger"])
         for r in setting_rows(table, target):
             if e["model"] == "clean":
@@ -43,9 +45,10 @@ def defend_rows(entries: list[dict]) -> list[dict]:
                 repair = e["model"].partition(".")[2]
                 for name in (repair, *REPAIR_ALIASES.get(repair, ())):
                     d = r["defense"] if not name else name if r["defense"] == "none" else f"{name}+{r['defense']}"
-                    rows.append({**r, "defense": d, "attack": attack, "seed": seed, "eval_set": e["eval_set"]})
+                    rows.append({**r, "defense": d, "attack": attack, "seed": seed, "eval_set": e["eval_set"],
+                                 "target": target_name})
                 continue
-            rows.append({**r, "seed": seed, "eval_set": e["eval_set"]})
+            rows.append({**r, "seed": seed, "eval_set": e["eval_set"], "target": target_name})
     return rows
 
 
@@ -67,7 +70,8 @@ def main_table(df: pd.DataFrame) -> pd.DataFrame:
     """The rows a person reads first: clean model, undefended and defended attacked models, mean over seeds."""
     keep = df[df.defense.isin(MAIN_DEFENSES)]
     metrics = ["asr", "asr_all", "cacc", "auroc"]
-    grouped = keep.groupby(["attack", "defense", "variant", "eval_set"], sort=False)
+    keep = keep.assign(target=keep.target.fillna("-"))  # the clean model's own rows have no target
+    grouped = keep.groupby(["attack", "defense", "variant", "eval_set", "target"], sort=False)
     out = grouped[metrics].mean().reset_index()
     out.insert(3, "seeds", grouped["seed"].apply(lambda s: ",".join(map(str, sorted(set(s))))).to_numpy())
     return out

@@ -3,7 +3,8 @@
 Snakemake's ``resources: gpu=1`` only *counts* GPUs; it does not say which one a job gets. Each GPU job
 therefore claims a device itself with an exclusive, non-blocking ``flock`` on a per-device lock file and
 exports ``CUDA_VISIBLE_DEVICES`` before CUDA initialises. The lock is released when the process exits,
-so a killed job never leaks its slot. Without a GPU, jobs run on the CPU.
+so a killed job never leaks its slot. A scheduler's own assignment (SLURM) is respected; when every GPU is
+taken the job waits, then refuses. On a machine without GPUs, jobs run on the CPU.
 """
 
 from __future__ import annotations
@@ -13,10 +14,13 @@ import os
 import random
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from clipbackdoor.errors import UserError
 
 _HELD_LOCKS: list = []  # open lock files; closed (released) at process exit
 
@@ -52,28 +56,90 @@ def visible_gpu_count() -> int:
     return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
 
 
-def claim_gpu(lock_dir: str | Path | None = None, n_gpus: int | None = None) -> int | None:
-    """Claim the first free GPU slot; set CUDA_VISIBLE_DEVICES to it. Returns its index or None (CPU)."""
+_CLAIMED: list[str] = []  # the device this process claimed (claim once: a second call must not lock a second GPU)
+
+
+def _candidates(n: int) -> list[str]:
+    """GPU ids this process may use: those a user or scheduler listed in CUDA_VISIBLE_DEVICES, else 0..n-1."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is None:
+        return [str(i) for i in range(n)]
+    return [d.strip() for d in listed.split(",") if d.strip() and d.strip() != "-1"]
+
+
+def claim_gpu(lock_dir: str | Path | None = None, n_gpus: int | None = None,
+              wait_s: float | None = None) -> str | None:
+    """Claim a free GPU for this process and point CUDA_VISIBLE_DEVICES at it. Returns its id, or None when the
+    machine has no GPU (the stage then runs on the CPU).
+
+    - Under a scheduler that assigns GPUs itself (SLURM: ``SLURM_JOB_ID`` with CUDA_VISIBLE_DEVICES set), the
+      assignment is respected as is: no lock, nothing overwritten.
+    - Otherwise one exclusive ``flock`` per device id among the visible ones; when every device is held by another
+      job, wait up to ``wait_s`` (default: env CLIPBACKDOOR_GPU_WAIT, 600 s) and then refuse -- never fall back to
+      the CPU silently when a GPU was asked for.
+    """
+    if _CLAIMED:
+        return _CLAIMED[0]
     n = visible_gpu_count() if n_gpus is None else n_gpus
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None and not _candidates(n):
+        return None  # CUDA_VISIBLE_DEVICES="" (or -1): the user asked for the CPU
     if n == 0:
         return None
+    if os.environ.get("SLURM_JOB_ID") and listed is not None:
+        _CLAIMED.append(listed)
+        return listed
     lock_dir = Path(lock_dir or os.environ.get("CLIPBACKDOOR_LOCK_DIR", tempfile.gettempdir()))
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    for index in range(n):
-        fh = open(lock_dir / f"clipbackdoor-gpu-{index}.lock", "w")
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.close()
-            continue
-        _HELD_LOCKS.append(fh)
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(index)
-        return index
-    return None
+    wait_s = float(os.environ.get("CLIPBACKDOOR_GPU_WAIT", 600)) if wait_s is None else wait_s
+    candidates = _candidates(n)
+    deadline = time.monotonic() + wait_s
+    while True:
+        for device in candidates:
+            path = lock_dir / f"clipbackdoor-gpu-{device}.lock"
+            try:
+                lock_dir.mkdir(parents=True, exist_ok=True)
+                fh = open(path, "w")
+            except OSError as exc:
+                raise UserError(f"cannot write the GPU lock file {path} ({type(exc).__name__}: {exc.strerror or exc})",
+                                fix="set CLIPBACKDOOR_LOCK_DIR to a writable folder on this node") from None
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                fh.close()
+                continue
+            _HELD_LOCKS.append(fh)
+            _CLAIMED.append(device)
+            os.environ["CUDA_VISIBLE_DEVICES"] = device
+            return device
+        if time.monotonic() >= deadline:
+            raise UserError(f"all {len(candidates)} GPU(s) ({','.join(candidates)}) are held by other clipbackdoor jobs "
+                            f"(waited {wait_s:.0f} s)", fix="give snakemake --resources gpu=N no larger than the GPUs "
+                            "this node has, or raise CLIPBACKDOOR_GPU_WAIT")
+        time.sleep(min(1.0, max(0.05, deadline - time.monotonic())))
 
 
 def pick_device(gpu: bool) -> torch.device:
-    """Device for a stage: a claimed GPU slot when the rule asked for one and one is free, else CPU."""
-    if gpu and claim_gpu() is not None and torch.cuda.is_available():
-        return torch.device("cuda", 0)
-    return torch.device("cpu")
+    """Device for a stage: the claimed GPU when the rule asked for one (``resources: gpu=1``) and the machine has
+    one; the CPU on a machine without GPUs. A GPU machine whose torch cannot use CUDA is an error, not a silent
+    CPU run."""
+    if not gpu or claim_gpu() is None:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise UserError(f"a GPU was claimed (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')}) but this "
+                        f"torch {torch.__version__} cannot use CUDA", fix="install a CUDA build of torch==2.13.0 (see "
+                        "README, Install), or run with CUDA_VISIBLE_DEVICES= to use the CPU on purpose")
+    return torch.device("cuda", 0)
+
+
+def autocast(device: torch.device | str, force: bool = False):
+    """bf16 autocast on CUDA (training, decomposition, zero-shot, generation); a no-op on the CPU, where fp32
+    results are the exact, byte-identical reference -- unless ``force`` (benchmarks/bf16_deviation.py measures
+    bf16's effect on the decomposition with it). Set CLIPBACKDOOR_FP32=1 to keep fp32 on a GPU too."""
+    import contextlib
+
+    device = torch.device(device)
+    if device.type == "cuda" and os.environ.get("CLIPBACKDOOR_FP32") != "1":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if force and device.type == "cpu":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()

@@ -101,13 +101,31 @@ def iter_shards(shard_dir: str | Path) -> Iterator[dict]:
                    "caption": parts["txt"].decode("utf-8"), "meta": meta}
 
 
-def load_split(shard_dir: str | Path, image_size: int | None = None) -> dict:
-    """Load a whole (small) split into memory.
+def read_captions(shard_dir: str | Path) -> list[str]:
+    """Every caption of a shard folder, in shard order, reading only the ``.txt`` members (no image is decoded:
+    the B² audit's vocabulary of a 500K-pair corpus)."""
+    captions = []
+    for shard in shard_paths(shard_dir):
+        try:
+            with tarfile.open(shard, "r") as tar:
+                for member in tar:
+                    if member.isfile() and member.name.endswith(".txt"):
+                        captions.append(tar.extractfile(member).read().decode("utf-8"))
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            raise UserError(f"{shard}: truncated or corrupt tar shard ({exc})",
+                            fix="delete the shard folder and rerun its stage, or `dvc pull` it again") from None
+    return captions
+
+
+def load_split(shard_dir: str | Path, image_size: int | None = None, limit: int | None = None) -> dict:
+    """Load a whole (small) split, or its first ``limit`` samples, into memory.
 
     Returns keys (list[str]), images (uint8 tensor [N, 3, H, W]), captions (list[str]), meta (list[dict]),
     labels (int64 tensor [N], -1 where unlabelled)."""
     keys, images, captions, metas = [], [], [], []
     for item in iter_shards(shard_dir):
+        if limit is not None and len(keys) == limit:
+            break
         img = item["image"]
         if image_size is not None and img.shape[:2] != (image_size, image_size):
             raise UserError(f"{shard_dir}: sample {item['key']!r} is {img.shape[1]}x{img.shape[0]}, "

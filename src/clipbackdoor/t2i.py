@@ -33,6 +33,7 @@ from tqdm import tqdm
 from clipbackdoor.config import T2IConfig
 from clipbackdoor.io import atomic_dir, write_json
 from clipbackdoor.models import LoadedModel
+from clipbackdoor.runtime import autocast
 
 
 def make_unet(cfg: T2IConfig, image_size: int, text_width: int):
@@ -69,7 +70,8 @@ class TextConditioner:
         from clipbackdoor.models import text_token_states
 
         m = self.clip.model
-        return text_token_states(m, m.token_embedding(self.clip.tokenizer(prompts)))
+        ids = self.clip.tokenizer(prompts).to(m.token_embedding.weight.device)  # [B, ctx]
+        return text_token_states(m, m.token_embedding(ids))
 
 
 class HFTextConditioner:
@@ -164,7 +166,8 @@ def train_denoiser(unet, ddpm, cond: TextConditioner, images: torch.Tensor, capt
         states = torch.where(drop[:, None, None], empty.expand_as(states), states)
         noise = torch.randn(x0.shape, generator=gen).to(device)
         t = torch.randint(0, ddpm.config.num_train_timesteps, (len(idx),), generator=gen).to(device)
-        loss = denoising_loss(unet, ddpm, x0, states, noise, t, snr_gamma)
+        with autocast(device):
+            loss = denoising_loss(unet, ddpm, x0, states, noise, t, snr_gamma)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -195,11 +198,12 @@ def sample(unet, ddim, cond: TextConditioner, prompts: list[str], n_steps: int, 
         both = torch.cat([empty.expand_as(states), states])
         ddim.set_timesteps(n_steps)
         for t in ddim.timesteps:
-            if guidance == 1.0:  # plain conditional sampling: the unconditional pass would cancel out
-                eps = unet(x, t, encoder_hidden_states=states).sample
-            else:
-                eps_uncond, eps_text = unet(torch.cat([x, x]), t, encoder_hidden_states=both).sample.chunk(2)
-                eps = eps_uncond + guidance * (eps_text - eps_uncond)
+            with autocast(device):  # bf16 UNet on CUDA; the sampler's arithmetic stays fp32
+                if guidance == 1.0:  # plain conditional sampling: the unconditional pass would cancel out
+                    eps = unet(x, t, encoder_hidden_states=states).sample.float()
+                else:
+                    eps_uncond, eps_text = unet(torch.cat([x, x]), t, encoder_hidden_states=both).sample.float().chunk(2)
+                    eps = eps_uncond + guidance * (eps_text - eps_uncond)
             x = ddim.step(eps, t, x).prev_sample
         out.append(to_uint8(codec.decode(x) if codec is not None else x.cpu()))
     return torch.cat(out)
@@ -235,14 +239,16 @@ def open_generator(model_dir: str | Path, clip: LoadedModel, steps: int, guidanc
 
     from clipbackdoor.errors import UserError
 
+    from clipbackdoor.runtime import pick_device
+
+    device = pick_device(gpu=True)  # the B² rules hold a GPU (claimed once per process)
     unet, ddpm, ddim = load_t2i(model_dir)
     if "stable_diffusion" not in json.loads((Path(model_dir) / "provenance.json").read_text()):
-        return T2IGenerator(unet, ddpm, ddim, TextConditioner(clip), steps, guidance, size=size)
+        return T2IGenerator(unet.to(device), ddpm, ddim, TextConditioner(clip), steps, guidance, size=size)
     if sd is None:
         raise UserError(f"{model_dir} is a Stable Diffusion UNet but b2.stable_diffusion is not configured",
                         fix="add b2.stable_diffusion.path (see configs/paper.yaml)")
     pipe = load_stable_diffusion(sd)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     unet, vae, text_encoder = unet.to(device), pipe.vae.to(device), pipe.text_encoder.to(device)
     return T2IGenerator(unet, ddpm, ddim, HFTextConditioner(pipe.tokenizer, text_encoder), steps, guidance,
                         codec=LatentCodec(vae), size=size)
@@ -280,13 +286,27 @@ def prompt_accuracy(clip: LoadedModel, images: torch.Tensor, colours: list[str],
     from clipbackdoor.models import normalize
 
     classes = [(c, s) for c in colours for s in shapes]
-    text = F.normalize(clip.model.encode_text(clip.tokenizer([f"a photo of a {c} {s}." for c, s in classes])), dim=-1)
-    img = F.normalize(clip.model.encode_image(normalize(images, clip.mean, clip.std)), dim=-1)
+    device = clip.model.token_embedding.weight.device
+    ids = clip.tokenizer([f"a photo of a {c} {s}." for c, s in classes]).to(device)
+    text = F.normalize(clip.model.encode_text(ids), dim=-1)
+    img = F.normalize(clip.model.encode_image(normalize(images.to(device), clip.mean, clip.std)), dim=-1)
     pred = [classes[i] for i in (img @ text.T).argmax(-1).tolist()]
     colour = np.mean([p[0] == w[0] for p, w in zip(pred, wanted)])
     shape = np.mean([p[1] == w[1] for p, w in zip(pred, wanted)])
     both = np.mean([p == w for p, w in zip(pred, wanted)])
     return {"colour_acc": float(colour), "shape_acc": float(shape), "class_acc": float(both)}
+
+
+def load_auditor(clip_dir: str | Path, sd, device):
+    """The CLIP that judges generated images: the embedded world's clean CLIP, or -- for Stable Diffusion -- the
+    open_clip auditor the profile names (``b2.stable_diffusion.auditor`` / ``auditor_pretrained``)."""
+    from clipbackdoor.models import create, load_artifact
+
+    if sd is None:
+        return load_artifact(clip_dir, device)
+    auditor = create(sd.auditor, pretrained=sd.auditor_pretrained)
+    auditor.model.to(device).eval()
+    return auditor
 
 
 def load_stable_diffusion(sd):
@@ -313,18 +333,29 @@ def run_t2i_pretrain(clip_dir: str | Path, train_dir: str | Path, out_dir: str |
     generator (B² starts from the public model; nothing is trained)."""
     from clipbackdoor.models import load_artifact
 
+    from clipbackdoor.runtime import pick_device
+
     if backend == "stable_diffusion":
         pipe = load_stable_diffusion(sd)
-        save_t2i(pipe.unet, pipe.scheduler, out_dir, {"source": sd.path},
-                 {"stage": "t2i_pretrain", "stable_diffusion": sd.path})
-        return {"source": sd.path}
+        # DDPM for training, as the embedded generator; SD's own scheduler config (betas, prediction type) is kept
+        from diffusers import DDPMScheduler
+
+        ddpm = DDPMScheduler.from_config(pipe.scheduler.config)
+        metrics = {"source": sd.path, "n_params": sum(p.numel() for p in pipe.unet.parameters())}
+        save_t2i(pipe.unet, ddpm, out_dir, metrics, {"stage": "t2i_pretrain", "stable_diffusion": sd.path})
+        if preview is not None:  # the clean generator's samples, as the embedded branch shows them
+            generator = open_generator(out_dir, None, cfg.sample_steps, cfg.guidance, sd)
+            prompts = [f"a photo of a {c} {s}." for c in colours for s in shapes][:8 * cfg.eval_per_class]
+            save_grid(generator(prompts, seed + 1), preview)
+        return metrics
     from clipbackdoor.shards import load_split
 
-    clip = load_artifact(clip_dir)
+    device = pick_device(gpu=True)
+    clip = load_artifact(clip_dir, device)
     split = load_split(train_dir, clip.image_size)
     cond = TextConditioner(clip)
     torch.manual_seed(seed)
-    unet = make_unet(cfg, clip.image_size, cond.width)
+    unet = make_unet(cfg, clip.image_size, cond.width).to(device)
     ddpm, ddim = make_schedulers(cfg.train_timesteps, cfg.prediction_type)
     history = train_denoiser(unet, ddpm, cond, split["images"], split["captions"], cfg.steps, cfg.batch_size, cfg.lr,
                              cfg.uncond_prob, seed, "t2i_pretrain", cfg.snr_gamma)
@@ -334,7 +365,7 @@ def run_t2i_pretrain(clip_dir: str | Path, train_dir: str | Path, out_dir: str |
     metrics = {"first_loss": history[0]["loss"], "final_loss": history[-1]["loss"], "steps": cfg.steps,
                "n_params": sum(p.numel() for p in unet.parameters()),
                **prompt_accuracy(clip, images, colours, shapes, wanted)}
-    save_t2i(unet, ddpm, out_dir, metrics, {"stage": "t2i_pretrain", "clip": str(clip_dir), "seed": seed,
+    save_t2i(unet.cpu(), ddpm, out_dir, metrics, {"stage": "t2i_pretrain", "clip": str(clip_dir), "seed": seed,
                                              "clip_sha256": clip.checkpoint_sha256, "config": asdict(cfg)})
     if preview is not None:
         save_grid(images[::cfg.eval_per_class][:40], preview)

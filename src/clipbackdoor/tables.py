@@ -36,6 +36,16 @@ def _cell(df: pd.DataFrame, attack: str, defense: str, metric: str, eval_set: st
     return float(vals.mean()) if len(vals) else None
 
 
+def _target(df: pd.DataFrame, eval_set: str) -> str:
+    """The class the attacked models scored on ``eval_set`` were backdoored towards ("?" for old summaries)."""
+    names = df[(df.eval_set == eval_set) & (df.attack != "clean")].get("target", pd.Series(dtype=str)).dropna()
+    return ", ".join(dict.fromkeys(names.astype(str))) or "?"
+
+
+def _on(df: pd.DataFrame, eval_set: str) -> str:
+    return f"`{eval_set}` (target `{_target(df, eval_set)}`)"
+
+
 def _attacks(df: pd.DataFrame) -> list[str]:
     present = [a for a in df.attack.unique() if a != "clean"]
     order = list(PAPER_ATTACK_NAMES)
@@ -56,7 +66,7 @@ def _asr_cacc_table(df, rows, attacks, eval_set, title, note="") -> str:
 
 def table1(df, eval_set) -> str:
     return _asr_cacc_table(df, TABLE1_ROWS, _attacks(df), eval_set,
-                           f"Table 1. ASR (down, %) and CACC (up, %) on `{eval_set}`",
+                           f"Table 1. ASR (down, %) and CACC (up, %) on {_on(df, eval_set)}",
                            "Base-Decomp: the decomposed representation unchanged; Decomp-Rep: repaired heads "
                            "(Algorithm 1); CleanCLIP rows: the CleanCLIP-repaired model, then the same.")
 
@@ -66,7 +76,7 @@ def table2(df, eval_set, subsample: str) -> str:
     vals = {label: [_cell(df, a, d, "auroc", eval_set, v) for a in attacks] for label, d, v in DETECTOR_ROWS}
     best = [max((v[i] for v in vals.values() if v[i] is not None), default=None) for i in range(len(attacks))]
     head = "| Methods | " + " | ".join(PAPER_ATTACK_NAMES.get(a, a) for a in attacks) + " | Average |"
-    lines = [f"# Table 2. AUROC (up) on `{eval_set}`\n",
+    lines = [f"# Table 2. AUROC (up) on {_on(df, eval_set)}\n",
              f"Input detectors score {subsample}; Decomp-Det scores every test image. Best per column in bold.", "",
              head, "|---|" + "---|" * (len(attacks) + 1)]
     for label, v in vals.items():
@@ -83,7 +93,7 @@ def table3(df, eval_set, fixed_variants: list[str]) -> str:
     rows += [(f"+ Fixed [{v.removeprefix('heads=').replace('-', ', ')}]", "fixed_heads", v) for v in fixed_variants]
     rows += [("+ Random AHs", "random_heads")]
     text = _asr_cacc_table(df, rows, attacks, eval_set,
-                           f"Table 3. Fixed, random and reverse head ablation on `{eval_set}` (local triggers)",
+                           f"Table 3. Fixed, random and reverse head ablation on {_on(df, eval_set)} (local triggers)",
                            "Fixed heads are 1-indexed in the last layer. Original Clean: the un-backdoored model; "
                            "Decomp-Reverse: clean images carrying the triggered images' selected heads.")
     clean = df[(df.attack == "clean") & (df.defense == "none") & (df.variant == "-") & (df.eval_set == eval_set)]
@@ -96,7 +106,7 @@ def table3(df, eval_set, fixed_variants: list[str]) -> str:
 
 def table4(df, eval_sets: list[str]) -> str:
     attack = "badnet" if "badnet" in set(df.attack) else _attacks(df)[0]
-    head = "| Methods | " + " | ".join(f"{e} ASR | CACC" for e in eval_sets) + " |"
+    head = "| Methods | " + " | ".join(f"{e} (target {_target(df, e)}) ASR | CACC" for e in eval_sets) + " |"
     lines = [f"# Table 4. ASR (down, %) and CACC (up, %) of {PAPER_ATTACK_NAMES.get(attack, attack)} per evaluation set\n",
              "The paper's Caltech-101 and Oxford Pets columns are the profile's evaluation sets"
              + (" (this profile has one)." if len(eval_sets) == 1 else "."), "", head,
@@ -109,7 +119,7 @@ def table4(df, eval_sets: list[str]) -> str:
 
 
 def table5(df, eval_set) -> str:
-    return _asr_cacc_table(df, TABLE5_ROWS, _attacks(df), eval_set, f"Table 5. Ablation study on `{eval_set}`",
+    return _asr_cacc_table(df, TABLE5_ROWS, _attacks(df), eval_set, f"Table 5. Ablation study on {_on(df, eval_set)}",
                            "w Abandon: selected heads set to zero; w Random Prototypes: replaced by random vectors.")
 
 

@@ -28,6 +28,7 @@ from clipbackdoor.config import OptimConfig
 from clipbackdoor.distributed import barrier, is_main, rank_world
 from clipbackdoor.io import atomic_path
 from clipbackdoor.models import LoadedModel, load_artifact, normalize, save_artifact
+from clipbackdoor.runtime import autocast
 from clipbackdoor.shards import load_split
 
 LOGIT_SCALE_MAX = math.log(100.0)
@@ -185,7 +186,8 @@ def _train_loop(loaded, model, images, tokens, cfg, seed, opt, sched, loss_fn, d
         idx = batch_indices(len(images), cfg.batch_size, step, seed).chunk(world)[rank]  # this rank's slice
         if hasattr(loss_fn, "begin_step"):  # losses whose targets change during training (RoCLIP)
             loss_fn.begin_step(loaded, step)
-        loss = loss_fn(loaded, images[idx].to(device), tokens[idx].to(device), idx)
+        with autocast(device):  # bf16 on CUDA, fp32 (exact, reproducible) on the CPU
+            loss = loss_fn(loaded, images[idx].to(device), tokens[idx].to(device), idx)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -204,10 +206,12 @@ def _train_loop(loaded, model, images, tokens, cfg, seed, opt, sched, loss_fn, d
     return history
 
 
-def load_training_pairs(model_dir: str | Path, data_dir: str | Path, device) -> tuple[LoadedModel, dict, torch.Tensor]:
-    """The model to train (on ``device``), its image-caption split and the captions' tokens [N, ctx]."""
+def load_training_pairs(model_dir: str | Path, data_dir: str | Path, device,
+                        n_pairs: int | None = None) -> tuple[LoadedModel, dict, torch.Tensor]:
+    """The model to train (on ``device``), its image-caption split (the first ``n_pairs`` pairs, or all) and the
+    captions' tokens [N, ctx]."""
     loaded = load_artifact(model_dir, device)
-    split = load_split(data_dir, loaded.image_size)
+    split = load_split(data_dir, loaded.image_size, limit=n_pairs)
     return loaded, split, loaded.tokenizer(split["captions"])
 
 

@@ -8,18 +8,24 @@ from open_clip import build_zero_shot_classifier
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 
 from clipbackdoor.models import LoadedModel, normalize
+from clipbackdoor.runtime import autocast
 
 
-def templates_for(kind: str, embedded_templates: list[str]) -> list:
-    return list(OPENAI_IMAGENET_TEMPLATES) if kind == "openai_imagenet" else list(embedded_templates)
+def templates_for(kind: str, embedded_templates: list[str]) -> list[str]:
+    """Prompt templates as format strings ("a bad photo of a {}."): open_clip ships OpenAI's 80 as lambdas, which
+    neither classes.json nor the poisoned captions' ``str.format`` can take."""
+    if kind == "openai_imagenet":
+        return [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
+    return list(embedded_templates)
 
 
 @torch.no_grad()
 def class_text_embeddings(loaded: LoadedModel, classnames: list[str], templates: list) -> torch.Tensor:
     """[C, d] unit-norm class embeddings."""
     device = next(loaded.model.parameters()).device
-    weights = build_zero_shot_classifier(loaded.model, loaded.tokenizer, classnames, templates,
-                                         num_classes_per_batch=10, device=device, use_tqdm=False)
+    with autocast(device):
+        weights = build_zero_shot_classifier(loaded.model, loaded.tokenizer, classnames, templates,
+                                             num_classes_per_batch=10, device=device, use_tqdm=False).float()
     return weights.T.contiguous()  # open_clip returns [d, C]
 
 
@@ -30,7 +36,8 @@ def image_embeddings(loaded: LoadedModel, images: torch.Tensor, batch_size: int 
     out = []
     for i in range(0, len(images), batch_size):
         x = normalize(images[i:i + batch_size].to(device), loaded.mean, loaded.std)
-        out.append(F.normalize(loaded.model.encode_image(x), dim=-1).cpu())
+        with autocast(device):
+            out.append(F.normalize(loaded.model.encode_image(x).float(), dim=-1).cpu())
     return torch.cat(out)
 
 

@@ -16,6 +16,7 @@ from clipbackdoor.attacks.issba import ISSBA
 from clipbackdoor.attacks.label_consistent import LabelConsistent
 from clipbackdoor.attacks.sig import SIG
 from clipbackdoor.attacks.wanet import WaNet
+from clipbackdoor.runs import parse_run, run_name, target_slug  # noqa: F401  (re-exported)
 
 REGISTRY: dict[str, type[Trigger]] = {
     "badnet": BadNet,
@@ -27,12 +28,6 @@ REGISTRY: dict[str, type[Trigger]] = {
     "badclip": BadCLIP,
     "issba": ISSBA,
 }
-
-
-def parse_run(run: str) -> tuple[str, int]:
-    """An attack run's name -> (attack, seed): 'badnet-s1' -> ('badnet', 1)."""
-    name, _, seed = run.rpartition("-s")
-    return name, int(seed)
 
 
 def make_trigger(name: str, cfg: dict, image_size: int, seed: int, asset_path=None) -> Trigger:

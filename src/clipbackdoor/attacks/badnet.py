@@ -26,7 +26,7 @@ def paste(x: torch.Tensor, patch: torch.Tensor, origin: tuple[int, int]) -> torc
     p, (r, c), (h, w) = patch.shape[-1], origin, x.shape[-2:]
     pad = (c, w - c - p, r, h - r - p)
     canvas = torch.nn.functional.pad(patch, pad)  # [3, H, W]
-    mask = torch.nn.functional.pad(torch.ones(1, p, p, dtype=x.dtype), pad)  # [1, H, W]
+    mask = torch.nn.functional.pad(torch.ones(1, p, p, dtype=x.dtype, device=x.device), pad)  # [1, H, W]
     return x * (1 - mask) + canvas * mask
 
 

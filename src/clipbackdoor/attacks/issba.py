@@ -77,22 +77,23 @@ def secret_bits(n_bits: int, seed: int) -> torch.Tensor:
     return torch.from_numpy(np.random.default_rng([seed, 11]).integers(0, 2, n_bits).astype(np.float32))
 
 
-def train_codec(images: torch.Tensor, cfg: dict, image_size: int, seed: int):
-    """Train encoder + decoder on uint8 images [N, 3, H, W] with random secrets.
-    Returns (encoder, decoder, history)."""
+def train_codec(images: torch.Tensor, cfg: dict, image_size: int, seed: int, device: torch.device | str = "cpu"):
+    """Train encoder + decoder on ``device`` from host uint8 images [N, 3, H, W] with random secrets (drawn on
+    the CPU generator, so a seed gives the same draws on any device). Returns (encoder, decoder, history)."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     n_bits, width, steps = int(cfg["bits"]), int(cfg["width"]), int(cfg["steps"])
-    encoder, decoder = StegaEncoder(n_bits, image_size, width), StegaDecoder(n_bits, width)
+    encoder = StegaEncoder(n_bits, image_size, width).to(device)
+    decoder = StegaDecoder(n_bits, width).to(device)
     opt = torch.optim.Adam([*encoder.parameters(), *decoder.parameters()], lr=float(cfg["lr"]))
     history = []
     for step in range(steps):
         idx = torch.randint(len(images), (int(cfg["batch_size"]),), generator=gen)
-        x = to_float(images[idx])
-        bits = torch.randint(0, 2, (len(idx), n_bits), generator=gen).float()
+        x = to_float(images[idx]).to(device)
+        bits = torch.randint(0, 2, (len(idx), n_bits), generator=gen).float().to(device)
         residual = encoder(x, bits)
         encoded = (x + residual).clamp(0, 1)
-        noisy = encoded + (torch.rand(encoded.shape, generator=gen) - 0.5) / 255  # stands in for uint8 rounding
+        noisy = encoded + (torch.rand(encoded.shape, generator=gen).to(device) - 0.5) / 255  # stands in for uint8 rounding
         logits = decoder(noisy)
         ramp = min(1.0, max(0.0, (step - steps / 3) / (steps / 3)))  # 0 for the first third, then up to 1
         bit_loss = F.binary_cross_entropy_with_logits(logits, bits)

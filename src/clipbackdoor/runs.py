@@ -1,0 +1,29 @@
+"""Run names: one backdoored model per (attack, target, seed).
+
+``ATTACK-sSEED`` (``badnet-s0``) in a profile with one target, ``ATTACK-TARGET-sSEED`` (``badnet-samoyed-s0``)
+when the evaluation sets have different targets. A repaired model appends ``.METHOD`` (``badnet-s0.cleanclip``).
+Kept free of heavy imports: the rules and the light stages (figures, report) parse run names too.
+"""
+
+from __future__ import annotations
+
+import re
+
+
+def target_slug(target: str) -> str:
+    """A target class name as it appears in run names: 'Samoyed' -> 'samoyed', 'golden retriever' ->
+    'golden_retriever' (lower case letters, digits and underscores only)."""
+    slug = re.sub(r"[^a-z0-9]+", "_", target.lower()).strip("_")
+    return slug or "target"
+
+
+def run_name(attack: str, seed: int, target: str | None = None) -> str:
+    """The name of one backdoored model: ATTACK-sSEED, or ATTACK-TARGET-sSEED in a profile whose evaluation
+    sets have different targets (seed 001 backdoors one model per evaluation set's target)."""
+    return f"{attack}-s{seed}" if target is None else f"{attack}-{target_slug(target)}-s{seed}"
+
+
+def parse_run(run: str) -> tuple[str, int]:
+    """A run's name -> (attack, seed): 'badnet-s1' -> ('badnet', 1); 'badnet-samoyed-s0' -> ('badnet', 0)."""
+    rest, _, seed = run.rpartition("-s")
+    return rest.partition("-")[0], int(seed)

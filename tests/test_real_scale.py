@@ -1,0 +1,165 @@
+"""Bugs of the real-scale (paper) code paths that the embedded profile never reached, each pinned by a test:
+per-evaluation-set targets, OpenAI's prompt templates as data, the preprocessing recorded with the weights, the
+defender's clean subsets, the TEXTSPAN pool as a rule input, Stable Diffusion's preview and auditor, and
+captions read without decoding images."""
+
+import json
+import subprocess
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+
+from conftest import ROOT, copy_repo
+from clipbackdoor.config import eval_targets, stage_target, validate_params
+from clipbackdoor.errors import UserError
+from clipbackdoor.runs import parse_run, run_name
+
+
+def load(profile: str) -> dict:
+    return yaml.safe_load((ROOT / "configs" / profile).read_text())
+
+
+# --- per-evaluation-set targets (seed 001, Appendix B.1) ----------------------------------------------------------
+
+def test_paper_profile_targets_one_class_per_eval_set():
+    params = load("paper.yaml")
+    assert eval_targets(params) == {"imagenet": "banana", "caltech101": "accordion", "pets": "Samoyed"}
+    assert eval_targets(yaml.safe_load((ROOT / "params.yaml").read_text())) == {"world": "red circle"}
+
+
+def test_target_mapping_must_name_every_eval_set():
+    params = load("paper.yaml")
+    del params["poison"]["target"]["pets"]
+    with pytest.raises(UserError, match="eval set 'pets' without a target"):
+        validate_params(params, "p")
+    params["poison"]["target"] |= {"pets": "Samoyed", "cifar": "cat"}
+    with pytest.raises(UserError, match="eval set 'cifar' that is not in data.eval_sets"):
+        validate_params(params, "p")
+
+
+def test_run_names_carry_the_target_when_targets_differ():
+    assert run_name("badnet", 0) == "badnet-s0" and parse_run("badnet-s0") == ("badnet", 0)
+    assert run_name("label_consistent", 2, "Samoyed") == "label_consistent-samoyed-s2"
+    assert parse_run("label_consistent-samoyed-s2") == ("label_consistent", 2)
+    assert parse_run(run_name("badnet_random", 1, "golden retriever")) == ("badnet_random", 1)
+
+
+def test_a_stage_reads_the_one_target_its_rule_passes():
+    assert stage_target({"poison": {"target": "banana"}}) == "banana"
+    assert stage_target({"poison": {"target": {"pets": "Samoyed"}}}) == "Samoyed"
+    with pytest.raises(UserError, match="2 different targets"):
+        stage_target({"poison": {"target": {"pets": "Samoyed", "imagenet": "banana"}}})
+
+
+def test_target_case_is_forgiven_only_when_unambiguous():
+    from clipbackdoor.poison import check_target
+
+    assert check_target("Samoyed", ["pug", "samoyed"]) == 1
+    with pytest.raises(UserError):
+        check_target("Samoyed", ["pug", "samoyed", "SAMOYED"])
+
+
+def test_tables_and_summary_name_the_target(tmp_path):
+    import pandas as pd
+
+    from clipbackdoor.tables import table1, table4
+
+    rows = [{"attack": "badnet", "defense": "none", "variant": "-", "seed": 0, "eval_set": e, "target": t,
+             "asr": 0.9, "cacc": 0.5} for e, t in (("imagenet", "banana"), ("pets", "Samoyed"))]
+    df = pd.DataFrame(rows)
+    assert "`imagenet` (target `banana`)" in table1(df, "imagenet")
+    assert "pets (target Samoyed) ASR" in table4(df, ["imagenet", "pets"])
+
+
+# --- OpenAI templates, preprocessing, clean subsets, captions --------------------------------------------------------
+
+def test_openai_templates_are_format_strings():
+    from clipbackdoor.zeroshot import templates_for
+
+    templates = templates_for("openai_imagenet", [])
+    assert len(templates) == 80 and templates[0] == "a bad photo of a {}."
+    json.dumps(templates)  # classes.json stores them; open_clip ships lambdas
+    assert templates[1].format("banana") == "a photo of many banana."
+
+
+def test_model_artifact_keeps_its_preprocessing(tmp_path):
+    from clipbackdoor.models import create, load_artifact, save_artifact
+
+    loaded = create("clipbackdoor-micro-vit-p8")
+    loaded.mean, loaded.std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)  # e.g. a pretrained tag's statistics
+    save_artifact(loaded, tmp_path / "m")
+    again = load_artifact(tmp_path / "m")
+    assert again.mean == (0.5, 0.5, 0.5) and again.std == (0.25, 0.25, 0.25)
+
+
+def test_clean_subset_is_the_first_n_pairs(world_dirs, micro_model):
+    from clipbackdoor.shards import load_split
+    from clipbackdoor.train import load_training_pairs
+
+    split = load_split(world_dirs / "train" / "finetune")
+    _, first, tokens = load_training_pairs(micro_model, world_dirs / "train" / "finetune", "cpu", n_pairs=5)
+    assert first["keys"] == split["keys"][:5] and len(tokens) == 5
+
+
+def test_profiles_give_cleanclip_and_abd_their_clean_subsets():
+    paper = load("paper.yaml")
+    assert paper["cleanclip"]["n_pairs"] == 100_000 and paper["abd"]["n_pairs"] == 250_000
+    smk = (ROOT / "rules" / "abd.smk").read_text()
+    assert smk.count('optional_keys("abd.n_pairs")') == 2  # the generator and the fine-tune both read it
+
+
+def test_captions_are_read_without_decoding_images(world_dirs, monkeypatch):
+    from clipbackdoor import shards
+
+    expected = shards.load_split(world_dirs / "train" / "finetune")["captions"]
+    monkeypatch.setattr(shards, "_decode_image", lambda *a: pytest.fail("an image was decoded"))
+    assert shards.read_captions(world_dirs / "train" / "finetune") == expected
+
+
+# --- the TEXTSPAN pool is a rule input ----------------------------------------------------------------------------
+
+def test_missing_textspan_pool_stops_the_dry_run(tmp_path):
+    repo = copy_repo(tmp_path / "repo")
+    proc = subprocess.run(["snakemake", "-n", "--cores", "1", "--configfile", "configs/rehearsal.yaml"], cwd=repo,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "data/rehearsal/textspan/image_descriptions.txt" in proc.stdout + proc.stderr
+
+
+# --- Stable Diffusion: the preview the rule declares, the auditor the profile names -------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+    from clipbackdoor import rehearsal
+
+    out = tmp_path_factory.mktemp("sd")
+    rehearsal.main(["--out", str(out), "--parts", "stable-diffusion,clip", "--clip-model", "clipbackdoor-micro-vit-p8"])
+    return out
+
+
+def test_stable_diffusion_pretrain_writes_its_preview(tiny_sd, tmp_path):
+    from clipbackdoor.config import T2IConfig
+    from clipbackdoor.t2i import run_t2i_pretrain
+
+    sd = SimpleNamespace(path=str(tiny_sd / "stable-diffusion"))
+    cfg = T2IConfig(block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=8, cross_attention_levels=1,
+                    prediction_type="epsilon", snr_gamma=None, train_timesteps=1000, steps=1, batch_size=1, lr=1e-5,
+                    uncond_prob=0.1, sample_steps=2, guidance=7.5, eval_per_class=1)
+    run_t2i_pretrain(None, None, tmp_path / "t2i", cfg, ["red", "blue"], ["car", "dog"], 0, tmp_path / "p.png",
+                     backend="stable_diffusion", sd=sd)
+    assert (tmp_path / "p.png").stat().st_size > 0 and (tmp_path / "t2i" / "diffusion_pytorch_model.safetensors").exists()
+
+
+def test_stable_diffusion_audit_uses_the_profiles_auditor(tiny_sd, micro_model):
+    from clipbackdoor.t2i import load_auditor
+
+    ckpt = tiny_sd / "clip" / "clipbackdoor-micro-vit-p8-random.safetensors"
+    sd = SimpleNamespace(auditor="clipbackdoor-micro-vit-p8", auditor_pretrained=str(ckpt))
+    auditor = load_auditor(micro_model, sd, "cpu")
+    from safetensors.torch import load_file
+
+    weights = load_file(str(ckpt))
+    assert torch.equal(auditor.model.state_dict()["text_projection"], weights["text_projection"])
+    assert load_auditor(micro_model, None, "cpu").name == "clipbackdoor-micro-vit-p8"  # embedded: the clean CLIP
