@@ -2,6 +2,9 @@
 # `make test` (set up + run the test suite). Both work on a fresh machine with only Python 3.10+.
 VENV  ?= .venv
 CORES ?= $(shell nproc 2>/dev/null || echo 2)
+# on a GPU machine Snakemake must know how many GPUs there are (each gpu=1 job claims one; none run on the CPU)
+GPUS  ?= $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU ')
+GPU_RES = $(if $(filter-out 0,$(GPUS)),--resources gpu=$(GPUS))
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export HF_HUB_OFFLINE := 1
 
@@ -19,21 +22,21 @@ $(VENV)/.installed: pyproject.toml configs/constraints.txt
 setup: $(VENV)/.installed
 
 run: setup
-	snakemake all --cores $(CORES)
+	snakemake all --cores $(CORES) $(GPU_RES)
 	python -m clipbackdoor report
 
 abd: setup  # seed 002's ABD study (configs/abd.yaml): results/tables/abd_*.md
-	snakemake all --cores $(CORES) --configfile configs/abd.yaml
+	snakemake all --cores $(CORES) $(GPU_RES) --configfile configs/abd.yaml
 	cat results/tables/abd_table1.md
 
 b2: setup  # seed 000's B² audit, its own target: results/tables/b2_audit.md
-	snakemake b2 --cores $(CORES)
+	snakemake b2 --cores $(CORES) $(GPU_RES)
 	head -30 results/tables/b2_audit.md
 
 rehearsal: setup  # the paper profile's stage graph on generated real-format inputs (configs/rehearsal.yaml)
 	python -m clipbackdoor.rehearsal --out data/rehearsal
-	snakemake all --cores $(CORES) --configfile configs/rehearsal.yaml
-	snakemake b2 --cores $(CORES) --configfile configs/rehearsal.yaml
+	snakemake all --cores $(CORES) $(GPU_RES) --configfile configs/rehearsal.yaml
+	snakemake b2 --cores $(CORES) $(GPU_RES) --configfile configs/rehearsal.yaml
 	python -m clipbackdoor report
 
 test: setup

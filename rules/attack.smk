@@ -10,7 +10,7 @@ rule badclip_patch:
         patch=ASSET_FILES["badclip_patch"],
         png="results/attacks/{run}_patch.png",
     wildcard_constraints:
-        run="badclip-s[0-9]+",
+        run="badclip(?:-[a-z0-9_]+)?-s[0-9]+",
     params:
         cfg=lambda wc: params_json(f"attacks.{attack_of(wc.run)}", target_key(wc.run), "zeroshot.templates"),
     threads: JOB_THREADS
@@ -34,7 +34,7 @@ rule issba_codec:
         codec=ASSET_FILES["issba_codec"],
         png="results/attacks/{run}_codec.png",
     wildcard_constraints:
-        run="issba-s[0-9]+",
+        run="issba(?:-[a-z0-9_]+)?-s[0-9]+",
     params:
         cfg=lambda wc: params_json(f"attacks.{attack_of(wc.run)}", "data.image_size"),
     threads: JOB_THREADS
@@ -58,7 +58,7 @@ rule lc_adversarial:
     output:
         images=ASSET_FILES["lc_adversarial"],
     wildcard_constraints:
-        run="label_consistent-s[0-9]+",
+        run="label_consistent(?:-[a-z0-9_]+)?-s[0-9]+",
     params:
         cfg=lambda wc: params_json(f"attacks.{attack_of(wc.run)}", target_key(wc.run), "zeroshot.templates"),
     threads: JOB_THREADS

@@ -17,6 +17,7 @@ rule t2i_pretrain:
     input:
         clip="data/models/clean",
         train="data/datasets/train",
+        stable_diffusion=lambda wc: local_file(get_key("b2.stable_diffusion.path")) if SD_KEYS else [],
     output:
         model=directory("data/t2i/clean"),
         preview=report("results/figures/b2_t2i_samples.png", category="B² audit"),
@@ -60,6 +61,7 @@ rule b2_audit:
         backdoored="data/t2i/b2",
         clean="data/t2i/clean",
         vocab="data/datasets/train",
+        auditor=lambda wc: local_file(get_key("b2.stable_diffusion.auditor_pretrained")) if SD_KEYS else [],
     output:
         md=report("results/tables/b2_audit.md", category="B² audit"),
         csv="results/metrics/b2.csv",

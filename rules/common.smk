@@ -63,6 +63,13 @@ def stage_params(*keys):
     return lambda wildcards: params_json(*keys)
 
 
+def local_file(value):
+    """[value] when a parameter names a local file or folder (a checkpoint, a Stable Diffusion directory) rather
+    than a tag such as `openai`: then it is a rule input -- missing, it stops the workflow before any job; edited,
+    it reruns its stages."""
+    return [value] if isinstance(value, str) and ("/" in value or os.path.exists(value)) else []
+
+
 def eval_dir(name):
     return f"data/datasets/eval/{name}"
 

@@ -27,6 +27,7 @@ else:
     rule clean_model:
         input:
             evals=[eval_dir(n) for n in EVAL_SETS],
+            weights=local_file(config["model"]["pretrained"]),
         output:
             directory("data/models/clean"),
         params:

@@ -61,3 +61,21 @@ def copy_repo(dest: Path) -> Path:
             (dest / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / f)
     return dest
+
+
+@pytest.fixture(autouse=True)
+def _no_gpu_claim_leaks(monkeypatch, tmp_path_factory):
+    """A GPU claimed by an in-process stage stays claimed for the process (runtime._CLAIMED, its lock, and
+    CUDA_VISIBLE_DEVICES): on a GPU machine a later test's subprocess would then wait for that device. Each test
+    gets its own lock folder and a fresh claim state."""
+    from clipbackdoor import runtime
+
+    monkeypatch.setenv("CLIPBACKDOOR_LOCK_DIR", str(tmp_path_factory.mktemp("gpu-locks")))
+    if "CUDA_VISIBLE_DEVICES" in os.environ:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", os.environ["CUDA_VISIBLE_DEVICES"])  # restored afterwards
+    else:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(runtime, "_CLAIMED", [])
+    yield
+    while runtime._HELD_LOCKS:
+        runtime._HELD_LOCKS.pop().close()

@@ -72,7 +72,7 @@ def test_rehearsal_differs_from_paper_only_in_sizes_steps_and_paths():
     assert not odd, f"rehearsal.yaml changes more than sizes, steps and paths: {sorted(odd)}"
     assert all(rehearsal[k].startswith("data/rehearsal/") for k in REHEARSAL_PATHS)
     for key in ("model.name", "b2.stable_diffusion.auditor"):
-        assert rehearsal[key] == "clipbackdoor-narrow-vit-b32" and paper[key] == "ViT-B-32"
+        assert rehearsal[key] == "clipbackdoor-narrow-vit-b32" and paper[key] == "ViT-B-32-quickgelu"
     assert rehearsal["b2.stable_diffusion.auditor_pretrained"] == rehearsal["model.pretrained"]
     assert rehearsal["b2.t2i.prediction_type"] == paper["b2.t2i.prediction_type"]  # sizes only under b2.t2i too
     assert rehearsal["b2.t2i.guidance"] == paper["b2.t2i.guidance"]
@@ -97,7 +97,7 @@ def test_t2i_attention_at_full_resolution_is_refused():
 
 def test_paper_profile_matches_seed_001():
     p = load_params(ROOT / "configs/paper.yaml")
-    assert (p.model.name, p.model.pretrained) == ("ViT-B-32", "openai")
+    assert (p.model.name, p.model.pretrained) == ("ViT-B-32-quickgelu", "openai")  # OpenAI's activation
     assert p.data.webdataset.n_pairs == 500_000 and p.data.image_size == 224
     assert set(p.data.eval_sets) == {"imagenet", "caltech101", "pets"}
 

@@ -90,3 +90,50 @@ def test_text_to_image_training_and_sampling_run_on_the_unets_device(on_meta):
     assert len(history) == 2
     with pytest.raises(NotImplementedError, match="Cannot copy out of meta tensor"):
         sample(unet, ddim, cond, ["a red circle"], 2, 1.0, seed=0)
+
+
+# --- the stages' wiring: each gpu=1 stage moves its model to the device pick_device claims ------------------------
+
+@pytest.fixture
+def claimed_meta(monkeypatch, on_meta):
+    """pick_device hands out ``meta`` (a stand-in for the claimed GPU): a stage that keeps its model on the CPU
+    finishes normally and fails this test; one that uses the device fails only when it copies results back."""
+    from clipbackdoor import runtime
+
+    monkeypatch.setattr(runtime, "pick_device", lambda gpu: META if gpu else torch.device("cpu"))
+
+
+def test_class_embeddings_stage_runs_on_the_claimed_device(claimed_meta, micro_model, world_dirs, tmp_path):
+    from clipbackdoor.cli import main
+
+    with pytest.raises(NotImplementedError, match="Cannot copy out of meta tensor"):
+        main(["class-embeddings", "--params", '{"zeroshot.templates":"embedded"}', "--model", str(micro_model),
+              "--eval-dir", str(world_dirs / "eval"), "--out", str(tmp_path / "c.safetensors")])
+    assert not (tmp_path / "c.safetensors").exists()
+
+
+def test_clean_model_stage_runs_on_the_claimed_device(claimed_meta, world_dirs, tmp_path):
+    from clipbackdoor.cli import main
+
+    params = '{"model":{"name":"clipbackdoor-micro-vit-p8","pretrained":null},' \
+             '"zeroshot":{"templates":"embedded","batch_size":16}}'
+    with pytest.raises(NotImplementedError, match="Cannot copy out of meta tensor"):
+        main(["clean-model", "--params", params, "--eval", f"world={world_dirs / 'eval'}", "--out", str(tmp_path / "m")])
+    assert not (tmp_path / "m").exists()
+
+
+def test_stable_diffusion_generator_claims_the_device(claimed_meta, tmp_path):
+    from types import SimpleNamespace
+
+    from clipbackdoor import rehearsal
+    from clipbackdoor.config import T2IConfig
+    from clipbackdoor.t2i import open_generator, run_t2i_pretrain
+
+    rehearsal.main(["--out", str(tmp_path / "r"), "--parts", "stable-diffusion"])
+    sd = SimpleNamespace(path=str(tmp_path / "r" / "stable-diffusion"))
+    cfg = T2IConfig(block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=8, cross_attention_levels=1,
+                    prediction_type="epsilon", snr_gamma=None, train_timesteps=1000, steps=1, batch_size=1, lr=1e-5,
+                    uncond_prob=0.1, sample_steps=2, guidance=7.5, eval_per_class=1)
+    run_t2i_pretrain(None, None, tmp_path / "t2i", cfg, ["red"], ["car"], 0, None, backend="stable_diffusion", sd=sd)
+    generator = open_generator(tmp_path / "t2i", None, 2, 7.5, sd)
+    assert next(generator.unet.parameters()).is_meta and generator.codec.vae.device == META

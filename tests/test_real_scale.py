@@ -26,7 +26,7 @@ def load(profile: str) -> dict:
 def test_paper_profile_targets_one_class_per_eval_set():
     params = load("paper.yaml")
     assert eval_targets(params) == {"imagenet": "banana", "caltech101": "accordion", "pets": "Samoyed"}
-    assert eval_targets(yaml.safe_load((ROOT / "params.yaml").read_text())) == {"world": "red circle"}
+    assert eval_targets(yaml.safe_load((ROOT / "params.yaml").read_text())) == {"world": "yellow star"}
 
 
 def test_target_mapping_must_name_every_eval_set():
@@ -54,11 +54,31 @@ def test_a_stage_reads_the_one_target_its_rule_passes():
 
 
 def test_target_case_is_forgiven_only_when_unambiguous():
-    from clipbackdoor.poison import check_target
+    from clipbackdoor.poison import check_target, names_target
 
     assert check_target("Samoyed", ["pug", "samoyed"]) == 1
     with pytest.raises(UserError):
         check_target("Samoyed", ["pug", "samoyed", "SAMOYED"])
+    # Label-Consistent / BadCLIP pick the pairs whose caption names the target: CC3M writes lower case
+    assert names_target("a fluffy samoyed dog in the snow", "Samoyed")
+    assert not names_target("a pug on a sofa", "Samoyed")
+
+
+def test_two_spellings_of_one_target_are_refused():
+    params = load("paper.yaml")
+    params["poison"]["target"]["imagenet"] = "samoyed"  # ImageNet's class vs Pets' "Samoyed": one run name
+    with pytest.raises(UserError, match="'samoyed' and 'Samoyed', which give one run name"):
+        validate_params(params, "p")
+
+
+def test_tables_follow_the_profiles_eval_set_order():
+    import pandas as pd
+
+    from clipbackdoor.tables import eval_set_order
+
+    df = pd.DataFrame([{"attack": "clean", "eval_set": e} for e in ("caltech101", "imagenet", "pets")]
+                      + [{"attack": "badnet", "eval_set": e} for e in ("imagenet", "caltech101", "pets")])
+    assert eval_set_order(df) == ["imagenet", "caltech101", "pets"]  # not metrics.json's sorted keys
 
 
 def test_tables_and_summary_name_the_target(tmp_path):
@@ -120,12 +140,21 @@ def test_captions_are_read_without_decoding_images(world_dirs, monkeypatch):
 
 # --- the TEXTSPAN pool is a rule input ----------------------------------------------------------------------------
 
-def test_missing_textspan_pool_stops_the_dry_run(tmp_path):
+def test_missing_local_inputs_stop_the_dry_run(tmp_path):
+    """Local files named by parameters are rule inputs: the checkpoint file, then the TEXTSPAN pool."""
+    from clipbackdoor import rehearsal
+
     repo = copy_repo(tmp_path / "repo")
-    proc = subprocess.run(["snakemake", "-n", "--cores", "1", "--configfile", "configs/rehearsal.yaml"], cwd=repo,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0
-    assert "data/rehearsal/textspan/image_descriptions.txt" in proc.stdout + proc.stderr
+
+    def dry_run():
+        proc = subprocess.run(["snakemake", "-n", "--cores", "1", "--configfile", "configs/rehearsal.yaml"],
+                              cwd=repo, capture_output=True, text=True, timeout=300)
+        assert proc.returncode != 0
+        return proc.stdout + proc.stderr
+
+    assert "data/rehearsal/clip/clipbackdoor-narrow-vit-b32-random.safetensors" in dry_run()
+    rehearsal.main(["--out", str(repo / "data" / "rehearsal"), "--parts", "clip"])
+    assert "data/rehearsal/textspan/image_descriptions.txt" in dry_run()
 
 
 # --- Stable Diffusion: the preview the rule declares, the auditor the profile names -------------------------------
@@ -163,3 +192,14 @@ def test_stable_diffusion_audit_uses_the_profiles_auditor(tiny_sd, micro_model):
     weights = load_file(str(ckpt))
     assert torch.equal(auditor.model.state_dict()["text_projection"], weights["text_projection"])
     assert load_auditor(micro_model, None, "cpu").name == "clipbackdoor-micro-vit-p8"  # embedded: the clean CLIP
+
+
+def test_cleanclip_trains_on_its_clean_subset_only(world_dirs, micro_model, tmp_path):
+    from clipbackdoor.cleanclip import run_cleanclip
+    from clipbackdoor.config import CleanCLIPConfig, OptimConfig
+
+    optim = OptimConfig(steps=1, batch_size=4, lr=1e-4, weight_decay=0.1, warmup_steps=0, betas=(0.9, 0.98), eps=1e-6)
+    cfg = CleanCLIPConfig(optim=optim, inmodal_weight=1.0, crossmodal_weight=1.0, eda_alpha=0.1, synonyms="builtin",
+                          augment="none", n_pairs=8)
+    metrics = run_cleanclip(micro_model, world_dirs / "train" / "finetune", tmp_path / "m", cfg, seed=0)
+    assert metrics["n_pairs"] == 8

@@ -39,9 +39,9 @@ def test_concurrent_gpu_jobs_get_different_devices_and_a_third_is_refused(tmp_pa
 
 def test_a_waiting_job_gets_the_slot_a_finished_job_releases(tmp_path):
     first = [_claim(tmp_path, 1.5, 0) for _ in range(2)]
-    time.sleep(0.8)  # both slots held now
+    assert sorted(p.stdout.readline().split()[0] for p in first) == ["0", "1"]  # both slots held now
     waiting = _claim(tmp_path, 0, 20)
-    assert waiting.communicate()[0].split()[0] in ("0", "1")
+    assert waiting.communicate()[0].split()[0] in ("0", "1")  # it waited instead of refusing
     for p in first:
         p.communicate()
 
@@ -50,6 +50,26 @@ def test_slot_is_released_when_the_job_exits(tmp_path):
     for _ in range(2):
         out = _claim(tmp_path, 0, 0).communicate()[0].split()
         assert out[:2] == ["0", "0"]
+
+
+def test_jobs_in_one_multi_gpu_allocation_spread_over_its_devices(tmp_path):
+    env = {"SLURM_JOB_ID": "7", "CUDA_VISIBLE_DEVICES": "4,5"}  # salloc --gres=gpu:2, then a local snakemake
+    procs = [_claim(tmp_path, 2, 0, env) for _ in range(2)]
+    assert sorted(p.communicate()[0].split()[0] for p in procs) == ["4", "5"]
+
+
+def test_a_data_parallel_job_claims_all_its_devices_or_none(tmp_path, fresh_claim):
+    holder = _claim(tmp_path, 2, 0)  # holds device 0 of 2 for 2 s
+    assert holder.stdout.readline().split()[0] == "0"
+    with pytest.raises(UserError, match="2 of 2 GPU"):
+        runtime.claim_gpu(tmp_path, n_gpus=2, wait_s=0, count=2)
+    assert not runtime._HELD_LOCKS  # device 1 was given back while waiting, not hoarded
+    holder.communicate()
+    assert runtime.claim_gpu(tmp_path, n_gpus=2, wait_s=5, count=2) == "0,1"
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "0,1"
+    with pytest.raises(UserError, match="3 GPUs asked for, 2 visible"):
+        runtime._CLAIMED.clear()
+        runtime.claim_gpu(tmp_path, n_gpus=2, count=3)
 
 
 def test_a_schedulers_assignment_is_respected(tmp_path, fresh_claim, monkeypatch):

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from clipbackdoor.poison import names_target as caption_names_target
 from clipbackdoor.attacker import attacker_view
 from clipbackdoor.attacks.badclip import optimise_patch, target_image_embedding
 from clipbackdoor.attacks.badnet import paste, patch_origin
@@ -33,7 +34,7 @@ def run_badclip_patch(model_dir: str | Path, train_dir: str | Path, eval_dir: st
     view = attacker_view(model_dir, train_dir, eval_dir, target, templates_kind)
     device, loaded, classes, target_idx, templates, split = (view.device, view.loaded, view.classes, view.target_idx,
                                                              view.templates, view.split)
-    names_target = torch.tensor([target in c for c in split["captions"]])
+    names_target = torch.tensor([caption_names_target(c, target) for c in split["captions"]])
     if not names_target.any() or names_target.all():
         raise UserError(f"badclip: {int(names_target.sum())} of {len(names_target)} fine-tuning captions name "
                         f"the target {target!r}; the patch needs target images and other images",

@@ -179,6 +179,10 @@ def cmd_finetune(args) -> None:
     p = parse_params(args.params)
     check_devices(p["finetune"], "--params")
     devices = p["finetune"].get("devices", 1)
+    if devices > 1 and not os.environ.get("LOCAL_RANK"):
+        from clipbackdoor.runtime import claim_gpu
+
+        claim_gpu(count=devices)  # the workers inherit CUDA_VISIBLE_DEVICES = the claimed ids (none: gloo on CPU)
     rc = launch(devices, _without_log(args.argv))  # devices > 1: rerun this command as torchrun workers
     if rc is not None:
         if rc != 0:

@@ -108,6 +108,15 @@ def _check_semantics(params: dict, source: str) -> None:
                         f"attention at the full resolution ({len(t2i['block_out_channels'])} levels)",
                         fix="keep it below the number of block_out_channels: full-resolution attention is the cost")
     target = params["poison"]["target"]
+    if isinstance(target, dict):
+        from clipbackdoor.runs import target_slug
+
+        slugs: dict[str, str] = {}
+        for name in dict.fromkeys(target.values()):
+            other = slugs.setdefault(target_slug(name), name)
+            if other != name:
+                raise UserError(f"{source}: poison.target names {other!r} and {name!r}, which give one run name "
+                                f"(*-{target_slug(name)}-s*)", fix="spell one target the same way for every eval set")
     if isinstance(target, dict) and set(target) != set(data["eval_sets"]):
         odd = sorted(set(target) ^ set(data["eval_sets"]))[0]
         raise UserError(f"{source}: poison.target names eval set {odd!r} " + (

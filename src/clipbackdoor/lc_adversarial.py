@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from clipbackdoor.poison import names_target
 from clipbackdoor.attacker import attacker_view
 from clipbackdoor.attacks.base import to_float, to_uint8
 from clipbackdoor.errors import UserError
@@ -53,7 +54,7 @@ def run_lc_adversarial(model_dir: str | Path, train_dir: str | Path, eval_dir: s
                        cfg: dict, target: str, templates_kind: str) -> dict:
     view = attacker_view(model_dir, train_dir, eval_dir, target, templates_kind)
     device, loaded, classes, target_idx, split = view.device, view.loaded, view.classes, view.target_idx, view.split
-    eligible = [i for i, c in enumerate(split["captions"]) if target in c]
+    eligible = [i for i, c in enumerate(split["captions"]) if names_target(c, target)]
     if not eligible:
         raise UserError(f"label_consistent: no fine-tuning caption names the target {target!r}",
                         fix="check poison.target against the training captions")

@@ -23,6 +23,11 @@ MANIFEST_SCHEMA = pa.schema([("key", pa.string()), ("poisoned", pa.bool_()), ("o
                              ("caption", pa.string()), ("trigger", pa.string())])
 
 
+def names_target(caption: str, target: str) -> bool:
+    """Does a caption name the target? Case-blind: CC3M writes "a samoyed dog", seed 001 "Samoyed"."""
+    return target.casefold() in caption.casefold()
+
+
 def check_target(target: str, classnames: list[str]) -> int:
     """The target's class index. Case is forgiven when it names exactly one class (seed 001 writes "Samoyed";
     Oxford Pets' folders say "samoyed")."""
@@ -55,7 +60,7 @@ def poison_split(split: dict, attack: str, attack_cfg: dict, target: str, templa
     trigger = make_trigger(attack, attack_cfg, image_size, seed, asset_path)
     eligible = None
     if trigger.keeps_caption:  # label-consistent: only pairs whose caption already names the target
-        eligible = np.array([target in caption for caption in split["captions"]])
+        eligible = np.array([names_target(caption, target) for caption in split["captions"]])
     idx = select_poison(len(split["keys"]), float(attack_cfg["rate"]), seed, eligible)
     rng = np.random.default_rng([seed, 2])
     selected = trigger.prepare_poison(split["images"][idx], [split["keys"][i] for i in idx])

@@ -67,55 +67,69 @@ def _candidates(n: int) -> list[str]:
     return [d.strip() for d in listed.split(",") if d.strip() and d.strip() != "-1"]
 
 
-def claim_gpu(lock_dir: str | Path | None = None, n_gpus: int | None = None,
-              wait_s: float | None = None) -> str | None:
-    """Claim a free GPU for this process and point CUDA_VISIBLE_DEVICES at it. Returns its id, or None when the
-    machine has no GPU (the stage then runs on the CPU).
+def claim_gpu(lock_dir: str | Path | None = None, n_gpus: int | None = None, wait_s: float | None = None,
+              count: int = 1) -> str | None:
+    """Claim ``count`` free GPUs for this process and point CUDA_VISIBLE_DEVICES at them. Returns their ids
+    ("3", or "0,1" for a data-parallel fine-tune), or None when the machine has no GPU (the stage runs on the CPU).
 
-    - Under a scheduler that assigns GPUs itself (SLURM: ``SLURM_JOB_ID`` with CUDA_VISIBLE_DEVICES set), the
-      assignment is respected as is: no lock, nothing overwritten.
-    - Otherwise one exclusive ``flock`` per device id among the visible ones; when every device is held by another
-      job, wait up to ``wait_s`` (default: env CLIPBACKDOOR_GPU_WAIT, 600 s) and then refuse -- never fall back to
-      the CPU silently when a GPU was asked for.
+    - Under a scheduler that assigned exactly the devices asked for (SLURM: ``SLURM_JOB_ID`` with
+      CUDA_VISIBLE_DEVICES listing ``count`` ids), the assignment is used as is: no lock, nothing overwritten.
+    - Otherwise one exclusive ``flock`` per device id among the visible ones (so jobs sharing one multi-GPU
+      allocation still spread out); when too few are free, wait up to ``wait_s`` (default: env
+      CLIPBACKDOOR_GPU_WAIT, 600 s) and then refuse -- never fall back to the CPU silently.
     """
     if _CLAIMED:
         return _CLAIMED[0]
     n = visible_gpu_count() if n_gpus is None else n_gpus
     listed = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if listed is not None and not _candidates(n):
-        return None  # CUDA_VISIBLE_DEVICES="" (or -1): the user asked for the CPU
-    if n == 0:
-        return None
-    if os.environ.get("SLURM_JOB_ID") and listed is not None:
-        _CLAIMED.append(listed)
-        return listed
+    candidates = _candidates(n)
+    if (listed is not None and not candidates) or n == 0:
+        return None  # no GPU, or CUDA_VISIBLE_DEVICES="" (the user asked for the CPU)
+    if os.environ.get("SLURM_JOB_ID") and listed is not None and len(candidates) == count:
+        _CLAIMED.append(",".join(candidates))
+        return _CLAIMED[0]
+    if count > len(candidates):
+        raise UserError(f"{count} GPUs asked for, {len(candidates)} visible ({','.join(candidates)})",
+                        fix="lower finetune.devices, or run on a node with more GPUs")
     lock_dir = Path(lock_dir or os.environ.get("CLIPBACKDOOR_LOCK_DIR", tempfile.gettempdir()))
     wait_s = float(os.environ.get("CLIPBACKDOOR_GPU_WAIT", 600)) if wait_s is None else wait_s
-    candidates = _candidates(n)
     deadline = time.monotonic() + wait_s
     while True:
+        held = []
         for device in candidates:
-            path = lock_dir / f"clipbackdoor-gpu-{device}.lock"
-            try:
-                lock_dir.mkdir(parents=True, exist_ok=True)
-                fh = open(path, "w")
-            except OSError as exc:
-                raise UserError(f"cannot write the GPU lock file {path} ({type(exc).__name__}: {exc.strerror or exc})",
-                                fix="set CLIPBACKDOOR_LOCK_DIR to a writable folder on this node") from None
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                fh.close()
-                continue
-            _HELD_LOCKS.append(fh)
-            _CLAIMED.append(device)
-            os.environ["CUDA_VISIBLE_DEVICES"] = device
-            return device
+            fh = _try_lock(lock_dir / f"clipbackdoor-gpu-{device}.lock")
+            if fh is not None:
+                held.append((device, fh))
+                if len(held) == count:
+                    break
+        if len(held) == count:
+            _HELD_LOCKS.extend(fh for _, fh in held)
+            _CLAIMED.append(",".join(d for d, _ in held))
+            os.environ["CUDA_VISIBLE_DEVICES"] = _CLAIMED[0]
+            return _CLAIMED[0]
+        for _, fh in held:  # not enough free: give back what was taken, so two waiting jobs cannot deadlock
+            fh.close()
         if time.monotonic() >= deadline:
-            raise UserError(f"all {len(candidates)} GPU(s) ({','.join(candidates)}) are held by other clipbackdoor jobs "
-                            f"(waited {wait_s:.0f} s)", fix="give snakemake --resources gpu=N no larger than the GPUs "
-                            "this node has, or raise CLIPBACKDOOR_GPU_WAIT")
+            raise UserError(f"{count} of {len(candidates)} GPU(s) ({','.join(candidates)}) are not free: other "
+                            f"clipbackdoor jobs hold them (waited {wait_s:.0f} s)", fix="give snakemake --resources "
+                            "gpu=N no larger than the GPUs this node has, or raise CLIPBACKDOOR_GPU_WAIT")
         time.sleep(min(1.0, max(0.05, deadline - time.monotonic())))
+
+
+def _try_lock(path: Path):
+    """An open file holding an exclusive lock on ``path``, or None when another process holds it."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(path, "w")
+    except OSError as exc:
+        raise UserError(f"cannot write the GPU lock file {path} ({type(exc).__name__}: {exc.strerror or exc})",
+                        fix="set CLIPBACKDOOR_LOCK_DIR to a writable folder on this node") from None
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.close()
+        return None
+    return fh
 
 
 def pick_device(gpu: bool) -> torch.device:

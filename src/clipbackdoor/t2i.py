@@ -335,6 +335,7 @@ def run_t2i_pretrain(clip_dir: str | Path, train_dir: str | Path, out_dir: str |
 
     from clipbackdoor.runtime import pick_device
 
+    device = pick_device(gpu=True)  # before diffusers' import initialises CUDA: CUDA_VISIBLE_DEVICES must be set
     if backend == "stable_diffusion":
         pipe = load_stable_diffusion(sd)
         # DDPM for training, as the embedded generator; SD's own scheduler config (betas, prediction type) is kept
@@ -350,7 +351,6 @@ def run_t2i_pretrain(clip_dir: str | Path, train_dir: str | Path, out_dir: str |
         return metrics
     from clipbackdoor.shards import load_split
 
-    device = pick_device(gpu=True)
     clip = load_artifact(clip_dir, device)
     split = load_split(train_dir, clip.image_size)
     cond = TextConditioner(clip)

@@ -42,6 +42,13 @@ def _target(df: pd.DataFrame, eval_set: str) -> str:
     return ", ".join(dict.fromkeys(names.astype(str))) or "?"
 
 
+def eval_set_order(df: pd.DataFrame) -> list[str]:
+    """The profile's evaluation sets in its own order: as the attacked models' rows list them (the clean model's
+    rows come from metrics.json, whose keys are sorted)."""
+    attacked = df[df.attack != "clean"].eval_set.dropna()
+    return list(dict.fromkeys([*attacked, *df.eval_set.dropna()]))
+
+
 def _on(df: pd.DataFrame, eval_set: str) -> str:
     return f"`{eval_set}` (target `{_target(df, eval_set)}`)"
 
@@ -131,7 +138,7 @@ def _kind(attack: str) -> str:
 
 def write_tables(summary_csv: str | Path, out_dir: str | Path, fixed_heads: list[list[int]]) -> list[Path]:
     df = pd.read_csv(summary_csv)
-    eval_sets = list(dict.fromkeys(df.eval_set.dropna()))
+    eval_sets = eval_set_order(df)
     first = eval_sets[0]
     det = df[df.defense.isin(["strip", "scaleup", "teco"])]
     sizes = sorted({v.rpartition("n_images=")[2] for v in det.variant.astype(str) if "n_images=" in v})
@@ -191,7 +198,7 @@ def fig2_table(sim: pd.DataFrame) -> str:
 
 def write_abd_tables(summary_csv: str | Path, similarity_csvs: list[str], out_dir: str | Path) -> list[Path]:
     df = pd.read_csv(summary_csv)
-    first = list(dict.fromkeys(df.eval_set.dropna()))[0]
+    first = eval_set_order(df)[0]
     claims = abd_claims(df, first)
     texts = {
         "abd_table1.md": _asr_cacc_table(df, ABD_TABLE1_ROWS, _attacks(df), first,
