@@ -8,13 +8,9 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
-# A profile given with --configfile (e.g. configs/paper.yaml) REPLACES params.yaml: profiles are complete
-# parameter sets, and a deep merge would leak embedded-world keys into the real-scale profile.
-if not workflow.config_settings.configfiles:
-
-    configfile: "params.yaml"
-
-
+# Parameters: params.yaml, or a profile given with --configfile (e.g. configs/paper.yaml) that REPLACES it:
+# profiles are complete parameter sets, and a deep merge would leak embedded-world keys into the real-scale
+# profile. rules/common.smk loads and validates them (one line and exit status 2 on bad input).
 report: "results/README.md"
 
 

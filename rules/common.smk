@@ -2,17 +2,38 @@
 import json
 import os
 
-from snakemake.utils import validate
+import sys
+
+from snakemake.utils import update_config, validate
 
 from clipbackdoor.runs import parse_run, run_name
-from clipbackdoor.config import eval_targets, validate_params
-from clipbackdoor.errors import UserError
+from clipbackdoor.config import eval_targets, load_yaml, validate_params
+from clipbackdoor.errors import EXIT_USER_ERROR, UserError
 
 try:
-    # Clear one-line message naming the key; then Snakemake's own validate() on the same schema.
+    # params.yaml through the project's one loading path (bytes, aliases, budgets, finite numbers), unless a
+    # profile replaces it; a --configfile was parsed by Snakemake already and is re-read here for the same checks
+    if not workflow.config_settings.configfiles:
+        update_config(config, load_yaml("params.yaml"))
+        update_config(config, workflow.config_settings.overwrite_config)  # --config key=value still wins
+    for _file in workflow.config_settings.configfiles:
+        load_yaml(_file)
     validate_params(config, "params (params.yaml + --configfile/--config)")
+    # pretrained tags (not local files: those are rule inputs) are checked against open_clip's list here, so a
+    # typo stops the workflow before any job; open_clip is imported only when a tag is named
+    _sd = config.get("b2", {}).get("stable_diffusion") if config.get("b2", {}).get("backend") == "stable_diffusion" else None
+    _tags = [(config["model"]["name"], config["model"]["pretrained"], "model.pretrained")]
+    _tags += [(_sd["auditor"], _sd["auditor_pretrained"], "b2.stable_diffusion.auditor_pretrained")] if _sd else []
+    _tags = [t for t in _tags if t[1] is not None and "/" not in t[1] and not os.path.exists(t[1])]
+    if _tags:
+        from clipbackdoor.models import check_pretrained
+
+        for _name, _tag, _key in _tags:
+            check_pretrained(_name, _tag, _key)
 except UserError as _exc:
-    raise ValueError(str(_exc)) from None
+    # the user sees our line (culprit + fix) and exit status 2, not a Snakemake stack frame
+    print(_exc.report("clipbackdoor (workflow load)"), file=sys.stderr)
+    sys.exit(EXIT_USER_ERROR)
 validate(config, schema="../schemas/params.schema.json")
 
 # Torch jobs take every core they are given: two jobs sharing 2 cores slow each other down by an order of

@@ -75,7 +75,7 @@ def test_snakemake_runs_the_pipeline_and_reruns_only_what_changed(smoke_repo):
     out = sh("snakemake --cores 2", smoke_repo)
     assert snakemake_jobs(out) == ALL
     summary = (smoke_repo / "results/metrics/summary.csv").read_text()
-    assert summary.startswith("attack,defense,variant,seed,eval_set,asr,asr_all,cacc,auroc")
+    assert summary.startswith("attack,defense,variant,seed,eval_set,target,asr,asr_all,cacc,auroc")
     assert "clean,none,-,0,world" in summary and "badnet,decomp_rep," in summary
     assert (smoke_repo / "data/benchmarks/pretrain.tsv").exists() and (smoke_repo / "data/logs/world.log").exists()
     assert (smoke_repo / "results/figures/fig5_prototype_cosine.png").stat().st_size > 10_000

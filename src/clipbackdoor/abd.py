@@ -47,12 +47,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from clipbackdoor.attacks.badnet import paste, patch_origin
 from clipbackdoor.cleanclip import info_nce
 from clipbackdoor.config import AbdGeneratorConfig
-from clipbackdoor.io import atomic_path
+from clipbackdoor.io import atomic_path, load_safetensors
 from clipbackdoor.models import LoadedModel, load_artifact, normalize
 from clipbackdoor.runtime import pick_device
 from clipbackdoor.shards import load_split
@@ -225,4 +225,4 @@ def run_abd_generator(poisoned_dir: str | Path, normal_dir: str | Path, clean_di
 
 
 def load_perturbations(path: str | Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path))
+    return load_safetensors(path, made_by="the abd_generator stage")

@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from clipbackdoor.errors import UserError
+from clipbackdoor.errors import EXIT_USER_ERROR, UserError
 
 
 def parse_params(value: str) -> dict:
@@ -735,6 +735,22 @@ def redirect_to_log(path: str) -> None:
     os.close(fd)
 
 
+def _decoder_errors() -> tuple[type[BaseException], ...]:
+    """Exception types of the artifact decoders (tar, image, JSON, Parquet, safetensors): bad bytes, not bugs."""
+    import tarfile
+
+    types: list[type[BaseException]] = [tarfile.TarError, json.JSONDecodeError, UnicodeDecodeError]
+    for module, name in (("safetensors", "SafetensorError"), ("pyarrow", "ArrowException"),
+                         ("PIL", "UnidentifiedImageError")):
+        mod = sys.modules.get(module)
+        found = getattr(mod, name, None) if mod is not None else None
+        if found is None and module == "PIL" and "PIL.Image" in sys.modules:
+            found = getattr(sys.modules["PIL.Image"], name, None)
+        if isinstance(found, type):
+            types.append(found)
+    return tuple(types)
+
+
 def _report_gpu_memory(command: str) -> None:
     """One JSON line with the stage's peak GPU memory (benchmarks/gpu_check.sh collects them from the logs)."""
     torch = sys.modules.get("torch")
@@ -755,8 +771,12 @@ def main(argv: list[str] | None = None) -> int:
         args.fn(args)
         _report_gpu_memory(args.command)
     except UserError as exc:
-        print(f"clipbackdoor {args.command}: error: {exc.problem}", file=sys.stderr)
-        if exc.fix:
-            print(f"  fix: {exc.fix}", file=sys.stderr)
-        return 2
+        print(exc.report(f"clipbackdoor {args.command}"), file=sys.stderr)
+        return EXIT_USER_ERROR
+    except _decoder_errors() as exc:  # a reader without its own check met bytes it cannot decode
+        print(UserError(f"an input file cannot be read ({type(exc).__name__}: {str(exc)[:200]})",
+                        fix="check the files given to this stage (see the command in the log); rerun the stage "
+                            "that wrote the damaged one, or `dvc pull` it").report(f"clipbackdoor {args.command}"),
+              file=sys.stderr)
+        return EXIT_USER_ERROR
     return 0

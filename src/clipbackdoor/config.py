@@ -7,6 +7,7 @@ the same ``schemas/params.schema.json``. Stage functions receive dataclasses, ne
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import types
 import typing
@@ -29,21 +30,80 @@ def load_schema() -> dict:
     return json.loads(SCHEMA_PATH.read_text())
 
 
+# A parameter file is small and plain: these budgets refuse hostile documents before anything expands.
+MAX_PARAMS_BYTES = 1 << 20
+MAX_YAML_EVENTS = 200_000
+
+
 def load_yaml(path: str | Path) -> dict:
+    """The one loading path of every parameter file (CLI, Snakefile, DVC commands): UTF-8 text of at most
+    1 MiB, YAML without aliases (a "billion laughs" document expands exponentially: refused while parsing,
+    before anything is built), string keys, a mapping at the top, finite numbers. Anything else is a
+    :class:`UserError` naming the file and the position."""
     path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: file not found", fix="pass an existing params file (default: params.yaml)")
+    if not path.is_file():
+        raise UserError(f"{path}: file not found" if not path.exists() else f"{path}: not a file",
+                        fix="pass an existing params file (default: params.yaml)")
+    raw = path.read_bytes()
+    if len(raw) > MAX_PARAMS_BYTES:
+        raise UserError(f"{path}: {len(raw):,} bytes; a parameter file is at most {MAX_PARAMS_BYTES:,}",
+                        fix="pass the params file, not a data file")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})",
+                        fix="pass a YAML params file (start from params.yaml)") from None
+    return parse_params_text(text, str(path))
+
+
+def _yaml_error(exc: yaml.YAMLError, source: str) -> UserError:
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    problem = " ".join(str(getattr(exc, "problem", None) or exc).split())  # one line
+    return UserError(f"{source}:{where} is not valid YAML ({problem})", fix="fix the YAML syntax at that position")
+
+
+def parse_params_text(text: str, source: str) -> dict:
+    """YAML text -> parameter mapping, refusing aliases, oversized documents, non-string keys and non-finite
+    numbers (see :func:`load_yaml`)."""
+    try:
+        for n, event in enumerate(yaml.parse(text, Loader=yaml.SafeLoader)):
+            if isinstance(event, yaml.AliasEvent):
+                line = event.start_mark.line + 1
+                raise UserError(f"{source}: line {line}: YAML alias *{event.anchor} (parameter files may not "
+                                "reuse values by reference)", fix="write the value out where it is used")
+            if n > MAX_YAML_EVENTS:
+                raise UserError(f"{source}: more than {MAX_YAML_EVENTS:,} YAML nodes",
+                                fix="pass the params file, not a data file")
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise UserError(f"{path}:{where} is not valid YAML ({getattr(exc, 'problem', exc)})",
-                        fix="fix the YAML syntax at that position") from None
+        raise _yaml_error(exc, source) from None
+    except (ValueError, TypeError, RecursionError) as exc:  # e.g. a timestamp or key PyYAML cannot construct
+        raise UserError(f"{source}: a value YAML cannot read ({type(exc).__name__}: {' '.join(str(exc).split())})",
+                        fix="quote the value or fix it") from None
     if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a mapping of parameters at the top level, got {type(data).__name__}",
+        raise UserError(f"{source}: expected a mapping of parameters at the top level, got {type(data).__name__}",
                         fix="start from params.yaml in the repository")
+    check_plain(data, source)
     return data
+
+
+def check_plain(tree: Any, source: str, prefix: str = "") -> None:
+    """String keys and finite numbers everywhere (JSON schema accepts NaN and infinities as numbers)."""
+    import math
+
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            if not isinstance(key, str):
+                raise UserError(f"{source}: key {key!r} under {prefix.rstrip('.') or 'the top level'} is not a "
+                                "string", fix="parameter names are words, e.g. `rate:`; quote it if it must be a number")
+            check_plain(value, source, f"{prefix}{key}.")
+    elif isinstance(tree, list):
+        for i, value in enumerate(tree):
+            check_plain(value, source, f"{prefix}{i}.")
+    elif isinstance(tree, float) and not math.isfinite(tree):
+        raise UserError(f"{source}: {prefix.rstrip('.')} = {tree!r} is not a finite number",
+                        fix="give a finite value (NaN and infinities have no meaning as parameters)")
 
 
 def _format_error(err: jsonschema.ValidationError, source: str) -> UserError:
@@ -53,11 +113,24 @@ def _format_error(err: jsonschema.ValidationError, source: str) -> UserError:
         allowed = sorted(schema.get("properties", {}))
         extra = sorted(set(err.instance) - set(allowed)) if isinstance(err.instance, dict) else []
         where = key if key != "<top level>" else "top level"
-        return UserError(f"{source}: unknown key(s) {', '.join(map(repr, extra))} under {where}",
+        close = difflib.get_close_matches(str(extra[0]), allowed, n=1) if extra else []
+        return UserError(f"{source}: unknown key(s) {', '.join(map(repr, extra))} under {where}"
+                         + (f" (did you mean {close[0]!r}?)" if close else ""),
                          fix=f"allowed keys there: {', '.join(allowed)}")
     if err.validator == "enum":
-        return UserError(f"{source}: {key} = {err.instance!r} is not allowed",
+        close = difflib.get_close_matches(str(err.instance), [str(v) for v in err.validator_value], n=1)
+        return UserError(f"{source}: {key} = {err.instance!r} is not allowed"
+                         + (f" (did you mean {close[0]!r}?)" if close else ""),
                          fix=f"allowed values: {', '.join(map(repr, err.validator_value))}")
+    if err.validator == "uniqueItems" and isinstance(err.instance, list):
+        seen, dup = set(), None
+        for item in err.instance:
+            marker = json.dumps(item, sort_keys=True)
+            if marker in seen:
+                dup = item
+                break
+            seen.add(marker)
+        return UserError(f"{source}: {key} lists {dup!r} twice", fix=f"list each value once in {key}")
     if err.validator == "required":
         return UserError(f"{source}: {err.message} (under {key})", fix="add the key; see params.yaml for an example")
     if err.validator == "type":
@@ -77,6 +150,10 @@ REPAIR_SECTIONS = {"cleanclip": "cleanclip", "roclip": "roclip", "abd": "abd", "
 
 def validate_params(params: dict, source: str = "params.yaml") -> None:
     """Raise :class:`UserError` naming the first offending key (deepest, most specific error first)."""
+    if not isinstance(params, dict):
+        raise UserError(f"{source}: expected a mapping of parameters at the top level, got {type(params).__name__}",
+                        fix="start from params.yaml in the repository")
+    check_plain(params, source)
     validator = jsonschema.Draft202012Validator(load_schema())
     errors = sorted(validator.iter_errors(params), key=lambda e: (-len(e.absolute_path), e.path))
     if errors:
@@ -122,11 +199,67 @@ def _check_semantics(params: dict, source: str) -> None:
         raise UserError(f"{source}: poison.target names eval set {odd!r} " + (
             "that is not in data.eval_sets" if odd in target else "without a target"),
             fix=f"give one target per eval set: {', '.join(data['eval_sets'])} (or one string for all)")
+    _check_sizes(params, source)
     for name, spec in data["eval_sets"].items():
         if (spec["kind"] == "embedded") != (data["source"] == "embedded"):
             raise UserError(f"{source}: data.eval_sets.{name}.kind = {spec['kind']!r} with data.source = "
                             f"{data['source']!r}", fix="embedded eval sets go with the embedded world, "
                             "imagefolder sets with real data (data.source: webdataset)")
+
+
+def model_geometry(name: str) -> dict | None:
+    """{image_size, layers, heads} of an open_clip model config, read from its JSON file (the project's or
+    open_clip's own) without importing open_clip; None when the file cannot be found."""
+    import importlib.util
+
+    folders = [Path(__file__).with_name("model_configs")]
+    spec = importlib.util.find_spec("open_clip")
+    if spec and spec.submodule_search_locations:
+        folders.append(Path(spec.submodule_search_locations[0]) / "model_configs")
+    for folder in folders:
+        path = folder / f"{name}.json"
+        if path.is_file():
+            vision = json.loads(path.read_text())["vision_cfg"]
+            size = vision.get("image_size", 224)
+            return {"image_size": size[0] if isinstance(size, list) else size, "layers": vision["layers"],
+                    "heads": vision["width"] // vision.get("head_width", 64)}
+    return None
+
+
+def _check_sizes(params: dict, source: str) -> None:
+    """Values valid alone but impossible together, caught at load: sizes the model cannot take, heads and
+    layers it does not have, patches larger than the image, a target the embedded world does not have."""
+    geo = model_geometry(params["model"]["name"])
+    size = params["data"]["image_size"]
+    if geo is not None:
+        if geo["image_size"] != size:
+            raise UserError(f"{source}: data.image_size = {size} but model {params['model']['name']} takes "
+                            f"{geo['image_size']}-px images", fix=f"set data.image_size: {geo['image_size']}, or "
+                            "pick a model of that input size")
+        defend = params.get("defend", {})
+        for group in defend.get("fixed_heads", []):
+            bad = [h for h in group if not 1 <= h <= geo["heads"]]
+            if bad:
+                raise UserError(f"{source}: defend.fixed_heads names head {bad[0]}; the model has heads 1.."
+                                f"{geo['heads']} per layer", fix=f"use head numbers 1..{geo['heads']}")
+        for key in ("head_layers", "mlp_layers"):
+            if defend.get(key, 0) > geo["layers"]:
+                raise UserError(f"{source}: defend.{key} = {defend[key]} but the model has {geo['layers']} layers",
+                                fix=f"at most {geo['layers']}")
+    for attack in params["poison"]["attacks"]:
+        patch = params["attacks"].get(attack, {}).get("patch_size")
+        if patch is not None and patch >= size:
+            raise UserError(f"{source}: attacks.{attack}.patch_size = {patch} does not fit a {size}-px image",
+                            fix=f"use a patch smaller than {size} px")
+    world = params["data"].get("world")
+    if params["data"]["source"] == "embedded" and world:
+        classes = WorldConfig(**world).class_names()
+        for target in dict.fromkeys(eval_targets(params).values()):
+            if target not in classes:
+                close = difflib.get_close_matches(target, classes, n=1)
+                raise UserError(f"{source}: poison.target = {target!r} is not a class of the embedded world"
+                                + (f" (did you mean {close[0]!r}?)" if close else ""),
+                                fix=f"one of its colour + shape classes, e.g. {', '.join(map(repr, classes[:4]))}")
 
 
 def eval_targets(params: dict) -> dict[str, str]:
@@ -181,6 +314,7 @@ def nest_dotted(flat: dict) -> dict:
 
 def validate_dotted(key: str, value: Any, source: str) -> None:
     """Validate one dotted key's value against the sub-schema at that path."""
+    check_plain(value, source, f"{key}.")
     schema = load_schema()
     for part in key.split("."):
         props = schema.get("properties", {})
@@ -211,6 +345,10 @@ class WorldConfig:
     colours: tuple[str, ...]
     shapes: tuple[str, ...]
     noise_std: float
+
+    def class_names(self) -> list[str]:
+        """Zero-shot class names, index = colour_index * n_shapes + shape_index."""
+        return [f"{c} {s}" for c in self.colours for s in self.shapes]
 
 
 @dataclass(frozen=True)

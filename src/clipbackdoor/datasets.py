@@ -129,22 +129,43 @@ def convert_webdataset(cfg: WebdatasetConfig, image_size: int, out_dir: str | Pa
                             fix="download CC3M as webdataset shards (e.g. with img2dataset) to that path")
     dataset = wds.WebDataset(pattern, shardshuffle=False, handler=wds.reraise_exception)
 
+    def sample(item: dict, n: int) -> tuple:
+        """One img2dataset sample -> our layout; a sample that cannot be read names its shard and key."""
+        where = f"{item.get('__url__', pattern)}: sample {item['__key__']!r}"
+        img_bytes = next(item[k] for k in ("jpg", "jpeg", "png", "webp") if k in item)
+        try:
+            caption = item["txt"].decode("utf-8").strip()
+        except UnicodeDecodeError as exc:
+            raise UserError(f"{where}: caption is not UTF-8 (offset {exc.start})",
+                            fix="re-download the shard, or remove the sample") from None
+        try:
+            with Image.open(io.BytesIO(img_bytes)) as im:
+                arr = _resize_center(im, image_size)
+        except Exception as exc:  # PIL raises many types for corrupt data
+            raise UserError(f"{where}: image cannot be decoded ({exc.__class__.__name__})",
+                            fix="re-download the shard, or remove the sample") from None
+        return f"cc3m-{n:08d}", arr, caption, {"source_key": item["__key__"]}
+
     def samples() -> Iterator:
-        n = 0
+        n, seen = 0, set()
         try:
             for item in dataset:
-                img_bytes = next((item[k] for k in ("jpg", "jpeg", "png", "webp") if k in item), None)
-                if img_bytes is None or "txt" not in item:
-                    continue
-                with Image.open(io.BytesIO(img_bytes)) as im:
-                    arr = _resize_center(im, image_size)
-                yield f"cc3m-{n:08d}", arr, item["txt"].decode("utf-8").strip(), {"source_key": item["__key__"]}
+                if item["__key__"] in seen:
+                    raise UserError(f"{item.get('__url__', pattern)}: sample key {item['__key__']!r} appears twice",
+                                    fix="the shards overlap (downloaded twice?): keep one copy of each")
+                seen.add(item["__key__"])
+                if not any(k in item for k in ("jpg", "jpeg", "png", "webp")) or "txt" not in item:
+                    continue  # a failed download: img2dataset keeps its key without an image
+                yield sample(item, n)
                 n += 1
                 if n == cfg.n_pairs:
                     return
         except (OSError, ValueError) as exc:
-            raise UserError(f"data.webdataset.urls: cannot read {pattern} ({exc})",
-                            fix="this machine is offline: download the shards and give a local path") from None
+            reason = " ".join(str(exc).split())[:160]
+            fix = ("this machine is offline: download the shards and give a local path" if is_remote else
+                   "a shard is truncated or corrupt: re-download it")
+            raise UserError(f"data.webdataset.urls: cannot read {pattern} ({type(exc).__name__}: {reason})",
+                            fix=fix) from None
         if n < cfg.n_pairs:
             raise UserError(f"data.webdataset.urls: only {n} pairs found, {cfg.n_pairs} requested",
                             fix="lower data.webdataset.n_pairs or add shards")

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from clipbackdoor.attacks import trigger_eval_images
 from clipbackdoor.decomp_cache import write_decomposition
 from clipbackdoor.decompose import Decomposition, decompose
-from clipbackdoor.io import atomic_path
+from clipbackdoor.io import atomic_path, check_safetensors
 from clipbackdoor.models import load_artifact, normalize
 from clipbackdoor.runtime import autocast
 from clipbackdoor.shards import load_split
@@ -69,5 +69,6 @@ def load_class_embeddings(path: str | Path) -> tuple[np.ndarray, list[str]]:
 
     from safetensors import safe_open
 
+    check_safetensors(path, "the class_embeddings stage")
     with safe_open(str(path), framework="np") as fh:
         return fh.get_tensor("class_embeddings"), json.loads(fh.metadata()["classnames"])

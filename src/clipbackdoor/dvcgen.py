@@ -44,7 +44,9 @@ def _workflow_jobs(root: Path, configfiles: list[Path] | None = None):
                 snakefile=root / "Snakefile",
                 workdir=root,
             )
-            params = yaml.safe_load(Path(configfiles[-1] if configfiles else root / "params.yaml").read_text())
+            from clipbackdoor.config import load_yaml
+
+            params = load_yaml(Path(configfiles[-1] if configfiles else root / "params.yaml"))
             targets = {"all", "b2"} if "b2" in params else {"all"}
             dapi = wapi.dag(dag_settings=DAGSettings(targets=targets, forceall=True))
             workflow = dapi.workflow_api._workflow

@@ -8,3 +8,13 @@ class UserError(Exception):
         self.problem = problem
         self.fix = fix
         super().__init__(f"{problem}" + (f" -- fix: {fix}" if fix else ""))
+
+    def report(self, prog: str) -> str:
+        """What the user sees (stderr): the culprit on one line, the fix on the next -- whatever text the
+        problem carried (an exception's multi-line message is folded into its line)."""
+        text = f"{prog}: error: {' '.join(self.problem.split())}"
+        return text + (f"\n  fix: {' '.join(self.fix.split())}" if self.fix else "")
+
+
+# Exit status of every refused input (CLI stages, `validate`, and Snakemake at workflow load).
+EXIT_USER_ERROR = 2

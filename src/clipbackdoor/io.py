@@ -58,3 +58,43 @@ def write_json(path: str | Path, obj) -> None:
 def write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def check_safetensors(path: str | Path, made_by: str = "the stage that writes it") -> None:
+    """Refuse, naming the file, anything that is not a complete safetensors file -- another format, a
+    truncated download, a header pointing past the end -- before a reader gets a SafetensorError traceback.
+    Reads the 8-byte header length and the JSON header only."""
+    import struct
+
+    from clipbackdoor.errors import UserError
+
+    path = Path(path)
+    fix = f"delete it and rerun {made_by}, or `dvc pull` it again"
+    if not path.is_file():
+        raise UserError(f"{path}: file not found", fix=f"run {made_by}, or `dvc pull` it")
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if not 2 <= n <= min(size - 8, 100 << 20):
+            raise UserError(f"{path}: not a safetensors file (no valid header)", fix=fix)
+        try:
+            header = json.loads(fh.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise UserError(f"{path}: not a safetensors file (its header is not JSON)", fix=fix) from None
+    if not isinstance(header, dict):
+        raise UserError(f"{path}: not a safetensors file (its header is not a JSON object)", fix=fix)
+    ends = [v.get("data_offsets", [0, 0])[1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+    if ends and max(ends) > size - 8 - n:
+        raise UserError(f"{path}: truncated safetensors file ({size:,} bytes, its tensors need "
+                        f"{8 + n + max(ends):,})", fix=fix)
+
+
+def load_safetensors(path: str | Path, framework: str = "pt", made_by: str = "the stage that writes it") -> dict:
+    """All tensors of a checked safetensors file ({name: tensor}; numpy arrays for ``framework="np"``)."""
+    check_safetensors(path, made_by)
+    if framework == "np":
+        from safetensors.numpy import load_file
+    else:
+        from safetensors.torch import load_file
+    return load_file(str(path))

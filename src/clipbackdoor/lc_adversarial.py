@@ -24,7 +24,7 @@ from clipbackdoor.poison import names_target
 from clipbackdoor.attacker import attacker_view
 from clipbackdoor.attacks.base import to_float, to_uint8
 from clipbackdoor.errors import UserError
-from clipbackdoor.io import atomic_path
+from clipbackdoor.io import atomic_path, check_safetensors
 from clipbackdoor.models import normalize
 from clipbackdoor.zeroshot import class_text_embeddings, image_embeddings, predict
 
@@ -86,6 +86,7 @@ def load_hard_images(path: str | Path) -> dict[str, torch.Tensor]:
     """The stage's output as {key: uint8 image [3, H, W]}."""
     from safetensors import safe_open
 
+    check_safetensors(path, "the lc_adversarial stage")
     with safe_open(str(path), "pt") as f:
         keys = json.loads(f.metadata()["keys"])
     images = load_file(str(path))["images"]

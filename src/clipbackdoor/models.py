@@ -13,10 +13,10 @@ from pathlib import Path
 
 import open_clip
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from clipbackdoor.errors import UserError
-from clipbackdoor.io import atomic_path, write_json
+from clipbackdoor.io import atomic_path, load_safetensors, write_json
 
 CONFIG_DIR = Path(__file__).with_name("model_configs")
 PROJECT_MODELS = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
@@ -50,19 +50,26 @@ def _preprocess_stats(model) -> tuple[tuple, tuple, int]:
     return tuple(cfg["mean"]), tuple(cfg["std"]), int(size)
 
 
+def check_pretrained(name: str, pretrained: str | None, key: str = "model.pretrained") -> None:
+    """``pretrained`` must be None, a local checkpoint file, or one of open_clip's tags for ``name`` (checked at
+    workflow load for the tags, so a typo never waits for a GPU job to fail)."""
+    if pretrained is None or Path(pretrained).is_file():
+        return
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    if pretrained not in tags:
+        looks_like_path = "/" in pretrained or pretrained.endswith((".safetensors", ".bin", ".pt", ".pth"))
+        raise UserError(f"{key} = {pretrained!r} is " + (
+            "not a file" if looks_like_path else f"not a pretrained tag of {name}"),
+            fix=f"give a local open_clip checkpoint file, or one of {name}'s tags: "
+                + (", ".join(tags[:8]) + (", ..." if len(tags) > 8 else "") if tags else "(none: use a file)"))
+
+
 def create(name: str, pretrained: str | None = None) -> LoadedModel:
     """A fresh (random or open_clip-pretrained) model. Fails with a clear message when offline."""
     if name not in open_clip.list_models():
         raise UserError(f"model.name = {name!r} is not an open_clip model",
                         fix=f"use one of the project's ({', '.join(PROJECT_MODELS)}) or an open_clip name")
-    if pretrained is not None and not Path(pretrained).is_file():
-        tags = open_clip.list_pretrained_tags_by_model(name)
-        if pretrained not in tags:
-            looks_like_path = "/" in pretrained or pretrained.endswith((".safetensors", ".bin", ".pt", ".pth"))
-            raise UserError(f"model.pretrained = {pretrained!r} is " + (
-                "not a file" if looks_like_path else f"not a pretrained tag of {name}"),
-                fix=f"give a local open_clip checkpoint file, or one of {name}'s tags: "
-                    + (", ".join(tags[:8]) + (", ..." if len(tags) > 8 else "") if tags else "(none: use a file)"))
+    check_pretrained(name, pretrained)
     try:
         model = open_clip.create_model(name, pretrained=pretrained)
     except Exception as exc:  # hub/network errors come in many types
@@ -110,7 +117,7 @@ def load_artifact(model_dir: str | Path, device: torch.device | str = "cpu") -> 
                         fix="run the stage that produces it, or `dvc pull` it")
     meta = json.loads(meta_path.read_text())
     loaded = create(meta["name"], pretrained=None)
-    state = load_file(str(weights))
+    state = load_safetensors(weights, made_by="the stage that wrote this model")
     expected = loaded.model.state_dict()
     wrong = [k for k in expected if k not in state or tuple(state[k].shape) != tuple(expected[k].shape)]
     extra = [k for k in state if k not in expected]

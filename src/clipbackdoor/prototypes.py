@@ -6,10 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
 from clipbackdoor.decomp_cache import read_decomposition
-from clipbackdoor.io import atomic_path
+from clipbackdoor.io import atomic_path, load_safetensors
 
 
 def head_similarity(heads: np.ndarray, protos: np.ndarray, rule: str) -> np.ndarray:
@@ -47,4 +47,4 @@ def build_prototypes(clean_decomp_path: str | Path, out_path: str | Path, val_fr
 
 
 def load_prototypes(path: str | Path) -> dict:
-    return load_file(str(path))
+    return load_safetensors(path, "np", made_by="the prototypes stage")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import zlib
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -72,33 +73,70 @@ def _decode_image(data: bytes, key: str, shard: Path) -> np.ndarray:
                         fix="regenerate the shard (rerun its stage) or remove the sample") from None
 
 
+def _text(data: bytes, shard: Path, key: str, ext: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{shard}: sample {key!r}: {ext} is not UTF-8 (byte 0x{data[exc.start]:02x} at offset "
+                        f"{exc.start})", fix="regenerate the shard (rerun its stage) or remove the sample") from None
+
+
+def _meta(data: bytes, shard: Path, key: str) -> dict:
+    try:
+        meta = json.loads(_text(data, shard, key, "json"))
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{shard}: sample {key!r}: json is not valid JSON ({exc.msg} at line {exc.lineno})",
+                        fix="regenerate the shard (rerun its stage) or remove the sample") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{shard}: sample {key!r}: json holds a {type(meta).__name__}, not an object",
+                        fix="regenerate the shard (rerun its stage) or remove the sample")
+    return meta
+
+
+def _shard_members(shard: Path, seen: set[str]) -> tuple[list[str], dict[str, dict[str, bytes]]]:
+    """(keys in order, {key: {ext: bytes}}) of one tar shard. A key whose member repeats, or that an earlier
+    shard of the folder already had, is refused: the later copy would silently win."""
+    groups: dict[str, dict[str, bytes]] = {}
+    order: list[str] = []
+    try:
+        with tarfile.open(shard, "r") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, _, ext = member.name.partition(".")
+                if key not in groups:
+                    if key in seen:
+                        raise UserError(f"{shard}: sample key {key!r} also appears in an earlier shard of "
+                                        f"{shard.parent}", fix="give every sample one key (rerun the stage "
+                                        "that wrote the shards)")
+                    groups[key] = {}
+                    order.append(key)
+                elif ext in groups[key]:
+                    raise UserError(f"{shard}: sample key {key!r} appears twice ({member.name})",
+                                    fix="give every sample one key (rerun the stage that wrote the shard)")
+                groups[key][ext] = tar.extractfile(member).read()
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
+        reason = " ".join(str(exc).split())[:120]
+        raise UserError(f"{shard}: truncated or corrupt tar shard ({type(exc).__name__}: {reason})",
+                        fix="delete the shard folder and rerun its stage, or `dvc pull` it again") from None
+    seen.update(order)
+    return order, groups
+
+
 def iter_shards(shard_dir: str | Path) -> Iterator[dict]:
     """Yield dicts with key, image (uint8 [H,W,3]), caption, meta, in shard order."""
+    seen: set[str] = set()
     for shard in shard_paths(shard_dir):
-        groups: dict[str, dict] = {}
-        order: list[str] = []
-        try:
-            with tarfile.open(shard, "r") as tar:
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    key, _, ext = member.name.partition(".")
-                    if key not in groups:
-                        groups[key] = {}
-                        order.append(key)
-                    groups[key][ext] = tar.extractfile(member).read()
-        except (tarfile.TarError, EOFError, OSError) as exc:
-            raise UserError(f"{shard}: truncated or corrupt tar shard ({exc})",
-                            fix="delete the shard folder and rerun its stage, or `dvc pull` it again") from None
+        order, groups = _shard_members(shard, seen)
         for key in order:
             parts = groups[key]
             img_ext = next((e for e in ("png", "jpg", "jpeg", "webp") if e in parts), None)
             if img_ext is None or "txt" not in parts:
                 raise UserError(f"{shard}: sample {key!r} lacks an image or a caption (has {sorted(parts)})",
                                 fix="regenerate the shard")
-            meta = json.loads(parts["json"]) if "json" in parts else {}
+            meta = _meta(parts["json"], shard, key) if "json" in parts else {}
             yield {"key": key, "image": _decode_image(parts[img_ext], key, shard),
-                   "caption": parts["txt"].decode("utf-8"), "meta": meta}
+                   "caption": _text(parts["txt"], shard, key, "txt"), "meta": meta}
 
 
 def read_captions(shard_dir: str | Path) -> list[str]:
@@ -110,9 +148,11 @@ def read_captions(shard_dir: str | Path) -> list[str]:
             with tarfile.open(shard, "r") as tar:
                 for member in tar:
                     if member.isfile() and member.name.endswith(".txt"):
-                        captions.append(tar.extractfile(member).read().decode("utf-8"))
-        except (tarfile.TarError, EOFError, OSError) as exc:
-            raise UserError(f"{shard}: truncated or corrupt tar shard ({exc})",
+                        key = member.name.partition(".")[0]
+                        captions.append(_text(tar.extractfile(member).read(), shard, key, "txt"))
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
+            reason = " ".join(str(exc).split())[:120]
+            raise UserError(f"{shard}: truncated or corrupt tar shard ({type(exc).__name__}: {reason})",
                             fix="delete the shard folder and rerun its stage, or `dvc pull` it again") from None
     return captions
 

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from clipbackdoor.config import OptimConfig
 from clipbackdoor.distributed import barrier, is_main, rank_world
-from clipbackdoor.io import atomic_path
+from clipbackdoor.io import atomic_path, check_safetensors
 from clipbackdoor.models import LoadedModel, load_artifact, normalize, save_artifact
 from clipbackdoor.runtime import autocast
 from clipbackdoor.shards import load_split
@@ -110,6 +110,7 @@ def load_checkpoint(path: Path, model, opt, sched, fp: str) -> tuple[int, list] 
         return None
     from safetensors import safe_open
 
+    check_safetensors(path, "the training stage (a damaged checkpoint: delete it to start over)")
     with safe_open(str(path), framework="pt") as fh:
         meta = fh.metadata()
     if meta.get("fingerprint") != fp:

@@ -52,7 +52,7 @@ class Sample:
 
 def class_names(cfg: WorldConfig) -> list[str]:
     """Zero-shot class names, index = colour_index * n_shapes + shape_index."""
-    return [f"{c} {s}" for c in cfg.colours for s in cfg.shapes]
+    return cfg.class_names()
 
 
 def _shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:

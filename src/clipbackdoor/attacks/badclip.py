@@ -14,8 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
+from clipbackdoor.io import load_safetensors
 from clipbackdoor.attacks.badnet import BadNet, paste, patch_origin
 from clipbackdoor.attacks.base import Trigger, to_float
 from clipbackdoor.errors import UserError
@@ -30,7 +30,7 @@ class BadCLIP(Trigger):
         if asset_path is None or not Path(asset_path).exists():
             raise UserError(f"badclip: optimised patch {asset_path} not found",
                             fix="run the `badclip_patch` stage first (Snakemake/DVC do this for badclip runs)")
-        self.pattern = load_file(str(asset_path))["patch"].float()  # [3, p, p] in [0, 1]
+        self.pattern = load_safetensors(asset_path, made_by="the `badclip_patch` stage")["patch"].float()  # [3, p, p]
         if self.pattern.shape[-1] != int(cfg["patch_size"]):
             raise UserError(f"badclip: stored patch is {self.pattern.shape[-1]} px, attacks.badclip.patch_size is "
                             f"{cfg['patch_size']}", fix="rerun the `badclip_patch` stage")

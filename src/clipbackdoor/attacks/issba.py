@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from clipbackdoor.io import check_safetensors
 from clipbackdoor.attacks.base import Trigger, to_float, to_uint8
 from clipbackdoor.errors import UserError
 
@@ -129,6 +130,7 @@ def load_codec(path: str | Path | None) -> tuple[StegaEncoder, StegaDecoder, tor
     if not path or not Path(path).exists():
         raise UserError(f"issba: codec {path} not found",
                         fix="run the `issba_codec` stage first (Snakemake/DVC do this for issba runs)")
+    check_safetensors(path, "the `issba_codec` stage")
     with safe_open(str(path), framework="pt") as fh:
         meta = fh.metadata()
     cfg, image_size = json.loads(meta["config"]), int(meta["image_size"])
