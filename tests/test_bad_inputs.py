@@ -208,3 +208,14 @@ def test_params_loader_raises_only_user_errors_on_random_inputs():
             validate_params(parse_params_text(text, "random"), "random")
         except UserError as exc:
             assert "\n" not in exc.report("x").split("\n  fix:")[0]
+
+
+@pytest.mark.parametrize("content,culprit", [(b"{\"name\": ", "model.json: not valid JSON"),
+                                             (b"\xff\xfe{}", "model.json: not UTF-8 text")])
+def test_a_broken_json_artifact_is_named(content, culprit, micro_model, world_dirs, tmp_path, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(micro_model, model)
+    (model / "model.json").write_bytes(content)
+    proc = decompose(capsys, world_dirs / "eval", model, tmp_path)
+    assert_refused(proc, culprit)
+    assert not (tmp_path / "out").exists()

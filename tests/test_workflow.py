@@ -107,7 +107,6 @@ def test_paper_profile_dry_runs_at_real_scale(paper_textspan_pool):
     # seed 001 B.1: one target per evaluation set, so one backdoored model per (attack, set), scored on its set
     sets, attacks = 3, 2
     runs = attacks * sets
-    models = 1 + 2 * runs  # clean, attacked, CleanCLIP-repaired
     assert counts == {"cc3m": 1, "eval_data": sets, "clean_model": 1, "poison": runs, "finetune": runs,
                       "cleanclip": runs, "decompose": (sets + runs) + 2 * runs + 2 * runs,
                       "class_embeddings": sets + 2 * runs, "prototypes": sets + 2 * runs, "defend": 3 * runs,

@@ -165,8 +165,9 @@ def run_t2i_backdoor(clip_dir, t2i_dir, out_dir, cfg: B2Config, colours, shapes,
 
 def _sd_provenance(t2i_dir) -> dict:
     """Carry the Stable Diffusion marker forward: the backdoored artifact says which VAE / text encoder it needs."""
-    import json
     from pathlib import Path
 
-    prov = json.loads((Path(t2i_dir) / "provenance.json").read_text())
+    from clipbackdoor.io import read_json
+
+    prov = read_json(Path(t2i_dir) / "provenance.json", "the t2i stage that wrote it")
     return {"stable_diffusion": prov["stable_diffusion"]} if "stable_diffusion" in prov else {}

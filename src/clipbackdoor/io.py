@@ -98,3 +98,20 @@ def load_safetensors(path: str | Path, framework: str = "pt", made_by: str = "th
     else:
         from safetensors.torch import load_file
     return load_file(str(path))
+
+
+def read_json(path: str | Path, made_by: str = "the stage that writes it"):
+    """A JSON artifact (model.json, classes.json, metrics.json, provenance.json): missing, not UTF-8 or not JSON
+    is refused naming the file."""
+    from clipbackdoor.errors import UserError
+
+    path = Path(path)
+    fix = f"rerun {made_by}, or `dvc pull` it again"
+    if not path.is_file():
+        raise UserError(f"{path}: file not found", fix=fix)
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (offset {exc.start})", fix=fix) from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})", fix=fix) from None

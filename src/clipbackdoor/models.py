@@ -7,7 +7,6 @@ A model artifact is a folder with ``model.safetensors`` (weights only: never pic
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from clipbackdoor.errors import UserError
-from clipbackdoor.io import atomic_path, load_safetensors, write_json
+from clipbackdoor.io import atomic_path, load_safetensors, read_json, write_json
 
 CONFIG_DIR = Path(__file__).with_name("model_configs")
 PROJECT_MODELS = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
@@ -115,7 +114,7 @@ def load_artifact(model_dir: str | Path, device: torch.device | str = "cpu") -> 
     if not weights.exists() or not meta_path.exists():
         raise UserError(f"{model_dir}: not a model artifact (needs model.safetensors and model.json)",
                         fix="run the stage that produces it, or `dvc pull` it")
-    meta = json.loads(meta_path.read_text())
+    meta = read_json(meta_path, "the stage that wrote this model")
     loaded = create(meta["name"], pretrained=None)
     state = load_safetensors(weights, made_by="the stage that wrote this model")
     expected = loaded.model.state_dict()

@@ -6,13 +6,12 @@ applicable). The clean (un-backdoored) model appears as ``attack=clean``.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pandas as pd
 
 from clipbackdoor.runs import parse_run
-from clipbackdoor.io import atomic_path, write_json, write_text
+from clipbackdoor.io import atomic_path, read_json, write_json, write_text
 
 COLUMNS = ["attack", "defense", "variant", "seed", "eval_set", "target", "asr", "asr_all", "cacc", "auroc", "tpr", "fpr"]
 
@@ -53,7 +52,7 @@ def defend_rows(entries: list[dict]) -> list[dict]:
 
 
 def clean_model_rows(model_dir: Path, seed: int) -> list[dict]:
-    metrics = json.loads((Path(model_dir) / "metrics.json").read_text())
+    metrics = read_json(Path(model_dir) / "metrics.json", "the stage that wrote this model")
     rows = []
     for key, value in sorted(metrics.items()):
         if key.startswith("zeroshot_top1/"):

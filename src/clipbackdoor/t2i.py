@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from clipbackdoor.config import T2IConfig
-from clipbackdoor.io import atomic_dir, write_json
+from clipbackdoor.io import atomic_dir, read_json, write_json
 from clipbackdoor.models import LoadedModel
 from clipbackdoor.runtime import autocast
 
@@ -235,15 +235,12 @@ def open_generator(model_dir: str | Path, clip: LoadedModel, steps: int, guidanc
                    size: int | None = None) -> T2IGenerator:
     """A saved generator: the embedded UNet on the clean CLIP's text encoder, or Stable Diffusion's UNet (from
     ``model_dir``) with SD's own VAE and text encoder (from ``sd.path``), as ``provenance.json`` says."""
-    import json
-
     from clipbackdoor.errors import UserError
-
     from clipbackdoor.runtime import pick_device
 
     device = pick_device(gpu=True)  # the B² rules hold a GPU (claimed once per process)
     unet, ddpm, ddim = load_t2i(model_dir)
-    if "stable_diffusion" not in json.loads((Path(model_dir) / "provenance.json").read_text()):
+    if "stable_diffusion" not in read_json(Path(model_dir) / "provenance.json", "the t2i stage that wrote it"):
         return T2IGenerator(unet.to(device), ddpm, ddim, TextConditioner(clip), steps, guidance, size=size)
     if sd is None:
         raise UserError(f"{model_dir} is a Stable Diffusion UNet but b2.stable_diffusion is not configured",

@@ -9,13 +9,13 @@ colour+shape pairs. Shards hold ``png`` (RGB uint8), ``txt`` (caption) and ``jso
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from clipbackdoor.config import WorldConfig
+from clipbackdoor.io import read_json
 from clipbackdoor.shards import write_shards
 
 RGB = {
@@ -202,4 +202,4 @@ def save_preview(shard_dir: str | Path, png: str | Path, n: int = 32) -> None:
 
 
 def world_classes_json(eval_dir: str | Path) -> dict:
-    return json.loads((Path(eval_dir) / "classes.json").read_text())
+    return read_json(Path(eval_dir) / "classes.json", "the stage that writes the evaluation set")
