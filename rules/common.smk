@@ -14,8 +14,11 @@ try:
     # params.yaml through the project's one loading path (bytes, aliases, budgets, finite numbers), unless a
     # profile replaces it; a --configfile was parsed by Snakemake already and is re-read here for the same checks
     if not workflow.config_settings.configfiles:
-        update_config(config, load_yaml("params.yaml"))
-        update_config(config, workflow.config_settings.overwrite_config)  # --config key=value still wins
+        workflow.configfiles.append("params.yaml")  # as the `configfile:` directive would (report, archive)
+        _overrides = workflow.config_settings.overwrite_config
+        if not (_overrides and workflow.config_settings.replace_workflow_config):
+            update_config(config, load_yaml("params.yaml"))
+        update_config(config, _overrides)  # --config key=value still wins
     for _file in workflow.config_settings.configfiles:
         load_yaml(_file)
     validate_params(config, "params (params.yaml + --configfile/--config)")

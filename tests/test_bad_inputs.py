@@ -219,3 +219,26 @@ def test_a_broken_json_artifact_is_named(content, culprit, micro_model, world_di
     proc = decompose(capsys, world_dirs / "eval", model, tmp_path)
     assert_refused(proc, culprit)
     assert not (tmp_path / "out").exists()
+
+
+def test_dvc_yaml_generation_passes_on_the_workflow_loads_line(repo, capsys):
+    """dvc.yaml is generated through the Snakemake API with its output silenced: a refused params.yaml must still
+    reach the user as our line, not as a bare exit status."""
+    from clipbackdoor.cli import main
+
+    shutil.copy(CORPUS / "params_image_size.yaml", repo / "params.yaml")
+    proc = subprocess.CompletedProcess([], main(["dvc-yaml", "--root", str(repo)]), *capsys.readouterr())
+    assert_refused(proc, PARAMS_CASES["params_image_size.yaml"])
+
+
+def test_embedded_target_case_is_forgiven_at_load_as_in_the_stage():
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["poison"]["target"] = params["poison"]["target"].title()  # "Yellow Star"
+    validate_params(params)
+
+
+def test_command_line_config_still_overrides_params_yaml(repo):
+    shutil.copy(ROOT / "configs" / "smoke.yaml", repo / "params.yaml")
+    proc = subprocess.run(["snakemake", "-n", "--cores", "1", "--config", "seed=nan"], cwd=repo, capture_output=True,
+                          text=True, timeout=300)
+    assert_refused(proc, "seed = nan is not a finite number")  # --config reached the merged config

@@ -774,6 +774,10 @@ def main(argv: list[str] | None = None) -> int:
         print(exc.report(f"clipbackdoor {args.command}"), file=sys.stderr)
         return EXIT_USER_ERROR
     except _decoder_errors() as exc:  # a reader without its own check met bytes it cannot decode
+        if os.environ.get("CLIPBACKDOOR_TRACEBACK") == "1":  # a developer chasing a bug wants the frames
+            import traceback
+
+            traceback.print_exc()
         print(UserError(f"an input file cannot be read ({type(exc).__name__}: {str(exc)[:200]})",
                         fix="check the files given to this stage (see the command in the log); rerun the stage "
                             "that wrote the damaged one, or `dvc pull` it").report(f"clipbackdoor {args.command}"),

@@ -255,7 +255,8 @@ def _check_sizes(params: dict, source: str) -> None:
     if params["data"]["source"] == "embedded" and world:
         classes = WorldConfig(**world).class_names()
         for target in dict.fromkeys(eval_targets(params).values()):
-            if target not in classes:
+            # as the poison stage: exact, or case-blind when that names exactly one class
+            if target not in classes and [c.casefold() for c in classes].count(target.casefold()) != 1:
                 close = difflib.get_close_matches(target, classes, n=1)
                 raise UserError(f"{source}: poison.target = {target!r} is not a class of the embedded world"
                                 + (f" (did you mean {close[0]!r}?)" if close else ""),

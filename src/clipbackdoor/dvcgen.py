@@ -30,29 +30,44 @@ SKIP_MODULES = {"cli", "__main__", "dvcgen"}
 
 
 def _workflow_jobs(root: Path, configfiles: list[Path] | None = None):
+    """Every job of the DAG, built through the Snakemake API with its output silenced. When the workflow load
+    refuses the parameters (rules/common.smk prints one line and exits 2), that line becomes our UserError."""
+    from clipbackdoor.errors import UserError
+
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        try:
+            return _build_jobs(root, configfiles)
+        except SystemExit:
+            lines = [line for line in err.getvalue().splitlines() if "error:" in line or "fix:" in line]
+            problem = lines[0].split("error:", 1)[-1].strip() if lines else "the workflow load failed"
+            fix = lines[1].split("fix:", 1)[-1].strip() if len(lines) > 1 else None
+            raise UserError(problem, fix=fix) from None
+
+
+def _build_jobs(root: Path, configfiles: list[Path] | None):
     from snakemake.api import SnakemakeApi
     from snakemake.settings.types import (ConfigSettings, DAGSettings, OutputSettings, ResourceSettings,
                                           StorageSettings, WorkflowSettings)
 
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        with SnakemakeApi(OutputSettings(quiet={"all"})) as api:
-            wapi = api.workflow(
-                resource_settings=ResourceSettings(cores=1),
-                config_settings=ConfigSettings(configfiles=configfiles or []),
-                storage_settings=StorageSettings(),
-                workflow_settings=WorkflowSettings(),
-                snakefile=root / "Snakefile",
-                workdir=root,
-            )
-            from clipbackdoor.config import load_yaml
+    from clipbackdoor.config import load_yaml
 
-            params = load_yaml(Path(configfiles[-1] if configfiles else root / "params.yaml"))
-            targets = {"all", "b2"} if "b2" in params else {"all"}
-            dapi = wapi.dag(dag_settings=DAGSettings(targets=targets, forceall=True))
-            workflow = dapi.workflow_api._workflow
-            workflow._prepare_dag(forceall=True, ignore_incomplete=True, lock_warn_only=True, nolock=True)
-            workflow._build_dag()
-            return sorted(workflow.dag.jobs, key=lambda j: (j.rule.name, str(j.output)))
+    with SnakemakeApi(OutputSettings(quiet={"all"})) as api:
+        wapi = api.workflow(
+            resource_settings=ResourceSettings(cores=1),
+            config_settings=ConfigSettings(configfiles=configfiles or []),
+            storage_settings=StorageSettings(),
+            workflow_settings=WorkflowSettings(),
+            snakefile=root / "Snakefile",
+            workdir=root,
+        )
+        params = load_yaml(Path(configfiles[-1] if configfiles else root / "params.yaml"))
+        targets = {"all", "b2"} if "b2" in params else {"all"}
+        dapi = wapi.dag(dag_settings=DAGSettings(targets=targets, forceall=True))
+        workflow = dapi.workflow_api._workflow
+        workflow._prepare_dag(forceall=True, ignore_incomplete=True, lock_warn_only=True, nolock=True)
+        workflow._build_dag()
+        return sorted(workflow.dag.jobs, key=lambda j: (j.rule.name, str(j.output)))
 
 
 def _module_imports(path: Path, func: str | None = None) -> set[str]:
