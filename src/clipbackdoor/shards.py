@@ -73,6 +73,16 @@ def _decode_image(data: bytes, key: str, shard: Path) -> np.ndarray:
                         fix="regenerate the shard (rerun its stage) or remove the sample") from None
 
 
+TAR_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error)  # what a truncated or damaged tar raises
+
+
+def corrupt_tar(shard: Path, exc: BaseException) -> UserError:
+    """The one-line refusal of a shard that cannot be read as a tar (the exception's text folded into it)."""
+    reason = " ".join(str(exc).split())[:120]
+    return UserError(f"{shard}: truncated or corrupt tar shard ({type(exc).__name__}: {reason})",
+                     fix="delete the shard folder and rerun its stage, or `dvc pull` it again")
+
+
 def _text(data: bytes, shard: Path, key: str, ext: str) -> str:
     try:
         return data.decode("utf-8")
@@ -115,10 +125,8 @@ def _shard_members(shard: Path, seen: set[str]) -> tuple[list[str], dict[str, di
                     raise UserError(f"{shard}: sample key {key!r} appears twice ({member.name})",
                                     fix="give every sample one key (rerun the stage that wrote the shard)")
                 groups[key][ext] = tar.extractfile(member).read()
-    except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
-        reason = " ".join(str(exc).split())[:120]
-        raise UserError(f"{shard}: truncated or corrupt tar shard ({type(exc).__name__}: {reason})",
-                        fix="delete the shard folder and rerun its stage, or `dvc pull` it again") from None
+    except TAR_ERRORS as exc:
+        raise corrupt_tar(shard, exc) from None
     seen.update(order)
     return order, groups
 
@@ -150,10 +158,8 @@ def read_captions(shard_dir: str | Path) -> list[str]:
                     if member.isfile() and member.name.endswith(".txt"):
                         key = member.name.partition(".")[0]
                         captions.append(_text(tar.extractfile(member).read(), shard, key, "txt"))
-        except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
-            reason = " ".join(str(exc).split())[:120]
-            raise UserError(f"{shard}: truncated or corrupt tar shard ({type(exc).__name__}: {reason})",
-                            fix="delete the shard folder and rerun its stage, or `dvc pull` it again") from None
+        except TAR_ERRORS as exc:
+            raise corrupt_tar(shard, exc) from None
     return captions
 
 
