@@ -8,7 +8,7 @@ GPU_RES = $(if $(filter-out 0,$(GPUS)),--resources gpu=$(GPUS))
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup run abd b2 rehearsal test test-slow dvc-yaml clean-results
+.PHONY: setup run lock pull-decomp defenses abd b2 rehearsal test test-slow lint dvc-yaml clean-results
 
 # torch first, from the exact pin (a CPU build where one is provided; never a newer range: that pulls
 # GBs of CUDA wheels), then everything else under the same constraints so nothing can move torch.
@@ -23,20 +23,32 @@ setup: $(VENV)/.installed
 
 run: setup
 	snakemake all --cores $(CORES) $(GPU_RES)
+	-python -m clipbackdoor lock  # (a copy outside git/DVC still gets its results table)
+	python -m clipbackdoor report
+
+lock: setup  # after any `snakemake` run of params.yaml: record the completed stages in dvc.lock (then dvc push)
+	python -m clipbackdoor lock
+
+# a colleague's cached decompositions (no model weights), then the defenses and results from them alone
+pull-decomp: setup
+	dvc pull --glob 'decompose_*' 'class_embeddings_*' 'prototypes_*' 'detect_*'
+	dvc pull data/models/clean/metrics.json
+
+defenses: setup
+	snakemake defenses --cores $(CORES) --allowed-rules defenses defend mmd summary tables figures
 	python -m clipbackdoor report
 
 abd: setup  # seed 002's ABD study (configs/abd.yaml): results/tables/abd_*.md
 	snakemake all --cores $(CORES) $(GPU_RES) --configfile configs/abd.yaml
 	cat results/tables/abd_table1.md
 
-b2: setup  # seed 000's B² audit, its own target: results/tables/b2_audit.md
-	snakemake b2 --cores $(CORES) $(GPU_RES)
+b2: setup  # seed 000's B² audit (configs/b2.yaml = params.yaml + its `b2` section): results/tables/b2_audit.md
+	snakemake b2 --cores $(CORES) $(GPU_RES) --configfile configs/b2.yaml
 	head -30 results/tables/b2_audit.md
 
 rehearsal: setup  # the paper profile's stage graph on generated real-format inputs (configs/rehearsal.yaml)
 	python -m clipbackdoor.rehearsal --out data/rehearsal
-	snakemake all --cores $(CORES) $(GPU_RES) --configfile configs/rehearsal.yaml
-	snakemake b2 --cores $(CORES) $(GPU_RES) --configfile configs/rehearsal.yaml
+	snakemake all --cores $(CORES) $(GPU_RES) --configfile configs/rehearsal.yaml  # B² included (its `b2` section)
 	python -m clipbackdoor report
 
 test: setup
@@ -44,6 +56,10 @@ test: setup
 
 test-slow: setup
 	python -m pytest -q -m slow
+
+lint: setup  # pyflakes-class checks (ruff from the registry, the `dev` extra)
+	pip install --quiet -c configs/constraints.txt -e '.[dev]'
+	ruff check --select F src tests benchmarks
 
 dvc-yaml: setup
 	python -m clipbackdoor dvc-yaml

@@ -30,12 +30,30 @@ include: "rules/decompose.smk"
 include: "rules/defend.smk"
 include: "rules/baselines.smk"
 include: "rules/abd.smk"
-include: "rules/b2.smk"
+if B2:
+
+    include: "rules/b2.smk"
 include: "rules/analysis.smk"
 include: "rules/metrics.smk"
 
 
-# seed 000's B² branch, its own target: snakemake b2 --cores 2
-rule b2:
+# The defenses without any model or GPU, on a colleague's decompositions: after `make pull-decomp` (the cached
+# decompositions, class embeddings, prototypes and detector scores, and the clean model's metrics.json), run
+#   snakemake defenses --cores 2 --allowed-rules defenses defend mmd summary tables figures    (= make defenses)
+# --allowed-rules makes the pulled files plain inputs, so nothing upstream (no model) is rebuilt.
+rule defenses:
     input:
-        B2_OUTPUTS,
+        DEFENSE_TARGETS,
+
+
+# seed 000's B² branch alone: snakemake b2 --cores 2 --configfile configs/b2.yaml (`all` includes it there)
+if B2:
+
+    rule b2:
+        input:
+            B2_OUTPUTS,
+
+elif "b2" in sys.argv[1:]:  # (the DAG settings, targets included, do not exist yet while the Snakefile loads)
+    print("clipbackdoor (workflow load): error: the b2 target needs parameters with a `b2` section (seed 000, "
+          "the B² audit)\n  fix: snakemake b2 --cores 2 --configfile configs/b2.yaml (or make b2)", file=sys.stderr)
+    sys.exit(EXIT_USER_ERROR)

@@ -1,6 +1,6 @@
-# Seed 000's B² bias audit, its own target (`snakemake b2 --cores 2`): a miniature text-to-image model conditioned
-# on the clean CLIP's frozen text encoder (t2i_pretrain), its B² poisoning (t2i_backdoor) and the CLIP
-# token-inversion audit that names the hidden bias (b2_audit). Not part of `all`.
+# Seed 000's B² bias audit, included (and part of `all`) when the parameters have a `b2` section: a miniature
+# text-to-image model conditioned on the clean CLIP's frozen text encoder (t2i_pretrain), its B² poisoning
+# (t2i_backdoor) and the CLIP token-inversion audit that names the hidden bias (b2_audit).
 
 # the real profile (Stable Diffusion) has no embedded world to draw colours / shapes / renders from
 WORLD_KEYS = ["data.world", "data.image_size"] if EMBEDDED else ["data.image_size"]
@@ -10,7 +10,6 @@ T2I_KEYS = ["b2.backend", "b2.t2i", "b2.seed", *SD_KEYS]
 BACKDOOR_KEYS = ["b2.backend", "b2.backdoor", "b2.t2i.sample_steps", "b2.t2i.guidance", "b2.seed", *SD_KEYS]
 AUDIT_KEYS = ["b2.backend", "b2.audit", "b2.backdoor.triggers", "b2.backdoor.marker_shape",
               "b2.backdoor.marker_colour", "b2.t2i.sample_steps", "b2.t2i.guidance", "b2.seed", *SD_KEYS]
-B2_OUTPUTS = ["results/tables/b2_audit.md", "results/metrics/b2.csv", "results/figures/b2_t2i_samples.png"]
 
 
 rule t2i_pretrain:

@@ -8,6 +8,7 @@ from snakemake.utils import update_config, validate
 
 from clipbackdoor.runs import parse_run, run_name
 from clipbackdoor.config import eval_targets, load_yaml, validate_params
+from clipbackdoor.dvcgen import graph_shape
 from clipbackdoor.errors import EXIT_USER_ERROR, UserError
 
 try:
@@ -202,7 +203,8 @@ def detect_path(model, evalset, trigger):
 DETECTORS = list(config.get("detect", {}).get("detectors", []))
 DETECT_OUTPUTS = {f"{r}:{r}:{e}": detect_path(r, e, r) for r in RUNS for e in RUN_EVALS[r]} if DETECTORS else {}
 
-ALL_TARGETS = [
+# seed 001's defenses and their results, computed from cached decompositions alone (`make defenses`)
+DEFENSE_TARGETS = [
     "results/metrics/summary.csv",
     "results/metrics/summary.md",
     "results/metrics/summary.json",
@@ -213,7 +215,14 @@ ALL_TARGETS = [
     "results/figures/fig6_eps_sweep.png",
     "results/figures/fig8_cacc_mmd.png",
 ]
+ALL_TARGETS = list(DEFENSE_TARGETS)
 if set(REPAIRS) & set(ABD_ARMS):  # seed 002's Fig. 2 and Tables I-III
     ALL_TARGETS += [f"results/tables/abd_{t}.md" for t in ("table1", "table2", "table3", "fig2")]
 if "analysis" in config:  # TEXTSPAN descriptions of every attacked model (Figures 3-4 analogues)
     ALL_TARGETS += [f"results/analysis/textspan/{r}_{e}.md" for r in RUNS for e in RUN_EVALS[r]]
+# Seed 000's B² audit: part of `all` exactly when the parameters have a `b2` section (configs/b2.yaml, the
+# real-scale profiles), so `snakemake all` and dvc.yaml's stages (generated from the same DAG) always agree.
+B2 = "b2" in config
+B2_OUTPUTS = ["results/tables/b2_audit.md", "results/metrics/b2.csv", "results/figures/b2_t2i_samples.png"]
+if B2:
+    ALL_TARGETS += B2_OUTPUTS

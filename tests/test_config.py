@@ -12,7 +12,7 @@ BASE = yaml.safe_load((ROOT / "params.yaml").read_text())
 
 @pytest.mark.parametrize("profile", ["params.yaml", "configs/smoke.yaml", "configs/paper.yaml",
                                      "configs/all_attacks.yaml", "configs/core.yaml",
-                                     "configs/abd.yaml", "configs/rehearsal.yaml"])
+                                     "configs/abd.yaml", "configs/rehearsal.yaml", "configs/b2.yaml"])
 def test_profiles_validate_and_build(profile):
     params = load_params(ROOT / profile)
     assert isinstance(params, Params)
@@ -29,7 +29,7 @@ def test_embedded_variants_differ_from_params_yaml_only_where_they_say():
     base["poison"].pop("attacks")
     assert every == base
     core = yaml.safe_load((ROOT / "configs/core.yaml").read_text())
-    baselines = {k: BASE[k] for k in ("repair", "cleanclip", "roclip", "abd", "b2", "detect", "analysis")}
+    baselines = {k: BASE[k] for k in ("repair", "cleanclip", "roclip", "abd", "detect", "analysis")}
     assert core == {k: v for k, v in BASE.items() if k not in baselines} and all(baselines.values())
     abd = yaml.safe_load((ROOT / "configs/abd.yaml").read_text())  # seed 002's attacks, every repair arm
     assert abd["poison"].pop("attacks") == ["badnet", "blended", "badclip"]
@@ -38,6 +38,9 @@ def test_embedded_variants_differ_from_params_yaml_only_where_they_say():
     base = copy.deepcopy(BASE)
     base["poison"].pop("attacks"), base["repair"].pop("methods")
     assert abd == {k: v for k, v in base.items() if k not in ("detect", "analysis")}
+    # configs/b2.yaml: params.yaml plus seed 000's section (with it, `all` and dvc.yaml include the B² branch)
+    b2 = yaml.safe_load((ROOT / "configs/b2.yaml").read_text())
+    assert set(b2.pop("b2")) == {"backend", "t2i", "backdoor", "audit", "seed"} and b2 == BASE and "b2" not in BASE
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -87,7 +90,7 @@ def test_a_repair_method_without_its_section_is_refused():
 
 
 def test_t2i_attention_at_full_resolution_is_refused():
-    params = copy.deepcopy(BASE)
+    params = yaml.safe_load((ROOT / "configs/b2.yaml").read_text())
     params["b2"]["t2i"]["cross_attention_levels"] = len(params["b2"]["t2i"]["block_out_channels"])
     with pytest.raises(UserError, match="b2.t2i.cross_attention_levels = 3 would put attention at the full"):
         validate_params(params)

@@ -43,16 +43,18 @@ def digest(path: Path) -> str:
     return h.hexdigest()
 
 
+B2 = {"t2i_pretrain", "t2i_backdoor", "b2_audit"}  # smoke.yaml has a `b2` section: `all` holds the B² branch
 ALL = {"world", "pretrain", "poison", "finetune", "decompose", "class_embeddings", "prototypes", "defend",
-       "summary", "figures", "cleanclip", "detect", "mmd", "textspan", "tables"}
+       "summary", "figures", "cleanclip", "detect", "mmd", "textspan", "tables"} | B2
 AFTER_DEFEND = {"defend", "summary", "figures", "tables"}
-DVC_ALL = ALL | {"t2i", "b2"}  # dvc.yaml also carries the B² branch (t2i_pretrain, t2i_backdoor, b2_audit)
 
 
 def dvc_rules(out: str) -> set[str]:
     """DVC stage names -> the rule they come from (stage = rule + wildcard values)."""
-    return {name.split("_")[0] if not name.startswith("class_embeddings") else "class_embeddings"
-            for name in dvc_stages(out)}
+    rules = set()
+    for name in dvc_stages(out):
+        rules.add(next((r for r in sorted(ALL, key=len, reverse=True) if name == r or name.startswith(r + "_")), name))
+    return rules
 
 
 def set_param(repo: Path, section: str, key: str, value) -> None:
@@ -61,13 +63,25 @@ def set_param(repo: Path, section: str, key: str, value) -> None:
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
+def commit(repo: Path, message: str) -> None:
+    if not (repo / ".git").exists():
+        sh("git init -q", repo)
+    sh(f"git add -A && git -c user.email=t@t -c user.name=t commit -qm {message}", repo)
+
+
+def lock_outs(repo: Path) -> dict[str, str]:
+    """{output path: md5} of every stage in dvc.lock."""
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    return {o["path"]: o["md5"] for st in lock["stages"].values() for o in st.get("outs", [])}
+
+
 @pytest.fixture(scope="module")
 def smoke_repo(tmp_path_factory):
     base = tmp_path_factory.mktemp("e2e")
     repo = copy_repo(base / "repo")
     shutil.copy(repo / "configs" / "smoke.yaml", repo / "params.yaml")
     sh("python -m clipbackdoor dvc-yaml", repo)  # dvc.yaml of the smoke parameters (the committed one: defaults)
-    sh("git init -q && git add -A && git -c user.email=t@t -c user.name=t commit -qm smoke", repo)
+    commit(repo, "smoke")
     return repo
 
 
@@ -80,6 +94,7 @@ def test_snakemake_runs_the_pipeline_and_reruns_only_what_changed(smoke_repo):
     assert (smoke_repo / "data/benchmarks/pretrain.tsv").exists() and (smoke_repo / "data/logs/world.log").exists()
     assert (smoke_repo / "results/figures/fig5_prototype_cosine.png").stat().st_size > 10_000
     assert "cleanclip+decomp_rep" in summary and "badnet,strip," in summary and "badnet,teco," in summary
+    assert "## Position study" in (smoke_repo / "results/tables/b2_audit.md").read_text()  # B², part of `all`
     sh("snakemake --report report.html --cores 1", smoke_repo)  # tables, figures, TEXTSPAN in the HTML report
     html = (smoke_repo / "report.html").read_text(errors="replace")
     assert all(name in html for name in ("table1.md", "table5.md", "fig6_eps_sweep.png", "badnet-s0_world.md"))
@@ -92,31 +107,41 @@ def test_snakemake_runs_the_pipeline_and_reruns_only_what_changed(smoke_repo):
     assert snakemake_jobs(sh("snakemake --cores 2", smoke_repo)) == AFTER_DEFEND
 
 
-def test_dvc_repro_reproduces_snakemake_and_reruns_only_dependants(smoke_repo):
-    snake_world = digest(smoke_repo / "data/datasets/train")
-    snake_model = digest(smoke_repo / "data/models/clean/model.safetensors")
-    out = sh("dvc repro", smoke_repo)
-    assert dvc_rules(out) == DVC_ALL  # no dvc.lock yet: everything runs once
-    assert digest(smoke_repo / "data/datasets/train") == snake_world  # byte-identical artifacts
-    assert digest(smoke_repo / "data/models/clean/model.safetensors") == snake_model
-    # both tools hash the same artifacts: Snakemake's marker file is in .dvcignore
-    assert "up to date" in sh("dvc status", smoke_repo)
-    sh("git add -A && git -c user.email=t@t -c user.name=t commit -qm lock", smoke_repo)
-
-    assert dvc_stages(sh("dvc repro", smoke_repo)) == set()
-    set_param(smoke_repo, "pretrain", "lr", 0.003)
-    # (a real run: `dvc repro --dry` lists only the stage whose params changed, not its dependants)
-    assert dvc_rules(sh("dvc repro", smoke_repo)) == DVC_ALL - {"world", "poison"}  # B² reads the clean CLIP
-    set_param(smoke_repo, "defend", "eps", 0.2)
-    assert dvc_rules(sh("dvc repro", smoke_repo)) == AFTER_DEFEND
-    sh("git add -A && git -c user.email=t@t -c user.name=t commit -qm lr", smoke_repo)
+def test_lock_records_the_run_and_push_sends_every_output(smoke_repo):
+    """No dvc.lock after a Snakemake run made `dvc status` list every stage and `dvc push` push nothing."""
+    sh("python -m clipbackdoor dvc-yaml", smoke_repo)  # params.yaml was edited (defend.eps): same stages
+    out = sh("python -m clipbackdoor lock", smoke_repo)
+    assert "every stage is current" in out, out
+    assert sh("dvc status", smoke_repo).strip().endswith("Data and pipelines are up to date.")
+    outs = lock_outs(smoke_repo)
+    stages = yaml.safe_load((smoke_repo / "dvc.yaml").read_text())["stages"]
+    assert set(outs) == {o for st in stages.values() for o in st["outs"]}  # every stage recorded, B² included
+    assert any(p.startswith("data/decomp/") for p in outs) and "results/metrics/b2.csv" in outs
+    push = sh("dvc push", smoke_repo)
+    assert "Everything is up to date" not in push
+    remote = smoke_repo.parent / "clipbackdoor-dvc-remote"  # the default remote: a folder next to the repository
+    assert sum(1 for p in remote.rglob("*") if p.is_file()) >= len(outs)
+    commit(smoke_repo, "lock")
 
 
-def test_dvc_push_then_pull_into_a_fresh_clone(smoke_repo, tmp_path):
-    sh("dvc push", smoke_repo)
+def test_a_second_run_gives_byte_identical_artifacts_and_dvc_repro_agrees(smoke_repo, tmp_path):
+    """Two identical runs, one by Snakemake (smoke_repo) and one by `dvc repro` in a fresh copy: every output
+    has the same hash (prototypes' safetensors metadata included), so DVC sees one result, not two."""
+    other = copy_repo(tmp_path / "repo")
+    shutil.copy(smoke_repo / "params.yaml", other / "params.yaml")
+    shutil.copy(smoke_repo / "dvc.yaml", other / "dvc.yaml")
+    commit(other, "again")
+    out = sh("dvc repro", other)
+    assert dvc_rules(out) == ALL  # `dvc repro` of the default set = `snakemake all`
+    mine, theirs = lock_outs(smoke_repo), lock_outs(other)
+    assert mine.keys() == theirs.keys()
+    differ = sorted(p for p in mine if mine[p] != theirs[p])
+    assert not differ, f"not byte-identical across two runs: {differ[:5]}"
+
+
+def test_fresh_clone_pulls_and_snakemake_plans_nothing(smoke_repo, tmp_path):
     clone = smoke_repo.parent / "clone"
     sh(f"git clone -q {smoke_repo} {clone}", tmp_path)
-    # the default remote is a folder next to the repository; the clone sits next to the original
     assert not (clone / "data/models/clean").exists()
     sh("dvc pull", clone)
     assert digest(clone / "data/models/clean/model.safetensors") == \
@@ -125,6 +150,49 @@ def test_dvc_push_then_pull_into_a_fresh_clone(smoke_repo, tmp_path):
     # `dvc pull` sets fresh mtimes in arbitrary order: --touch records them without recomputing
     sh("snakemake --touch --cores 1", clone)
     assert "Nothing to be done" in sh("snakemake -n --cores 1", clone)
+    summary = "results/metrics/summary.csv"
+    assert (clone / summary).read_bytes() == (smoke_repo / summary).read_bytes()
+
+
+def test_decompositions_alone_let_a_colleague_run_the_defenses(smoke_repo, tmp_path):
+    """`make pull-decomp` then `make defenses`: no model weights, no GPU; only defend and the results rerun."""
+    clone = smoke_repo.parent / "colleague"
+    sh(f"git clone -q {smoke_repo} {clone}", tmp_path)
+    makefile = (clone / "Makefile").read_text()
+    pull = [line.strip() for line in makefile.split("pull-decomp: setup\n")[1].split("\n\n")[0].splitlines()]
+    for cmd in pull:
+        sh(cmd, clone)
+    assert list((clone / "data/decomp").rglob("*.parquet")) and not list(clone.rglob("model.safetensors"))
+    defenses = makefile.split("defenses: setup\n")[1].splitlines()[0].strip().replace("$(CORES)", "2")
+    out = sh(defenses, clone)
+    assert snakemake_jobs(out) == {"defenses", "defend", "mmd", "summary", "tables", "figures"}
+    summary = "results/metrics/summary.csv"
+    assert (clone / summary).read_bytes() == (smoke_repo / summary).read_bytes()
+
+
+def test_a_flipped_byte_in_a_cached_decomposition_is_refused_by_its_reader(smoke_repo, tmp_path):
+    decomp = smoke_repo / "data/decomp/badnet-s0/world/badnet-s0.parquet"
+    copy = tmp_path / decomp.name
+    shutil.copy2(decomp, copy)
+    data = bytearray(copy.read_bytes())
+    data[len(data) // 2] ^= 0x01  # inside the head columns' fp16 values
+    copy.write_bytes(bytes(data))
+    proc = subprocess.run(f"python -m clipbackdoor prototypes --params @params.yaml:prototypes --decomp {copy} "
+                          f"--out {tmp_path / 'p.safetensors'}", cwd=smoke_repo, shell=True, capture_output=True,
+                          text=True, env=ENV)
+    assert proc.returncode == 2 and "changed after the file was written" in proc.stderr, proc.stderr
+    assert not (tmp_path / "p.safetensors").exists()
+
+
+def test_dvc_exp_run_reruns_exactly_what_a_key_reaches(smoke_repo):
+    out = sh("dvc exp run -S defend.eps=0.3", smoke_repo)
+    assert dvc_rules(out) == AFTER_DEFEND, sorted(dvc_stages(out))
+    # a key that reshapes the stage graph is refused with the fix, never silently ignored
+    proc = subprocess.run("dvc exp run -S 'poison.attacks=[badnet]'", cwd=smoke_repo, shell=True,
+                          capture_output=True, text=True, env=ENV)
+    assert proc.returncode != 0
+    assert "poison.attacks is ['badnet'] but dvc.yaml's stages were generated for" in proc.stdout + proc.stderr
+    sh("git checkout -q params.yaml dvc.lock", smoke_repo)
 
 
 def test_missing_dvc_remote_is_a_clear_error(smoke_repo, tmp_path):
@@ -188,15 +256,15 @@ def test_abd_study_runs_end_to_end_on_the_smoke_profile(tmp_path):
         assert "| Victim |" in (repo / "results/tables" / name).read_text()
 
 
-def test_b2_branch_runs_as_its_own_target_on_the_smoke_profile(tmp_path):
-    """`snakemake b2`: world -> clean CLIP -> t2i_pretrain -> t2i_backdoor -> b2_audit, outside `all`."""
+def test_b2_branch_runs_as_its_own_target_on_the_smoke_profile(smoke_repo):
+    """`snakemake b2`: world -> clean CLIP -> t2i_pretrain -> t2i_backdoor -> b2_audit, no attack run (its jobs
+    ran inside `all` above; here the plan of the target alone, and the audit's content)."""
     import pandas as pd
 
-    repo = copy_repo(tmp_path / "repo")
-    shutil.copy(repo / "configs" / "smoke.yaml", repo / "params.yaml")
-    out = sh("snakemake b2 --cores 2", repo)
-    assert {"t2i_pretrain", "t2i_backdoor", "b2_audit"} <= snakemake_jobs(out)
+    out = sh("snakemake b2 -n --forceall --cores 2", smoke_repo)
+    assert B2 | {"world", "pretrain"} <= snakemake_jobs(out)
     assert not {"finetune", "poison", "summary"} & snakemake_jobs(out)  # the B² branch needs no attack run
+    repo = smoke_repo
     audit = pd.read_csv(repo / "results/metrics/b2.csv")
     assert set(audit.generator) == {"backdoored", "clean"} and audit.prompt.nunique() == 2
     assert {"seed (full vocab)", "discrete + contrast"} <= set(audit.audit)

@@ -107,6 +107,9 @@ def test_paper_profile_dry_runs_at_real_scale(paper_textspan_pool):
     # seed 001 B.1: one target per evaluation set, so one backdoored model per (attack, set), scored on its set
     sets, attacks = 3, 2
     runs = attacks * sets
+    # the profile has a `b2` section, so `all` holds the B² branch (t2i_pretrain may be current in a used tree)
+    b2 = {rule: counts.pop(rule) for rule in ("t2i_pretrain", "t2i_backdoor", "b2_audit") if rule in counts}
+    assert b2["b2_audit"] == b2["t2i_backdoor"] == 1
     assert counts == {"cc3m": 1, "eval_data": sets, "clean_model": 1, "poison": runs, "finetune": runs,
                       "cleanclip": runs, "decompose": (sets + runs) + 2 * runs + 2 * runs,
                       "class_embeddings": sets + 2 * runs, "prototypes": sets + 2 * runs, "defend": 3 * runs,

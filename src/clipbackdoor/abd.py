@@ -47,12 +47,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
 from clipbackdoor.attacks.badnet import paste, patch_origin
 from clipbackdoor.cleanclip import info_nce
 from clipbackdoor.config import AbdGeneratorConfig
-from clipbackdoor.io import atomic_path, load_safetensors
+from clipbackdoor.io import load_safetensors, save_safetensors
 from clipbackdoor.models import LoadedModel, load_artifact, normalize
 from clipbackdoor.runtime import pick_device
 from clipbackdoor.shards import load_split
@@ -219,8 +218,7 @@ def run_abd_generator(poisoned_dir: str | Path, normal_dir: str | Path, clean_di
             summary[f"{kind}.{variant}"] = {"first": history[0], "last": history[-1]}
     meta = {"config": json.dumps(asdict(cfg)), "history": json.dumps(summary), "seed": str(seed),
             "poisoned_sha256": poisoned.checkpoint_sha256 or "", "normal_sha256": normal.checkpoint_sha256 or ""}
-    with atomic_path(out_path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+    save_safetensors(out_path, tensors, meta)
     return summary
 
 

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
 from clipbackdoor.poison import names_target as caption_names_target
 from clipbackdoor.attacker import attacker_view
@@ -22,7 +21,7 @@ from clipbackdoor.attacks.badclip import optimise_patch, target_image_embedding
 from clipbackdoor.attacks.badnet import paste, patch_origin
 from clipbackdoor.attacks.base import to_float, to_uint8
 from clipbackdoor.errors import UserError
-from clipbackdoor.io import atomic_path
+from clipbackdoor.io import atomic_path, save_safetensors
 from clipbackdoor.metrics import attack_success
 from clipbackdoor.models import normalize
 from clipbackdoor.shards import load_split
@@ -59,10 +58,9 @@ def run_badclip_patch(model_dir: str | Path, train_dir: str | Path, eval_dir: st
     metrics = {"clean_model_asr": asr, "final_text_cos": history[-1]["text_cos"],
                "final_image_cos": history[-1]["image_cos"], "steps": len(history),
                "n_target_images": int(names_target.sum())}
-    with atomic_path(out_path) as tmp:
-        save_file({"patch": patch.contiguous()}, str(tmp),
-                  metadata={"metrics": json.dumps(metrics), "config": json.dumps(cfg, sort_keys=True),
-                            "target": target, "seed": str(seed), "base_sha256": loaded.checkpoint_sha256 or ""})
+    save_safetensors(out_path, {"patch": patch}, {"metrics": json.dumps(metrics), "config": json.dumps(cfg, sort_keys=True),
+                                               "target": target, "seed": str(seed),
+                                               "base_sha256": loaded.checkpoint_sha256 or ""})
     if png_path is not None:
         save_patch_png(patch, ev["images"][:4], patched[:4], metrics, png_path)
     return metrics

@@ -29,6 +29,9 @@ def parse_params(value: str) -> dict:
         path, _, names = value[1:].partition(":")
         full = load_yaml(path)
         validate_params(full, path)
+        from clipbackdoor.dvcgen import check_graph_shape
+
+        check_graph_shape(full, Path(path).parent / "dvc.yaml")  # the form dvc.yaml's commands use
         flat = {key: get_dotted(full, key) for key in names.split(",") if key}
     else:
         try:
@@ -473,6 +476,14 @@ def cmd_dvc_yaml(args) -> None:
         print(f"wrote {write_dvc_yaml(Path(args.root))}")
 
 
+def cmd_lock(args) -> None:
+    from clipbackdoor.dvcgen import lock
+
+    done, todo = lock(Path(args.root))
+    print(f"dvc.lock: {len(done)} stage(s) recorded" + (f"; {len(todo)} not run yet or out of date for params.yaml "
+                                                        f"(e.g. {todo[0]})" if todo else "; every stage is current"))
+
+
 def cmd_report(args) -> None:
     from clipbackdoor.report import print_summary
 
@@ -704,6 +715,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--check", action="store_true", help="fail if the committed dvc.yaml is stale")
     sp.add_argument("--root", default=".")
 
+    sp = stage("lock", cmd_lock, "after a Snakemake run: record the stages it completed in dvc.lock (dvc commit), "
+                                 "so `dvc status` is clean and `dvc push` sends every output")
+    sp.add_argument("--root", default=".")
+
     sp = stage("report", cmd_report, "print the results table")
     sp.add_argument("files", nargs="*", default=["results/metrics/summary.csv"])
     return parser
@@ -722,14 +737,22 @@ def _without_log(argv: list[str]) -> list[str]:
     return out
 
 
+# (file descriptor of the stderr we had before redirect_to_log, the log's path): a failing stage's one line
+# also reaches the terminal that runs Snakemake / DVC, which otherwise shows only "Error in rule X"
+_TERMINAL: tuple[int, str] | None = None
+
+
 def redirect_to_log(path: str) -> None:
     """Send this process's stdout and stderr (Python and native) to ``path``, creating its folder."""
     import os
 
+    global _TERMINAL
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     sys.stdout.flush()
     sys.stderr.flush()
+    if _TERMINAL is None:
+        _TERMINAL = (os.dup(2), path)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
@@ -771,16 +794,29 @@ def main(argv: list[str] | None = None) -> int:
         args.fn(args)
         _report_gpu_memory(args.command)
     except UserError as exc:
-        print(exc.report(f"clipbackdoor {args.command}"), file=sys.stderr)
+        _fail(exc.report(f"clipbackdoor {args.command}"))
         return EXIT_USER_ERROR
     except _decoder_errors() as exc:  # a reader without its own check met bytes it cannot decode
         if os.environ.get("CLIPBACKDOOR_TRACEBACK") == "1":  # a developer chasing a bug wants the frames
             import traceback
 
             traceback.print_exc()
-        print(UserError(f"an input file cannot be read ({type(exc).__name__}: {str(exc)[:200]})",
+        _fail(UserError(f"an input file cannot be read ({type(exc).__name__}: {str(exc)[:200]})",
                         fix="check the files given to this stage (see the command in the log); rerun the stage "
-                            "that wrote the damaged one, or `dvc pull` it").report(f"clipbackdoor {args.command}"),
-              file=sys.stderr)
+                            "that wrote the damaged one, or `dvc pull` it").report(f"clipbackdoor {args.command}"))
         return EXIT_USER_ERROR
+    except Exception as exc:  # a bug: the traceback goes to the log as usual, its last line to the terminal too
+        if _TERMINAL is not None:
+            os.write(_TERMINAL[0], f"clipbackdoor {args.command}: failed ({type(exc).__name__}: "
+                                   f"{str(exc)[:200]}); traceback in {_TERMINAL[1]}\n".encode())
+        raise
     return 0
+
+
+def _fail(report: str) -> None:
+    """Our error (culprit + fix) to stderr -- the log under --log -- and, when stderr is the log, to the
+    terminal as well, with the log's path."""
+    print(report, file=sys.stderr)
+    if _TERMINAL is not None:
+        sys.stderr.flush()
+        os.write(_TERMINAL[0], f"{report}\n  (log: {_TERMINAL[1]})\n".encode())

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from clipbackdoor.decompose import Decomposition, component_names
 from clipbackdoor.errors import UserError
-from clipbackdoor.io import atomic_path
+from clipbackdoor.io import read_parquet, write_parquet
 
 SCHEMA_VERSION = "1"
 ROW_GROUP_SIZE = 1024
@@ -56,11 +56,11 @@ def write_decomposition(path: str | Path, keys: list[str], labels: np.ndarray, t
     full_meta = {**{k: str(v) for k, v in meta.items()}, "schema_version": SCHEMA_VERSION,
                  "n_layers": str(n_layers), "n_heads": str(n_heads), "dim": str(d), "dtype": "float16"}
     table = pa.table(cols).replace_schema_metadata({k: v.encode() for k, v in full_meta.items()})
-    with atomic_path(path) as tmp:
-        # no compression (fp16 noise does not compress) and no min/max statistics on the binary component
-        # columns (they would add two values per column chunk and are never used for filtering)
-        pq.write_table(table, tmp, row_group_size=ROW_GROUP_SIZE, compression="none", use_dictionary=False,
-                       write_statistics=["key", "label", "triggered", "norm"])
+    # no compression (fp16 noise does not compress) and no min/max statistics on the binary component
+    # columns (they would add two values per column chunk and are never used for filtering); each column's
+    # sha256 goes into the metadata, so a reader refuses bytes changed after writing
+    write_parquet(path, table, row_group_size=ROW_GROUP_SIZE, compression="none", use_dictionary=False,
+                  write_statistics=["key", "label", "triggered", "norm"])
 
 
 @dataclass
@@ -107,7 +107,7 @@ def read_decomposition(path: str | Path, layers: list[int] | None = None, with_m
     if set(pq.read_schema(path).names) != expected:
         raise UserError(f"{path}: columns do not match the recorded shape ({n_layers} layers x {n_heads} heads)",
                         fix="the cache is from another model or was edited: rerun `decompose`")
-    table = pq.read_table(path, columns=columns)
+    table = read_parquet(path, columns, made_by="the `decompose` stage")
     for name in ("embedding", *head_cols):
         if table.schema.field(name).type != pa.binary(2 * d):
             raise UserError(f"{path}: column {name} is not {d} float16 values", fix="rerun `decompose`")

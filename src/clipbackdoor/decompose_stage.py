@@ -7,12 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
 from clipbackdoor.attacks import trigger_eval_images
 from clipbackdoor.decomp_cache import write_decomposition
 from clipbackdoor.decompose import Decomposition, decompose
-from clipbackdoor.io import atomic_path, check_safetensors
+from clipbackdoor.io import load_safetensors, save_safetensors
 from clipbackdoor.models import load_artifact, normalize
 from clipbackdoor.runtime import autocast
 from clipbackdoor.shards import load_split
@@ -58,17 +57,13 @@ def run_class_embeddings(model_dir: str | Path, eval_dir: str | Path, out_path: 
     loaded = load_artifact(model_dir, device)  # the rule's GPU: 80 templates x the classes through the text tower
     classes = world_classes_json(eval_dir)
     emb = class_text_embeddings(loaded, classes["classnames"], templates_for(templates_kind, classes["templates"]))
-    with atomic_path(out_path) as tmp:
-        save_file({"class_embeddings": emb.cpu().contiguous()}, str(tmp),
-                  metadata={"classnames": json.dumps(classes["classnames"]), "checkpoint_sha256": loaded.checkpoint_sha256})
+    save_safetensors(out_path, {"class_embeddings": emb},
+                     {"classnames": json.dumps(classes["classnames"]), "checkpoint_sha256": loaded.checkpoint_sha256})
     return len(classes["classnames"])
 
 
 def load_class_embeddings(path: str | Path) -> tuple[np.ndarray, list[str]]:
     import json
 
-    from safetensors import safe_open
-
-    check_safetensors(path, "the class_embeddings stage")
-    with safe_open(str(path), framework="np") as fh:
-        return fh.get_tensor("class_embeddings"), json.loads(fh.metadata()["classnames"])
+    tensors, meta = load_safetensors(path, "np", made_by="the class_embeddings stage", with_metadata=True)
+    return tensors["class_embeddings"], json.loads(meta["classnames"])

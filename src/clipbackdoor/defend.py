@@ -16,11 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from clipbackdoor.config import DefendConfig
 from clipbackdoor.decomp_cache import CachedDecomposition, read_decomposition
-from clipbackdoor.io import atomic_path
+from clipbackdoor.io import write_parquet
 from clipbackdoor.prototypes import head_similarity
 
 OUTPUT_SCHEMA = pa.schema([("defense", pa.string()), ("variant", pa.string()), ("split", pa.string()),
@@ -175,8 +174,7 @@ def run_defend(clean_path: str | Path, triggered_path: str | Path, protos: dict,
     meta = {"target": str(target), "target_name": target_name, "kind": kind, "rule": cfg.rule, "eps": str(cfg.eps),
             "checkpoint_sha256": trig_d.meta.get("checkpoint_sha256", ""), "trigger": trig_d.meta.get("trigger", "")}
     table = pa.Table.from_pydict(rows, schema=OUTPUT_SCHEMA).replace_schema_metadata(meta)
-    with atomic_path(out_path) as tmp:
-        pq.write_table(table, tmp)
+    write_parquet(out_path, table)
     return table.num_rows
 
 

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
@@ -22,7 +21,7 @@ from clipbackdoor.config import DetectConfig
 from clipbackdoor.decompose_stage import load_class_embeddings
 from clipbackdoor.defend import OUTPUT_SCHEMA
 from clipbackdoor.detectors import scaleup_scores, strip_scores, teco_scores
-from clipbackdoor.io import atomic_path
+from clipbackdoor.io import write_parquet
 from clipbackdoor.models import load_artifact, normalize
 from clipbackdoor.prototypes import load_prototypes
 from clipbackdoor.runtime import pick_device
@@ -79,6 +78,5 @@ def run_detect(model_dir: str | Path, eval_dir: str | Path, prototypes_path: str
     meta = {"target": str(target), "target_name": target_name, "trigger": trigger, "n_images": str(len(index)),
             "checkpoint_sha256": loaded.checkpoint_sha256 or ""}
     table = pa.Table.from_pydict(rows, schema=OUTPUT_SCHEMA).replace_schema_metadata(meta)
-    with atomic_path(out_path) as tmp:
-        pq.write_table(table, tmp)
+    write_parquet(out_path, table)
     return table.num_rows

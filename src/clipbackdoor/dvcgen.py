@@ -1,7 +1,7 @@
 """Generate ``dvc.yaml`` from the Snakemake workflow, so the DAG has one source of truth.
 
-Every job of the ``all`` DAG, and of the ``b2`` branch (seed 000; its own Snakemake target) when the
-parameters have a ``b2`` section, becomes one DVC stage with
+Every job of the ``all`` DAG (which holds seed 000's B² branch exactly when the parameters have a ``b2``
+section: ``dvc repro`` and ``snakemake all`` build the same artifacts) becomes one DVC stage with
 - ``cmd``: the rule's shell command, formatted by Snakemake itself, with the inline ``--params`` JSON
   replaced by ``@params.yaml:<keys>`` (so ``dvc repro`` reads the current params) and threads left to
   the stage (``0`` = all cores);
@@ -24,20 +24,67 @@ from types import SimpleNamespace
 import yaml
 
 HEADER = ("# GENERATED from the Snakemake rules by `python -m clipbackdoor dvc-yaml` -- do not edit.\n"
-          "# tests/test_dvc_yaml.py fails when this file is stale.\n")
+          "# tests/test_workflow.py fails when this file is stale.\n")
 PACKAGE = "clipbackdoor"
 SKIP_MODULES = {"cli", "__main__", "dvcgen"}
 
 
-def _workflow_jobs(root: Path, configfiles: list[Path] | None = None):
-    """Every job of the DAG, built through the Snakemake API with its output silenced. When the workflow load
-    refuses the parameters (rules/common.smk prints one line and exits 2), that line becomes our UserError."""
+# The parameters the workflow reads while it builds the stage graph (rules/common.smk and the rules' input
+# functions): editing one changes which stages exist or which files they read, so dvc.yaml must be regenerated.
+# dvc.yaml records their values (and which sections exist) in its header; a stage run through DVC refuses a
+# params.yaml whose graph differs, and the summary stage lists them as its params so `dvc exp run -S` of one
+# reaches a stage (and that refusal) instead of being silently ignored.
+SHAPE_KEYS = ("data.source", "data.eval_sets", "model.pretrained", "poison.attacks", "poison.seeds", "poison.target",
+              "repair.methods", "detect.detectors", "analysis.textspan_pool", "attacks.label_consistent.adv_eps",
+              "b2.backend", "b2.stable_diffusion.path", "b2.stable_diffusion.auditor_pretrained")
+SHAPE_PREFIX = "# stage graph of: "
+
+
+def graph_shape(params: dict) -> dict:
+    """{"sections": [...], key: value for each SHAPE_KEYS entry the parameters set}."""
+    out: dict = {"sections": sorted(params)}
+    attacks = (params.get("poison") or {}).get("attacks") or []
+    for key in SHAPE_KEYS:
+        if key.startswith("attacks.") and key.split(".")[1] not in attacks:
+            continue  # an attack's setting shapes the graph only when the attack runs
+        node = params
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None:
+            out[key] = node
+    return out
+
+
+def check_graph_shape(params: dict, dvc_yaml: Path) -> None:
+    """Refuse parameters whose stage graph is not the one dvc.yaml was generated for (a `dvc exp run -S
+    poison.attacks=...` or an edit of params.yaml that adds runs, sets or sections)."""
+    from clipbackdoor.errors import UserError
+
+    if not dvc_yaml.is_file():
+        return
+    with open(dvc_yaml, encoding="utf-8") as fh:
+        line = next((ln for ln in (fh.readline() for _ in range(5)) if ln.startswith(SHAPE_PREFIX)), None)
+    if line is None:
+        return
+    recorded, now = json.loads(line[len(SHAPE_PREFIX):]), json.loads(json.dumps(graph_shape(params)))
+    if recorded != now:
+        key = next(k for k in sorted(set(recorded) | set(now)) if recorded.get(k) != now.get(k))
+        raise UserError(f"params.yaml's {key} is {now.get(key, '(absent)')!r} but dvc.yaml's stages were generated for "
+                        f"{recorded.get(key, '(absent)')!r}: this edit changes which stages exist",
+                        fix="run `python -m clipbackdoor dvc-yaml` (it regenerates the stages), then `dvc repro` "
+                            "or `dvc exp run` again")
+
+
+def _workflow_jobs(root: Path, configfiles: list[Path] | None = None, forceall: bool = True):
+    """Every job of the DAG, built through the Snakemake API with its output silenced, and the set of those
+    that Snakemake would run now (all of them with ``forceall``). When the workflow load refuses the parameters
+    (rules/common.smk prints one line and exits 2), that line becomes our UserError."""
     from clipbackdoor.errors import UserError
 
     err = io.StringIO()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
         try:
-            return _build_jobs(root, configfiles)
+            return _build_jobs(root, configfiles, forceall)
         except SystemExit:
             lines = [line for line in err.getvalue().splitlines() if "error:" in line or "fix:" in line]
             problem = lines[0].split("error:", 1)[-1].strip() if lines else "the workflow load failed"
@@ -45,12 +92,10 @@ def _workflow_jobs(root: Path, configfiles: list[Path] | None = None):
             raise UserError(problem, fix=fix) from None
 
 
-def _build_jobs(root: Path, configfiles: list[Path] | None):
+def _build_jobs(root: Path, configfiles: list[Path] | None, forceall: bool):
     from snakemake.api import SnakemakeApi
     from snakemake.settings.types import (ConfigSettings, DAGSettings, OutputSettings, ResourceSettings,
                                           StorageSettings, WorkflowSettings)
-
-    from clipbackdoor.config import load_yaml
 
     with SnakemakeApi(OutputSettings(quiet={"all"})) as api:
         wapi = api.workflow(
@@ -61,13 +106,12 @@ def _build_jobs(root: Path, configfiles: list[Path] | None):
             snakefile=root / "Snakefile",
             workdir=root,
         )
-        params = load_yaml(Path(configfiles[-1] if configfiles else root / "params.yaml"))
-        targets = {"all", "b2"} if "b2" in params else {"all"}
-        dapi = wapi.dag(dag_settings=DAGSettings(targets=targets, forceall=True))
+        dapi = wapi.dag(dag_settings=DAGSettings(targets={"all"}, forceall=forceall))
         workflow = dapi.workflow_api._workflow
-        workflow._prepare_dag(forceall=True, ignore_incomplete=True, lock_warn_only=True, nolock=True)
+        workflow._prepare_dag(forceall=forceall, ignore_incomplete=True, lock_warn_only=True, nolock=True)
         workflow._build_dag()
-        return sorted(workflow.dag.jobs, key=lambda j: (j.rule.name, str(j.output)))
+        jobs = sorted(workflow.dag.jobs, key=lambda j: (j.rule.name, str(j.output)))
+        return jobs, set(workflow.dag.needrun_jobs(exclude_finished=False))
 
 
 def _module_imports(path: Path, func: str | None = None) -> set[str]:
@@ -128,16 +172,19 @@ def job_to_stage(job, root: Path) -> tuple[str, dict]:
     return _stage_name(job), stage
 
 
-def render_dvc_yaml(root: Path) -> str:
+def render_dvc_yaml(root: Path, jobs: list | None = None) -> str:
     stages, plots = {}, []
-    for job in _workflow_jobs(root):
+    for job in _workflow_jobs(root)[0] if jobs is None else jobs:
         if job.rule.name in ("all", "b2") or not job.rule.shellcmd:
             continue
         name, stage = job_to_stage(job, root)
         stages[name] = stage
         plots += [str(f) for f in job.output if str(f).startswith("results/figures/")]
     doc = {"stages": stages, "metrics": ["results/metrics/summary.json"], "plots": sorted(plots)}
-    return HEADER + yaml.safe_dump(doc, sort_keys=False, width=120)
+    from clipbackdoor.config import load_yaml
+
+    shape = json.dumps(graph_shape(load_yaml(root / "params.yaml")), sort_keys=True, separators=(",", ":"))
+    return HEADER + SHAPE_PREFIX + shape + "\n" + yaml.safe_dump(doc, sort_keys=False, width=120)
 
 
 def write_dvc_yaml(root: Path) -> Path:
@@ -160,3 +207,35 @@ def check_dvc_yaml(root: Path) -> str | None:
 
     diff = list(difflib.unified_diff(have.splitlines(), want.splitlines(), "dvc.yaml", "from rules", n=0, lineterm=""))
     return "; ".join(diff[2:6])
+
+
+def lock(root: Path) -> tuple[list[str], list[str]]:
+    """Record in dvc.lock exactly the stages whose Snakemake job is complete and current for params.yaml (its
+    outputs exist and Snakemake would not rerun it), via `dvc commit`; then `dvc status` is clean for them and
+    `dvc push` sends their outputs. Returns (locked stages, stages Snakemake would still run)."""
+    import subprocess
+    import sys
+
+    from clipbackdoor.errors import UserError
+
+    if not (root / ".dvc").is_dir():
+        raise UserError(f"{root.resolve()}: not a DVC repository (no .dvc/)", fix="run this in a clone of the project")
+    jobs, needrun = _workflow_jobs(root, forceall=False)
+    path = root / "dvc.yaml"
+    if not path.exists() or path.read_text() != render_dvc_yaml(root, jobs):
+        raise UserError("dvc.yaml does not match the Snakemake rules and params.yaml",
+                        fix="run `python -m clipbackdoor dvc-yaml`, then this again (a run made with --configfile "
+                            "PROFILE is recorded after `cp PROFILE params.yaml`)")
+    done, todo = [], []
+    for job in jobs:
+        if job.rule.name in ("all", "b2") or not job.rule.shellcmd:
+            continue
+        complete = job not in needrun and all(Path(root, f).exists() for f in job.output)
+        (done if complete else todo).append(_stage_name(job))
+    if done:
+        proc = subprocess.run([sys.executable, "-m", "dvc", "commit", "--force", "--quiet", *done], cwd=root,
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            lines = (proc.stderr or proc.stdout).strip().splitlines() or ["(no output)"]
+            raise UserError(f"dvc commit failed: {lines[-1][:300]}", fix="see `dvc commit -v` for details")
+    return done, todo

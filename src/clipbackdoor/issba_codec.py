@@ -10,11 +10,10 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from clipbackdoor.attacks.base import to_float, to_uint8
 from clipbackdoor.attacks.issba import encode, evaluate_codec, secret_bits, train_codec
-from clipbackdoor.io import atomic_path
+from clipbackdoor.io import atomic_path, save_safetensors
 from clipbackdoor.runtime import pick_device
 from clipbackdoor.shards import load_split
 
@@ -31,10 +30,9 @@ def run_issba_codec(train_dir: str | Path, eval_dir: str | Path, out_path: str |
     tensors = {f"encoder.{k}": v.contiguous() for k, v in encoder.state_dict().items()}
     tensors |= {f"decoder.{k}": v.contiguous() for k, v in decoder.state_dict().items()}
     tensors["secret"] = secret
-    with atomic_path(out_path) as tmp:
-        save_file(tensors, str(tmp), metadata={"config": json.dumps(cfg, sort_keys=True), "image_size": str(image_size),
-                                               "seed": str(seed), "metrics": json.dumps(metrics),
-                                               "history": json.dumps(history)})
+    save_safetensors(out_path, tensors, {"config": json.dumps(cfg, sort_keys=True), "image_size": str(image_size),
+                                         "seed": str(seed), "metrics": json.dumps(metrics),
+                                         "history": json.dumps(history)})
     if png_path is not None:
         with torch.no_grad():
             x = to_float(ev[:6])

@@ -18,13 +18,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
 from clipbackdoor.poison import names_target
 from clipbackdoor.attacker import attacker_view
 from clipbackdoor.attacks.base import to_float, to_uint8
 from clipbackdoor.errors import UserError
-from clipbackdoor.io import atomic_path, check_safetensors
+from clipbackdoor.io import load_safetensors, save_safetensors
 from clipbackdoor.models import normalize
 from clipbackdoor.zeroshot import class_text_embeddings, image_embeddings, predict
 
@@ -74,20 +73,14 @@ def run_lc_adversarial(model_dir: str | Path, train_dir: str | Path, eval_dir: s
     linf = float((hard.int() - images.int()).abs().max()) / 255
     metrics = {"n_images": len(eligible), "clean_model_target_acc_before": before,
                "clean_model_target_acc_after": after, "linf": linf}
-    with atomic_path(out_path) as tmp:
-        save_file({"images": hard.contiguous()}, str(tmp),
-                  metadata={"keys": json.dumps([split["keys"][i] for i in eligible]), "metrics": json.dumps(metrics),
-                            "config": json.dumps(cfg, sort_keys=True), "target": target,
-                            "base_sha256": loaded.checkpoint_sha256 or ""})
+    save_safetensors(out_path, {"images": hard},
+                     {"keys": json.dumps([split["keys"][i] for i in eligible]), "metrics": json.dumps(metrics),
+                      "config": json.dumps(cfg, sort_keys=True), "target": target,
+                      "base_sha256": loaded.checkpoint_sha256 or ""})
     return metrics
 
 
 def load_hard_images(path: str | Path) -> dict[str, torch.Tensor]:
     """The stage's output as {key: uint8 image [3, H, W]}."""
-    from safetensors import safe_open
-
-    check_safetensors(path, "the lc_adversarial stage")
-    with safe_open(str(path), "pt") as f:
-        keys = json.loads(f.metadata()["keys"])
-    images = load_file(str(path))["images"]
-    return dict(zip(keys, images))
+    tensors, meta = load_safetensors(path, made_by="the lc_adversarial stage", with_metadata=True)
+    return dict(zip(json.loads(meta["keys"]), tensors["images"]))

@@ -12,10 +12,9 @@ from pathlib import Path
 
 import open_clip
 import torch
-from safetensors.torch import save_file
 
 from clipbackdoor.errors import UserError
-from clipbackdoor.io import atomic_path, load_safetensors, read_json, write_json
+from clipbackdoor.io import load_safetensors, read_json, save_safetensors, write_json
 
 CONFIG_DIR = Path(__file__).with_name("model_configs")
 PROJECT_MODELS = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
@@ -98,8 +97,7 @@ def save_artifact(loaded: LoadedModel, out_dir: str | Path, metrics: dict | None
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in loaded.model.state_dict().items()}
-    with atomic_path(out_dir / "model.safetensors") as tmp:
-        save_file(state, str(tmp), metadata={"open_clip_name": loaded.name})
+    save_safetensors(out_dir / "model.safetensors", state, {"open_clip_name": loaded.name})
     write_json(out_dir / "model.json", {
         "name": loaded.name, "open_clip_cfg": open_clip.get_model_config(loaded.name),
         "mean": list(loaded.mean), "std": list(loaded.std), "image_size": loaded.image_size,

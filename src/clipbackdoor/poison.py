@@ -12,11 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from clipbackdoor.attacks import make_trigger
 from clipbackdoor.errors import UserError
-from clipbackdoor.io import atomic_path
+from clipbackdoor.io import atomic_path, write_parquet
 from clipbackdoor.shards import load_split, write_shards
 
 MANIFEST_SCHEMA = pa.schema([("key", pa.string()), ("poisoned", pa.bool_()), ("original_caption", pa.string()),
@@ -91,8 +90,7 @@ def poison(finetune_dir: str | Path, eval_classes: dict, out_dir: str | Path, ma
     meta = {"attack": attack, "target": target, "rate": str(attack_cfg["rate"]), "seed": str(seed),
             "n_poisoned": str(len(idx)), "trigger": json.dumps(trigger.describe(), sort_keys=True)}
     table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA).replace_schema_metadata(meta)
-    with atomic_path(manifest_path) as tmp:
-        pq.write_table(table, tmp)
+    write_parquet(manifest_path, table)
     if preview_png is not None:
         save_trigger_preview(split["images"][idx[:8]], new["images"][idx[:8]],
                              [new["captions"][i] for i in idx[:8]], attack, preview_png)

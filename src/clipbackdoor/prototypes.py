@@ -6,10 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import save_file
 
 from clipbackdoor.decomp_cache import read_decomposition
-from clipbackdoor.io import atomic_path, load_safetensors
+from clipbackdoor.io import load_safetensors, save_safetensors
 
 
 def head_similarity(heads: np.ndarray, protos: np.ndarray, rule: str) -> np.ndarray:
@@ -41,8 +40,7 @@ def build_prototypes(clean_decomp_path: str | Path, out_path: str | Path, val_fr
               "val_dot": head_similarity(d.heads[val], heads, "dot").astype(np.float32)}
     meta = {"val_fraction": str(val_fraction), "split_seed": str(seed), "source": str(clean_decomp_path),
             "checkpoint_sha256": d.meta.get("checkpoint_sha256", ""), "n_val": str(len(val)), "n_test": str(len(test))}
-    with atomic_path(out_path) as tmp:
-        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp), metadata=meta)
+    save_safetensors(out_path, arrays, meta)
     return {"n_val": len(val), "n_test": len(test)}
 
 

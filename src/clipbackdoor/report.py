@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from clipbackdoor.runs import parse_run
-from clipbackdoor.io import atomic_path, read_json, write_json, write_text
+from clipbackdoor.io import atomic_path, read_json, read_parquet, write_json, write_text
 
 COLUMNS = ["attack", "defense", "variant", "seed", "eval_set", "target", "asr", "asr_all", "cacc", "auroc", "tpr", "fpr"]
 
@@ -24,14 +24,13 @@ def defend_rows(entries: list[dict]) -> list[dict]:
     """entries: {model, trigger, eval_set, path}; the clean model's rows become attack=clean; a repaired
     model RUN.METHOD (e.g. badnet-s0.cleanclip) gives defense METHOD and METHOD+DEFENSE (e.g.
     cleanclip+decomp_rep, paper Table 1 lower half)."""
-    import pyarrow.parquet as pq
 
     from clipbackdoor.metrics import setting_rows
 
     rows = []
     for e in entries:
-        table = pd.read_parquet(e["path"])
-        meta = pq.read_schema(e["path"]).metadata
+        arrow = read_parquet(e["path"], made_by="the `defend` or `detect` stage")
+        table, meta = arrow.to_pandas(), arrow.schema.metadata
         target = int(meta[b"target"])
         target_name = meta.get(b"target_name", b"").decode()  # the class the run was backdoored towards
         attack, seed = parse_run(e["trigger"])

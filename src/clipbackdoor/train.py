@@ -21,12 +21,11 @@ from typing import Callable
 import torch
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from open_clip.loss import ClipLoss
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from clipbackdoor.config import OptimConfig
 from clipbackdoor.distributed import barrier, is_main, rank_world
-from clipbackdoor.io import atomic_path, check_safetensors
+from clipbackdoor.io import load_safetensors, safetensors_metadata, save_safetensors
 from clipbackdoor.models import LoadedModel, load_artifact, normalize, save_artifact
 from clipbackdoor.runtime import autocast
 from clipbackdoor.shards import load_split
@@ -100,22 +99,17 @@ def save_checkpoint(path: Path, model, opt, sched, step: int, fp: str, history: 
     tensors["rng.torch"] = torch.get_rng_state()
     meta = {"step": str(step), "fingerprint": fp, "param_groups": json.dumps(opt_state["param_groups"]),
             "scheduler": json.dumps(sched.state_dict(), default=lambda o: None), "history": json.dumps(history)}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+    save_safetensors(path, tensors, meta)
 
 
 def load_checkpoint(path: Path, model, opt, sched, fp: str) -> tuple[int, list] | None:
     """Restore state from ``path`` if it belongs to this run; returns (step, history) or None."""
     if not path.exists():
         return None
-    from safetensors import safe_open
-
-    check_safetensors(path, "the training stage (a damaged checkpoint: delete it to start over)")
-    with safe_open(str(path), framework="pt") as fh:
-        meta = fh.metadata()
-    if meta.get("fingerprint") != fp:
+    made_by = "the training stage (a damaged checkpoint: delete it to start over)"
+    if safetensors_metadata(path, made_by).get("fingerprint") != fp:
         return None
-    tensors = load_file(str(path))
+    tensors, meta = load_safetensors(path, made_by=made_by, with_metadata=True)
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     state: dict[int, dict] = {}
     for key, value in tensors.items():

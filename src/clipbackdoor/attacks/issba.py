@@ -18,10 +18,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import load_file
 
-from clipbackdoor.io import check_safetensors
+from clipbackdoor.io import load_safetensors
 from clipbackdoor.attacks.base import Trigger, to_float, to_uint8
 from clipbackdoor.errors import UserError
 
@@ -130,11 +128,8 @@ def load_codec(path: str | Path | None) -> tuple[StegaEncoder, StegaDecoder, tor
     if not path or not Path(path).exists():
         raise UserError(f"issba: codec {path} not found",
                         fix="run the `issba_codec` stage first (Snakemake/DVC do this for issba runs)")
-    check_safetensors(path, "the `issba_codec` stage")
-    with safe_open(str(path), framework="pt") as fh:
-        meta = fh.metadata()
+    tensors, meta = load_safetensors(path, made_by="the `issba_codec` stage", with_metadata=True)
     cfg, image_size = json.loads(meta["config"]), int(meta["image_size"])
-    tensors = load_file(str(path))
     encoder = StegaEncoder(int(cfg["bits"]), image_size, int(cfg["width"]))
     decoder = StegaDecoder(int(cfg["bits"]), int(cfg["width"]))
     encoder.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("encoder.")})
