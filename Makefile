@@ -31,8 +31,7 @@ lock: setup  # after any `snakemake` run of params.yaml: record the completed st
 
 # a colleague's cached decompositions (no model weights), then the defenses and results from them alone
 pull-decomp: setup
-	dvc pull --glob 'decompose_*' 'class_embeddings_*' 'prototypes_*' 'detect_*'
-	dvc pull data/models/clean/metrics.json
+	python -m clipbackdoor pull-decomp
 
 defenses: setup
 	snakemake defenses --cores $(CORES) --allowed-rules defenses defend mmd summary tables figures

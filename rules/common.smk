@@ -6,9 +6,9 @@ import sys
 
 from snakemake.utils import update_config, validate
 
-from clipbackdoor.runs import parse_run, run_name
+from clipbackdoor.runs import parse_run, run_evals
 from clipbackdoor.config import eval_targets, load_yaml, validate_params
-from clipbackdoor.dvcgen import graph_shape
+from clipbackdoor.dvcgen import shape_params
 from clipbackdoor.errors import EXIT_USER_ERROR, UserError
 
 try:
@@ -117,14 +117,8 @@ def bench_path(name):
 # evaluation sets have different targets, seed 001 B.1): the model, its poisoned set and its trigger. A run is
 # scored on the evaluation sets whose target it was backdoored towards (RUN_EVALS).
 TARGETS = eval_targets(config)  # {eval set: target class}
-_DISTINCT = list(dict.fromkeys(TARGETS.values()))
 ATTACKS = list(config["poison"]["attacks"])
-RUN_EVALS = {
-    run_name(a, s, None if len(_DISTINCT) == 1 else t): [e for e in EVAL_SETS if TARGETS[e] == t]
-    for a in ATTACKS
-    for t in _DISTINCT
-    for s in config["poison"]["seeds"]
-}
+RUN_EVALS = run_evals(config)
 RUNS = list(RUN_EVALS)
 # Model-repair defenses (CleanCLIP, ...) turn every attacked model RUN into a new model RUN.METHOD.
 REPAIRS = list(config.get("repair", {}).get("methods", []))

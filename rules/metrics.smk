@@ -13,7 +13,7 @@ rule summary:
     params:
         # + the keys that shape the stage graph: which runs and sets the summary covers (under DVC, an edit of
         # one reaches this stage, which then asks for a regenerated dvc.yaml -- never silently ignored)
-        cfg=lambda wc: params_json("seed", "profile", *[k for k in graph_shape(config) if k != "sections"]),
+        cfg=lambda wc: params_json("seed", "profile", *shape_params(config)),
         models="clean=data/models/clean",
         # the same MODEL:TRIGGER:EVALSET key may name a defend and a detect table: a list keeps both
         defend=[f"{k}={v}" for outputs in (DEFEND_OUTPUTS, DETECT_OUTPUTS) for k, v in outputs.items()],

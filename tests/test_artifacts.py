@@ -49,10 +49,24 @@ def test_safetensors_bytes_depend_only_on_values(tmp_path):
 
 def test_safetensors_changed_after_writing_is_refused(tmp_path):
     path = tmp_path / "p.safetensors"
-    save_safetensors(path, {"x": np.linspace(0, 1, 1000, dtype=np.float32)}, {"source": "test"})
-    flip_byte(path, path.stat().st_size - 100)
+    save_safetensors(path, {"x": np.linspace(0, 1, 1000, dtype=np.float32)}, {"target": "banana"})
+    good = path.read_bytes()
+    flip_byte(path, path.stat().st_size - 100)  # a value
     with pytest.raises(UserError, match="p.safetensors: content changed after it was written"):
         load_safetensors(path, "np")
+    path.write_bytes(good.replace(b'"banana"', b'"bandit"'))  # the metadata a stage reads (same length)
+    with pytest.raises(UserError, match="content changed after it was written"):
+        load_safetensors(path, "np")
+
+
+def test_safetensors_writer_takes_mixed_frameworks_and_refuses_non_string_metadata(tmp_path):
+    save_safetensors(tmp_path / "m.safetensors", {"a": np.ones(3, np.int64), "b": torch.ones(2, 2, dtype=torch.bool),
+                                                  "c": torch.tensor(1.5), "d": torch.empty(0, 4)})
+    back = load_safetensors(tmp_path / "m.safetensors")
+    assert back["a"].tolist() == [1, 1, 1] and back["b"].all() and back["c"].item() == 1.5
+    assert back["d"].shape == (0, 4)
+    with pytest.raises(TypeError, match="str to str"):
+        save_safetensors(tmp_path / "n.safetensors", {"a": np.ones(1)}, {"steps": 3})
 
 
 @pytest.fixture
@@ -96,22 +110,40 @@ def test_parquet_column_hashes_follow_the_values_not_the_chunking(tmp_path):
         back = read_parquet(tmp_path / name)
         assert back.column("key").to_pylist() == ["a", "b", "c"] and back.column("label").null_count == 1
     assert read_parquet(tmp_path / "rg.parquet", ["score"]).column_names == ["score"]
+    # nested types come back under other field names (list<item> -> list<element>): the values are what count
+    nested = pa.table({"scores": pa.array([[0.1, 0.2], [], None], pa.list_(pa.float64()))})
+    write_parquet(tmp_path / "nested.parquet", nested.replace_schema_metadata({"target": "3"}))
+    assert read_parquet(tmp_path / "nested.parquet").column("scores").to_pylist() == [[0.1, 0.2], [], None]
+    # the metadata a reader trusts (report.py reads `target` from defend's tables) is covered too
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(tmp_path / "nested.parquet")
+    meta = dict(table.schema.metadata)
+    meta[b"target"] = b"4"
+    pq.write_table(table.replace_schema_metadata(meta), tmp_path / "edited.parquet")
+    with pytest.raises(UserError, match="edited.parquet: its metadata changed after the file was written"):
+        read_parquet(tmp_path / "edited.parquet")
 
 
 def test_graph_shape_edits_are_refused_under_dvc(tmp_path):
     params = {"data": {"source": "embedded", "eval_sets": {"world": {"kind": "embedded"}}},
               "poison": {"attacks": ["badnet"], "seeds": [0], "target": "t"}, "defend": {"eps": 0.1},
-              "attacks": {"label_consistent": {"adv_eps": 0.03}}}
+              "detect": {"detectors": ["strip", "teco"]}, "attacks": {"label_consistent": {"adv_eps": 0.03}}}
     dvc_yaml = tmp_path / "dvc.yaml"
     dvc_yaml.write_text("# GENERATED\n" + SHAPE_PREFIX + json.dumps(graph_shape(params)) + "\nstages: {}\n")
-    assert "attacks.label_consistent.adv_eps" not in graph_shape(params)  # label_consistent does not run
-    check_graph_shape({**params, "defend": {"eps": 0.3}}, dvc_yaml)  # an ordinary edit: nothing to say
-    edited = {**params, "poison": {**params["poison"], "attacks": ["badnet", "blended"]}}
-    with pytest.raises(UserError, match=r"poison.attacks is \['badnet', 'blended'\] but dvc.yaml's stages were "
-                                        r"generated for \['badnet'\]"):
-        check_graph_shape(edited, dvc_yaml)
+    assert "lc_adversarial" not in graph_shape(params)  # label_consistent does not run: its setting shapes nothing
+    # edits that keep the stages: an ordinary value, one target for all sets, fewer detectors, the LC budget
+    for edit in ({"defend": {"eps": 0.3}}, {"poison": {**params["poison"], "target": "u"}},
+                 {"detect": {"detectors": ["strip"]}}, {"attacks": {"label_consistent": {"adv_eps": 0.0}}}):
+        check_graph_shape({**params, **edit}, dvc_yaml)
+    more = {**params, "poison": {**params["poison"], "attacks": ["badnet", "blended"]}}
+    with pytest.raises(UserError, match=r"params.yaml's runs \(badnet-s0, blended-s0\) is not what dvc.yaml's stages "
+                                        r"were generated for \(badnet-s0\)"):
+        check_graph_shape(more, dvc_yaml)
     with pytest.raises(UserError, match="sections"):
         check_graph_shape({**params, "b2": {}}, dvc_yaml)
+    with pytest.raises(UserError, match="detectors"):
+        check_graph_shape({**params, "detect": {"detectors": []}}, dvc_yaml)
 
 
 def test_the_committed_dvc_yaml_records_its_stage_graph_and_stages_check_it(tmp_path):
@@ -123,7 +155,7 @@ def test_the_committed_dvc_yaml_records_its_stage_graph_and_stages_check_it(tmp_
     proc = run_cli("prototypes", "--params", "@params.yaml:prototypes", "--decomp", "x.parquet", "--out", "p.st",
                    cwd=repo, check=False)
     assert proc.returncode == 2
-    assert "params.yaml's poison.attacks is ['badnet'] but dvc.yaml's stages were generated for" in proc.stderr
+    assert "params.yaml's runs (badnet-s0) is not what dvc.yaml's stages were generated for" in proc.stderr
     assert "python -m clipbackdoor dvc-yaml" in proc.stderr
 
 

@@ -12,7 +12,8 @@ BASE = yaml.safe_load((ROOT / "params.yaml").read_text())
 
 @pytest.mark.parametrize("profile", ["params.yaml", "configs/smoke.yaml", "configs/paper.yaml",
                                      "configs/all_attacks.yaml", "configs/core.yaml",
-                                     "configs/abd.yaml", "configs/rehearsal.yaml", "configs/b2.yaml"])
+                                     "configs/abd.yaml", "configs/rehearsal.yaml", "configs/b2.yaml",
+                                     "configs/paper_b2.yaml"])
 def test_profiles_validate_and_build(profile):
     params = load_params(ROOT / profile)
     assert isinstance(params, Params)
@@ -64,8 +65,15 @@ SIZE_LEAVES = {"n_pairs", "shard_size", "batch_size", "steps", "warmup_steps", "
                "n_clean", "eval_images", "n_prompts", "max_steps", "candidates", "rounds"}
 
 
+def test_paper_b2_is_the_paper_profile_plus_seed_000s_section():
+    paper = yaml.safe_load((ROOT / "configs/paper.yaml").read_text())
+    with_b2 = yaml.safe_load((ROOT / "configs/paper_b2.yaml").read_text())
+    assert with_b2.pop("b2")["backend"] == "stable_diffusion" and with_b2 == paper and "b2" not in paper
+
+
 def test_rehearsal_differs_from_paper_only_in_sizes_steps_and_paths():
-    paper = _flat(yaml.safe_load((ROOT / "configs/paper.yaml").read_text()))
+    """The rehearsal covers the paper profile and its B² branch (configs/paper_b2.yaml)."""
+    paper = _flat(yaml.safe_load((ROOT / "configs/paper_b2.yaml").read_text()))
     rehearsal = _flat(yaml.safe_load((ROOT / "configs/rehearsal.yaml").read_text()))
     assert paper.keys() == rehearsal.keys()
     changed = {k for k in paper if paper[k] != rehearsal[k]} - {"profile"}

@@ -117,6 +117,14 @@ def test_lock_records_the_run_and_push_sends_every_output(smoke_repo):
     stages = yaml.safe_load((smoke_repo / "dvc.yaml").read_text())["stages"]
     assert set(outs) == {o for st in stages.values() for o in st["outs"]}  # every stage recorded, B² included
     assert any(p.startswith("data/decomp/") for p in outs) and "results/metrics/b2.csv" in outs
+    # Snakemake does not track the package's code, DVC does: a module edited after a stage ran keeps it out
+    module = smoke_repo / "src/clipbackdoor/defend.py"
+    before = module.stat()
+    module.touch()
+    out = sh("python -m clipbackdoor lock", smoke_repo)
+    assert "left out because their code (src/clipbackdoor) changed after they ran (e.g. defend_" in out, out
+    os.utime(module, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert "every stage is current" in sh("python -m clipbackdoor lock", smoke_repo)
     push = sh("dvc push", smoke_repo)
     assert "Everything is up to date" not in push
     remote = smoke_repo.parent / "clipbackdoor-dvc-remote"  # the default remote: a folder next to the repository
@@ -124,15 +132,15 @@ def test_lock_records_the_run_and_push_sends_every_output(smoke_repo):
     commit(smoke_repo, "lock")
 
 
-def test_a_second_run_gives_byte_identical_artifacts_and_dvc_repro_agrees(smoke_repo, tmp_path):
-    """Two identical runs, one by Snakemake (smoke_repo) and one by `dvc repro` in a fresh copy: every output
-    has the same hash (prototypes' safetensors metadata included), so DVC sees one result, not two."""
+def test_a_second_run_gives_byte_identical_artifacts(smoke_repo, tmp_path):
+    """Two identical Snakemake runs in two copies: every output has the same hash (prototypes' safetensors
+    metadata, the models' metrics.json included), so DVC sees one result, not two."""
     other = copy_repo(tmp_path / "repo")
     shutil.copy(smoke_repo / "params.yaml", other / "params.yaml")
     shutil.copy(smoke_repo / "dvc.yaml", other / "dvc.yaml")
     commit(other, "again")
-    out = sh("dvc repro", other)
-    assert dvc_rules(out) == ALL  # `dvc repro` of the default set = `snakemake all`
+    assert snakemake_jobs(sh("snakemake --cores 2", other)) == ALL
+    assert "every stage is current" in sh("python -m clipbackdoor lock", other)
     mine, theirs = lock_outs(smoke_repo), lock_outs(other)
     assert mine.keys() == theirs.keys()
     differ = sorted(p for p in mine if mine[p] != theirs[p])
@@ -188,11 +196,13 @@ def test_dvc_exp_run_reruns_exactly_what_a_key_reaches(smoke_repo):
     out = sh("dvc exp run -S defend.eps=0.3", smoke_repo)
     assert dvc_rules(out) == AFTER_DEFEND, sorted(dvc_stages(out))
     # a key that reshapes the stage graph is refused with the fix, never silently ignored
-    proc = subprocess.run("dvc exp run -S 'poison.attacks=[badnet]'", cwd=smoke_repo, shell=True,
+    proc = subprocess.run("dvc exp run -S 'poison.attacks=[badnet,blended]'", cwd=smoke_repo, shell=True,
                           capture_output=True, text=True, env=ENV)
     assert proc.returncode != 0
-    assert "poison.attacks is ['badnet'] but dvc.yaml's stages were generated for" in proc.stdout + proc.stderr
-    sh("git checkout -q params.yaml dvc.lock", smoke_repo)
+    assert ("params.yaml's runs (badnet-s0, blended-s0) is not what dvc.yaml's stages were generated for (badnet-s0)"
+            in proc.stdout + proc.stderr)
+    assert dvc_rules(proc.stdout + proc.stderr) == {"summary"}  # the one stage listing the key, which refuses
+    sh("git checkout -q params.yaml dvc.lock && dvc checkout -q", smoke_repo)  # (DVC removed summary's outputs)
 
 
 def test_missing_dvc_remote_is_a_clear_error(smoke_repo, tmp_path):
@@ -213,6 +223,7 @@ def test_every_attack_runs_end_to_end_on_the_smoke_profile(tmp_path):
     params = yaml.safe_load((repo / "configs" / "smoke.yaml").read_text())
     params["poison"]["attacks"] = list(REGISTRY)
     params["repair"]["methods"] = ["cleanclip", "roclip"]
+    params.pop("b2")  # the B² branch runs in the smoke_repo tests
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = sh("snakemake all --cores 2", repo)
     assert {"badclip_patch", "issba_codec", "lc_adversarial"} <= snakemake_jobs(out)
@@ -239,7 +250,7 @@ def test_abd_study_runs_end_to_end_on_the_smoke_profile(tmp_path):
     params = yaml.safe_load((repo / "configs" / "smoke.yaml").read_text())
     params["poison"]["attacks"] = ["badnet", "blended"]
     params["repair"]["methods"] = ["cleanclip", "roclip", "abd", "abd_img_only", "abd_eda_only", "finetune_clean", "uap"]
-    for section in ("detect", "analysis"):
+    for section in ("detect", "analysis", "b2"):
         params.pop(section)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = sh("snakemake all --cores 2", repo)

@@ -107,9 +107,6 @@ def test_paper_profile_dry_runs_at_real_scale(paper_textspan_pool):
     # seed 001 B.1: one target per evaluation set, so one backdoored model per (attack, set), scored on its set
     sets, attacks = 3, 2
     runs = attacks * sets
-    # the profile has a `b2` section, so `all` holds the B² branch (t2i_pretrain may be current in a used tree)
-    b2 = {rule: counts.pop(rule) for rule in ("t2i_pretrain", "t2i_backdoor", "b2_audit") if rule in counts}
-    assert b2["b2_audit"] == b2["t2i_backdoor"] == 1
     assert counts == {"cc3m": 1, "eval_data": sets, "clean_model": 1, "poison": runs, "finetune": runs,
                       "cleanclip": runs, "decompose": (sets + runs) + 2 * runs + 2 * runs,
                       "class_embeddings": sets + 2 * runs, "prototypes": sets + 2 * runs, "defend": 3 * runs,
@@ -120,6 +117,25 @@ def test_paper_profile_dry_runs_at_real_scale(paper_textspan_pool):
         assert f"data/models/badnet-{target}-s0" in proc.stdout and f"data/models/blended-{target}-s0" in proc.stdout
     # each run is poisoned towards its own set's target, and checked against that set only
     assert '"poison.target.caltech101":"accordion"' in proc.stdout.replace("\\", "")
+
+
+def test_paper_b2_profile_plans_the_stable_diffusion_branch_inside_all(tmp_path):
+    """configs/paper_b2.yaml = paper.yaml + `b2`: `all` holds seed 000's branch on a local diffusers directory (a
+    rule input: here an empty stand-in), audited by ViT-B-32."""
+    repo = copy_repo(tmp_path / "repo")
+    params = yaml.safe_load((repo / "configs" / "paper_b2.yaml").read_text())
+    (repo / params["b2"]["stable_diffusion"]["path"]).mkdir(parents=True)
+    pool = repo / params["analysis"]["textspan_pool"]
+    pool.parent.mkdir(parents=True, exist_ok=True)
+    pool.write_text("An image of a dog\n")
+    proc = subprocess.run([*SNAKEMAKE, "-n", "--cores", "8", "--configfile", "configs/paper_b2.yaml"], cwd=repo,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    counts = job_counts(proc.stdout)
+    assert counts["t2i_pretrain"] == counts["t2i_backdoor"] == counts["b2_audit"] == 1 and counts["finetune"] == 6
+    without = subprocess.run([*SNAKEMAKE, "b2", "-n", "--cores", "1", "--configfile", "configs/paper.yaml"], cwd=repo,
+                             capture_output=True, text=True)
+    assert without.returncode != 0 and "--configfile configs/b2.yaml" in without.stderr
 
 
 def test_invalid_params_stop_the_workflow_before_any_job(tmp_path):

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 from clipbackdoor.errors import EXIT_USER_ERROR, UserError
@@ -479,9 +480,20 @@ def cmd_dvc_yaml(args) -> None:
 def cmd_lock(args) -> None:
     from clipbackdoor.dvcgen import lock
 
-    done, todo = lock(Path(args.root))
+    done, todo, stale = lock(Path(args.root))
     print(f"dvc.lock: {len(done)} stage(s) recorded" + (f"; {len(todo)} not run yet or out of date for params.yaml "
-                                                        f"(e.g. {todo[0]})" if todo else "; every stage is current"))
+                                                        f"(e.g. {todo[0]})" if todo else "")
+          + (f"; {len(stale)} left out because their code (src/clipbackdoor) changed after they ran (e.g. "
+             f"{stale[0]}: rerun with `snakemake --forcerun RULE` or `dvc repro`)" if stale else "")
+          + ("; every stage is current" if not todo and not stale else ""))
+
+
+def cmd_pull_decomp(args) -> None:
+    from clipbackdoor.dvcgen import pull_for_defenses
+
+    targets = pull_for_defenses(Path(args.root))
+    print(f"pulled {len(targets) - 1} stages' outputs (decompositions, class embeddings, prototypes, detector scores) "
+          f"and data/models/clean/metrics.json; next: make defenses")
 
 
 def cmd_report(args) -> None:
@@ -717,7 +729,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = stage("lock", cmd_lock, "after a Snakemake run: record the stages it completed in dvc.lock (dvc commit), "
                                  "so `dvc status` is clean and `dvc push` sends every output")
-    sp.add_argument("--root", default=".")
+    sp.add_argument("--root", default=".", help="the repository (default: the current folder)")
+
+    sp = stage("pull-decomp", cmd_pull_decomp, "dvc pull what the defenses need from a pushed run, without model "
+                                               "weights (then: make defenses)")
+    sp.add_argument("--root", default=".", help="the repository (default: the current folder)")
 
     sp = stage("report", cmd_report, "print the results table")
     sp.add_argument("files", nargs="*", default=["results/metrics/summary.csv"])
@@ -789,10 +805,19 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv
     if getattr(args, "log", None):
+        from clipbackdoor.logs import header
+
         redirect_to_log(args.log)
+        print(header(args.command, argv), file=sys.stderr, flush=True)
+    started = time.monotonic()
     try:
         args.fn(args)
         _report_gpu_memory(args.command)
+        if getattr(args, "log", None):
+            from clipbackdoor.logs import footer
+
+            sys.stdout.flush()
+            print(footer(args.command, time.monotonic() - started), file=sys.stderr, flush=True)
     except UserError as exc:
         _fail(exc.report(f"clipbackdoor {args.command}"))
         return EXIT_USER_ERROR

@@ -30,29 +30,55 @@ SKIP_MODULES = {"cli", "__main__", "dvcgen"}
 
 
 # The parameters the workflow reads while it builds the stage graph (rules/common.smk and the rules' input
-# functions): editing one changes which stages exist or which files they read, so dvc.yaml must be regenerated.
-# dvc.yaml records their values (and which sections exist) in its header; a stage run through DVC refuses a
-# params.yaml whose graph differs, and the summary stage lists them as its params so `dvc exp run -S` of one
-# reaches a stage (and that refusal) instead of being silently ignored.
+# functions). The summary stage lists those a profile sets as its params, so `dvc exp run -S` of one reaches a
+# stage; dvc.yaml's header records what they make of the graph (graph_shape), and a stage run through DVC
+# refuses a params.yaml whose graph differs -- an edit that would add or remove stages, never one that does not.
 SHAPE_KEYS = ("data.source", "data.eval_sets", "model.pretrained", "poison.attacks", "poison.seeds", "poison.target",
               "repair.methods", "detect.detectors", "analysis.textspan_pool", "attacks.label_consistent.adv_eps",
               "b2.backend", "b2.stable_diffusion.path", "b2.stable_diffusion.auditor_pretrained")
 SHAPE_PREFIX = "# stage graph of: "
 
 
+def _get(params: dict, key: str):
+    node = params
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def shape_params(params: dict) -> list[str]:
+    """The SHAPE_KEYS a profile sets (an attack's setting only when the attack runs)."""
+    attacks = _get(params, "poison.attacks") or []
+    return [k for k in SHAPE_KEYS if _get(params, k) is not None
+            and not (k.startswith("attacks.") and k.split(".")[1] not in attacks)]
+
+
+def _as_input(value):
+    """A parameter that names a local file or folder is a rule input (its path shapes the graph); a tag such as
+    `openai` is just a value the stage reads."""
+    if value is None:
+        return None
+    return value if isinstance(value, str) and ("/" in value or Path(value).exists()) else "(a tag)"
+
+
 def graph_shape(params: dict) -> dict:
-    """{"sections": [...], key: value for each SHAPE_KEYS entry the parameters set}."""
-    out: dict = {"sections": sorted(params)}
-    attacks = (params.get("poison") or {}).get("attacks") or []
-    for key in SHAPE_KEYS:
-        if key.startswith("attacks.") and key.split(".")[1] not in attacks:
-            continue  # an attack's setting shapes the graph only when the attack runs
-        node = params
-        for part in key.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        if node is not None:
-            out[key] = node
-    return out
+    """What the parameters make of the stage graph: the sections present, the runs and the sets each is scored on
+    (attacks x targets x seeds), the repairs, the inputs named by path, and the switches that add stages."""
+    from clipbackdoor.runs import run_evals
+
+    attacks = _get(params, "poison.attacks") or []
+    shape = {"sections": sorted(params), "data.source": _get(params, "data.source"),
+             "eval_sets": list(_get(params, "data.eval_sets") or {}), "runs": run_evals(params),
+             "repair.methods": _get(params, "repair.methods") or [],
+             "detectors": bool(_get(params, "detect.detectors")),
+             "model.pretrained": _as_input(_get(params, "model.pretrained")),
+             "analysis.textspan_pool": _get(params, "analysis.textspan_pool"),
+             "b2.backend": _get(params, "b2.backend"),
+             "b2.stable_diffusion.path": _as_input(_get(params, "b2.stable_diffusion.path")),
+             "b2.stable_diffusion.auditor_pretrained": _as_input(_get(params, "b2.stable_diffusion.auditor_pretrained"))}
+    if "label_consistent" in attacks:  # its adversarial-images stage exists only with a perturbation budget
+        shape["lc_adversarial"] = float(_get(params, "attacks.label_consistent.adv_eps") or 0) > 0
+    return {k: v for k, v in shape.items() if v is not None}
 
 
 def check_graph_shape(params: dict, dvc_yaml: Path) -> None:
@@ -69,13 +95,20 @@ def check_graph_shape(params: dict, dvc_yaml: Path) -> None:
     recorded, now = json.loads(line[len(SHAPE_PREFIX):]), json.loads(json.dumps(graph_shape(params)))
     if recorded != now:
         key = next(k for k in sorted(set(recorded) | set(now)) if recorded.get(k) != now.get(k))
-        raise UserError(f"params.yaml's {key} is {now.get(key, '(absent)')!r} but dvc.yaml's stages were generated for "
-                        f"{recorded.get(key, '(absent)')!r}: this edit changes which stages exist",
+
+        def describe(value) -> str:
+            text = ", ".join(value) if isinstance(value, (dict, list)) and key in ("runs", "sections", "eval_sets") \
+                else json.dumps(value)
+            return (text or "none")[:160]
+
+        raise UserError(f"params.yaml's {key} ({describe(now.get(key))}) is not what dvc.yaml's stages were generated "
+                        f"for ({describe(recorded.get(key))}): this edit changes which stages exist",
                         fix="run `python -m clipbackdoor dvc-yaml` (it regenerates the stages), then `dvc repro` "
                             "or `dvc exp run` again")
 
 
-def _workflow_jobs(root: Path, configfiles: list[Path] | None = None, forceall: bool = True):
+def _workflow_jobs(root: Path, configfiles: list[Path] | None = None, forceall: bool = True,
+                   ignore_incomplete: bool = True):
     """Every job of the DAG, built through the Snakemake API with its output silenced, and the set of those
     that Snakemake would run now (all of them with ``forceall``). When the workflow load refuses the parameters
     (rules/common.smk prints one line and exits 2), that line becomes our UserError."""
@@ -84,7 +117,7 @@ def _workflow_jobs(root: Path, configfiles: list[Path] | None = None, forceall: 
     err = io.StringIO()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
         try:
-            return _build_jobs(root, configfiles, forceall)
+            return _build_jobs(root, configfiles, forceall, ignore_incomplete)
         except SystemExit:
             lines = [line for line in err.getvalue().splitlines() if "error:" in line or "fix:" in line]
             problem = lines[0].split("error:", 1)[-1].strip() if lines else "the workflow load failed"
@@ -92,7 +125,7 @@ def _workflow_jobs(root: Path, configfiles: list[Path] | None = None, forceall: 
             raise UserError(problem, fix=fix) from None
 
 
-def _build_jobs(root: Path, configfiles: list[Path] | None, forceall: bool):
+def _build_jobs(root: Path, configfiles: list[Path] | None, forceall: bool, ignore_incomplete: bool):
     from snakemake.api import SnakemakeApi
     from snakemake.settings.types import (ConfigSettings, DAGSettings, OutputSettings, ResourceSettings,
                                           StorageSettings, WorkflowSettings)
@@ -108,7 +141,7 @@ def _build_jobs(root: Path, configfiles: list[Path] | None, forceall: bool):
         )
         dapi = wapi.dag(dag_settings=DAGSettings(targets={"all"}, forceall=forceall))
         workflow = dapi.workflow_api._workflow
-        workflow._prepare_dag(forceall=forceall, ignore_incomplete=True, lock_warn_only=True, nolock=True)
+        workflow._prepare_dag(forceall=forceall, ignore_incomplete=ignore_incomplete, lock_warn_only=True, nolock=True)
         workflow._build_dag()
         jobs = sorted(workflow.dag.jobs, key=lambda j: (j.rule.name, str(j.output)))
         return jobs, set(workflow.dag.needrun_jobs(exclude_finished=False))
@@ -209,10 +242,21 @@ def check_dvc_yaml(root: Path) -> str | None:
     return "; ".join(diff[2:6])
 
 
-def lock(root: Path) -> tuple[list[str], list[str]]:
+def _newest_mtime(path: Path) -> float:
+    """The newest modification time of a file, or of any file in a folder (bytecode caches aside: importing a
+    module writes them)."""
+    if path.is_dir():
+        files = (f for f in path.rglob("*") if f.is_file() and "__pycache__" not in f.parts)
+        return max((f.stat().st_mtime for f in files), default=path.stat().st_mtime)
+    return path.stat().st_mtime
+
+
+def lock(root: Path) -> tuple[list[str], list[str], list[str]]:
     """Record in dvc.lock exactly the stages whose Snakemake job is complete and current for params.yaml (its
     outputs exist and Snakemake would not rerun it), via `dvc commit`; then `dvc status` is clean for them and
-    `dvc push` sends their outputs. Returns (locked stages, stages Snakemake would still run)."""
+    `dvc push` sends their outputs. Snakemake does not track the package's code, DVC does (a stage's deps list
+    its modules): a stage whose modules changed after its outputs were written is left out, as is a job
+    Snakemake marks incomplete. Returns (locked, still to run, stale because their code changed)."""
     import subprocess
     import sys
 
@@ -220,22 +264,58 @@ def lock(root: Path) -> tuple[list[str], list[str]]:
 
     if not (root / ".dvc").is_dir():
         raise UserError(f"{root.resolve()}: not a DVC repository (no .dvc/)", fix="run this in a clone of the project")
-    jobs, needrun = _workflow_jobs(root, forceall=False)
+    try:
+        jobs, needrun = _workflow_jobs(root, forceall=False, ignore_incomplete=False)
+    except UserError:
+        raise
+    except Exception as exc:  # Snakemake's IncompleteFilesException and kin: outputs of an interrupted job
+        raise UserError(f"Snakemake cannot vouch for the outputs ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})",
+                        fix="finish the run first (snakemake --rerun-incomplete …), then lock") from None
     path = root / "dvc.yaml"
     if not path.exists() or path.read_text() != render_dvc_yaml(root, jobs):
         raise UserError("dvc.yaml does not match the Snakemake rules and params.yaml",
                         fix="run `python -m clipbackdoor dvc-yaml`, then this again (a run made with --configfile "
                             "PROFILE is recorded after `cp PROFILE params.yaml`)")
-    done, todo = [], []
+    done, todo, stale = [], [], []
     for job in jobs:
         if job.rule.name in ("all", "b2") or not job.rule.shellcmd:
             continue
-        complete = job not in needrun and all(Path(root, f).exists() for f in job.output)
-        (done if complete else todo).append(_stage_name(job))
+        name, stage = job_to_stage(job, root)
+        if job in needrun or not all(Path(root, f).exists() for f in job.output):
+            todo.append(name)
+            continue
+        oldest_out = min(_newest_mtime(Path(root, f)) for f in job.output)
+        code = [d for d in stage["deps"] if d.startswith(f"src/{PACKAGE}/")]
+        (stale if max(_newest_mtime(root / d) for d in code) > oldest_out else done).append(name)
     if done:
         proc = subprocess.run([sys.executable, "-m", "dvc", "commit", "--force", "--quiet", *done], cwd=root,
                               capture_output=True, text=True)
         if proc.returncode != 0:
             lines = (proc.stderr or proc.stdout).strip().splitlines() or ["(no output)"]
             raise UserError(f"dvc commit failed: {lines[-1][:300]}", fix="see `dvc commit -v` for details")
-    return done, todo
+    return done, todo, stale
+
+
+# What the defenses need from a colleague's run, without any model weights: the cached decompositions and class
+# embeddings (data/decomp), the prototypes, the input detectors' scores, and the clean model's metrics.json
+DEFENSE_INPUT_RULES = ("decompose", "class_embeddings", "prototypes", "detect")
+
+
+def pull_for_defenses(root: Path) -> list[str]:
+    """`dvc pull` of the stages whose outputs the defenses read (DVC's --glob does not match stage names) and of
+    the clean model's metrics.json alone (a file inside its directory output). Returns the pulled targets."""
+    import subprocess
+    import sys
+
+    from clipbackdoor.errors import UserError
+
+    stages = (yaml.safe_load((root / "dvc.yaml").read_text()) or {}).get("stages", {})
+    targets = [name for name in stages if any(name.startswith(rule + "_") for rule in DEFENSE_INPUT_RULES)]
+    # two calls: given stage names and a file inside a directory output together, DVC (3.x) pulls only the file
+    for batch in (targets, ["data/models/clean/metrics.json"]):
+        proc = subprocess.run([sys.executable, "-m", "dvc", "pull", *batch], cwd=root, capture_output=True, text=True)
+        if proc.returncode != 0:
+            lines = (proc.stderr or proc.stdout).strip().splitlines() or ["(no output)"]
+            raise UserError(f"dvc pull failed: {lines[-1][:300]}", fix="check the remote (`dvc remote list`) and that "
+                                                                       "the run was pushed (`dvc push` after `make run`)")
+    return [*targets, "data/models/clean/metrics.json"]

@@ -92,46 +92,66 @@ def check_safetensors(path: str | Path, made_by: str = "the stage that writes it
 
 CONTENT_KEY = "content_sha256"  # safetensors metadata / Parquet key-value metadata: what the writer wrote
 
+# safetensors dtype names (https://github.com/huggingface/safetensors, the format's spec)
+_ST_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
+              "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL", "uint16": "U16",
+              "uint32": "U32", "uint64": "U64"}
 
-def _data_sha256(fh, start: int) -> str:
-    """sha256 of a file's bytes from ``start`` to its end, read in 16 MiB blocks."""
-    import hashlib
 
-    fh.seek(start)
-    h = hashlib.sha256()
-    for block in iter(lambda: fh.read(16 << 20), b""):
-        h.update(block)
-    return h.hexdigest()
+def _tensor_bytes(value) -> tuple[str, list[int], memoryview]:
+    """(safetensors dtype, shape, raw little-endian bytes) of a torch tensor or numpy array, without copying a
+    contiguous CPU tensor."""
+    import numpy as np
+
+    if isinstance(value, np.ndarray):
+        arr = np.ascontiguousarray(value)
+        if arr.dtype.byteorder == ">":
+            arr = arr.astype(arr.dtype.newbyteorder("<"))
+        return _ST_DTYPES[arr.dtype.name], list(arr.shape), memoryview(arr.reshape(-1).view(np.uint8))
+    import torch
+
+    t = value.detach().cpu().contiguous()
+    raw = t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
+    return _ST_DTYPES[str(t.dtype).removeprefix("torch.")], list(t.shape), memoryview(raw.numpy())
+
+
+def _canonical(header: dict) -> bytes:
+    """The header's JSON as written and hashed: sorted keys, no spaces, without the recorded hash itself."""
+    meta = {k: v for k, v in header.get("__metadata__", {}).items() if k != CONTENT_KEY}
+    return json.dumps({**header, "__metadata__": meta}, sort_keys=True, separators=(",", ":")).encode()
 
 
 def save_safetensors(path: str | Path, tensors: dict, metadata: dict | None = None) -> None:
-    """Write ``tensors`` ({name: torch tensor or numpy array}) atomically as a safetensors file whose bytes
-    depend only on the values: the header is JSON with sorted keys (the safetensors library writes its
-    metadata map in hash order, so two identical runs gave two files), and ``metadata`` gains the sha256 of
-    the data section, which ``load_safetensors`` checks."""
+    """Write ``tensors`` ({name: torch tensor or numpy array}) atomically as a safetensors file whose bytes depend
+    only on the names, values and metadata: the header is JSON with sorted keys (the safetensors library writes its
+    metadata map in hash order, so two identical runs gave two files), tensors follow in name order. The metadata
+    gains the sha256 of the header (without that entry) and the data, which ``load_safetensors`` checks. Memory:
+    the tensors themselves, nothing more (each is written, and hashed, from its own buffer)."""
     import hashlib
     import struct
 
-    import numpy as np
-
-    if tensors and all(isinstance(v, np.ndarray) for v in tensors.values()):
-        from safetensors.numpy import save
-        blob = save({k: np.ascontiguousarray(v) for k, v in tensors.items()})
-    else:
-        from safetensors.torch import save
-        blob = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
-    n = struct.unpack("<Q", blob[:8])[0]
-    header = json.loads(blob[8:8 + n])
-    data = memoryview(blob)[8 + n:]
-    header.pop("__metadata__", None)
-    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-    meta[CONTENT_KEY] = hashlib.sha256(data).hexdigest()
-    text = json.dumps({"__metadata__": meta, **header}, sort_keys=True, separators=(",", ":")).encode()
+    meta = dict(metadata or {})
+    bad = [k for k, v in meta.items() if not isinstance(k, str) or not isinstance(v, str)]
+    if bad:
+        raise TypeError(f"safetensors metadata must map str to str (got {bad[0]!r})")
+    header, blobs, offset = {}, [], 0
+    for name in sorted(tensors):
+        dtype, shape, raw = _tensor_bytes(tensors[name])
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + raw.nbytes]}
+        blobs.append(raw)
+        offset += raw.nbytes
+    header["__metadata__"] = meta
+    digest = hashlib.sha256(_canonical(header))
+    for raw in blobs:
+        digest.update(raw)
+    header["__metadata__"] = {**meta, CONTENT_KEY: digest.hexdigest()}
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # the data section starts 8-byte aligned, as the library writes it
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         fh.write(struct.pack("<Q", len(text)))
         fh.write(text)
-        fh.write(data)
+        for raw in blobs:
+            fh.write(raw)
 
 
 def safetensors_metadata(path: str | Path, made_by: str = "the stage that writes it") -> dict:
@@ -146,20 +166,27 @@ def safetensors_metadata(path: str | Path, made_by: str = "the stage that writes
 def load_safetensors(path: str | Path, framework: str = "pt", made_by: str = "the stage that writes it",
                      with_metadata: bool = False):
     """All tensors of a checked safetensors file ({name: tensor}; numpy arrays for ``framework="np"``), and its
-    metadata with ``with_metadata``. A file our writer made carries the sha256 of its data: bytes changed after
-    writing (a flipped bit, an edit that kept the mtime, so DVC and Snakemake see nothing) are refused."""
+    metadata with ``with_metadata``. A file our writer made carries the sha256 of its header and data: bytes
+    changed after writing (a flipped bit, an edit that kept the mtime, so DVC and Snakemake see nothing) are
+    refused. Files from elsewhere (no recorded hash) are read as they are."""
+    import hashlib
     import struct
 
     from clipbackdoor.errors import UserError
 
-    meta = safetensors_metadata(path, made_by)
-    if CONTENT_KEY in meta:
-        with open(path, "rb") as fh:
-            n = struct.unpack("<Q", fh.read(8))[0]
-            if _data_sha256(fh, 8 + n) != meta[CONTENT_KEY]:
-                raise UserError(f"{path}: content changed after it was written (sha256 differs from the one "
+    check_safetensors(path, made_by)
+    with open(path, "rb") as fh:
+        n = struct.unpack("<Q", fh.read(8))[0]
+        header = json.loads(fh.read(n))
+        meta = dict(header.get("__metadata__") or {})
+        if CONTENT_KEY in meta:
+            digest = hashlib.sha256(_canonical(header))
+            for block in iter(lambda: fh.read(16 << 20), b""):
+                digest.update(block)
+            if digest.hexdigest() != meta[CONTENT_KEY]:
+                raise UserError(f"{path}: content changed after it was written (its sha256 differs from the one "
                                 f"recorded in the file)", fix=f"delete it and rerun {made_by}, or `dvc pull` it again "
-                                f"(`dvc status` misses edits that keep the mtime: `dvc status` after a `touch`)")
+                                f"(DVC and Snakemake miss an edit that keeps the mtime)")
     if framework == "np":
         from safetensors.numpy import load_file
     else:
@@ -169,39 +196,55 @@ def load_safetensors(path: str | Path, framework: str = "pt", made_by: str = "th
 
 
 def column_sha256(column) -> str:
-    """sha256 of one Arrow column's values (chunking-independent): raw bytes for fixed-width columns without
-    nulls, the JSON of the values otherwise (small tables: keys, labels, per-image scores)."""
+    """sha256 of one Arrow column's values, independent of chunking and of how Parquet names nested types: raw
+    bytes for fixed-width columns without nulls, the JSON of the values otherwise (small tables: keys, labels,
+    per-image scores)."""
     import hashlib
 
     import pyarrow as pa
 
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    h = hashlib.sha256(str(arr.type).encode())
     kind = arr.type
     if pa.types.is_fixed_size_binary(kind) and arr.null_count == 0:
         width = kind.byte_width
+        h = hashlib.sha256(f"binary{width}".encode())
         h.update(memoryview(arr.buffers()[1])[arr.offset * width:(arr.offset + len(arr)) * width])
     elif (pa.types.is_integer(kind) or pa.types.is_floating(kind)) and arr.null_count == 0:
-        h.update(arr.to_numpy().tobytes())
+        values = arr.to_numpy()
+        h = hashlib.sha256(values.dtype.str.encode())
+        h.update(values.tobytes())
     else:
+        h = hashlib.sha256(b"json")
         h.update(json.dumps(arr.to_pylist(), default=str).encode())
     return h.hexdigest()
 
 
+def _metadata_sha256(metadata: dict | None) -> str:
+    """sha256 of a table's own key-value metadata (what the stage recorded: target, trigger, shapes...), without
+    the digests themselves and Arrow's internal keys."""
+    import hashlib
+
+    own = {k.decode(): v.decode("utf-8", "replace") for k, v in (metadata or {}).items()
+           if k != CONTENT_KEY.encode() and not k.startswith(b"ARROW:")}
+    return hashlib.sha256(json.dumps(own, sort_keys=True).encode()).hexdigest()
+
+
 def write_parquet(path: str | Path, table, **options) -> None:
-    """Write an Arrow table atomically as Parquet, recording each column's sha256 in the key-value metadata
-    (``read_parquet`` checks the columns it reads)."""
+    """Write an Arrow table atomically as Parquet, recording the sha256 of each column and of the table's
+    metadata in the key-value metadata (``read_parquet`` checks what it reads)."""
     import pyarrow.parquet as pq
 
     digests = {name: column_sha256(table.column(name)) for name in table.column_names}
+    digests["__metadata__"] = _metadata_sha256(table.schema.metadata)
     meta = {**(table.schema.metadata or {}), CONTENT_KEY.encode(): json.dumps(digests, sort_keys=True).encode()}
     with atomic_path(path) as tmp:
         pq.write_table(table.replace_schema_metadata(meta), tmp, **options)
 
 
 def read_parquet(path: str | Path, columns: list[str] | None = None, made_by: str = "the stage that writes it"):
-    """The Arrow table of a Parquet artifact (only ``columns`` when given); the columns read are checked against
-    the sha256 the writer recorded: content changed after writing is refused naming the file and the column."""
+    """The Arrow table of a Parquet artifact (only ``columns`` when given); the columns read and the metadata are
+    checked against the sha256 the writer recorded: content changed after writing is refused naming the file and
+    the column."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -216,6 +259,9 @@ def read_parquet(path: str | Path, columns: list[str] | None = None, made_by: st
     except (pa.ArrowException, OSError) as exc:
         raise UserError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0]})", fix=fix) from None
     recorded = json.loads((table.schema.metadata or {}).get(CONTENT_KEY.encode(), b"{}"))
+    if "__metadata__" in recorded and _metadata_sha256(table.schema.metadata) != recorded["__metadata__"]:
+        raise UserError(f"{path}: its metadata changed after the file was written (sha256 differs from the one "
+                        f"recorded in the file)", fix=fix)
     for name in table.column_names:
         if name in recorded and column_sha256(table.column(name)) != recorded[name]:
             raise UserError(f"{path}: column {name!r} changed after the file was written (its sha256 differs "

@@ -3,7 +3,6 @@ open_clip pretrained weights). Both write the same model artifact with zero-shot
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
@@ -37,11 +36,12 @@ def pretrain(train_dir: str | Path, eval_dirs: dict[str, Path], out_dir: str | P
     loaded.model.to(device)
     split = load_split(Path(train_dir) / "pretrain", loaded.image_size)
     tokens = loaded.tokenizer(split["captions"])
-    t0 = time.time()
     history = train_clip(loaded, split["images"], tokens, opt, seed, ckpt_dir=ckpt_dir, ckpt_every=ckpt_every,
                          fp_extra=model_cfg.name, desc="pretrain")
-    metrics = {"train_seconds": round(time.time() - t0, 1), "final_loss": history[-1]["loss"],
-               "first_loss": history[0]["loss"], "steps": len(history), "n_pairs": len(tokens)}
+    # no wall time in the artifact (it would change its bytes, hence its DVC hash, on every run): the log's
+    # progress lines and footer and data/benchmarks/pretrain.tsv have it
+    metrics = {"final_loss": history[-1]["loss"], "first_loss": history[0]["loss"], "steps": len(history),
+               "n_pairs": len(tokens)}
     metrics.update(evaluate_zeroshot(loaded, eval_dirs, zs))
     loaded.model.cpu()
     save_artifact(loaded, out_dir, metrics, provenance={"stage": "pretrain", "seed": seed})

@@ -27,3 +27,15 @@ def parse_run(run: str) -> tuple[str, int]:
     """A run's name -> (attack, seed): 'badnet-s1' -> ('badnet', 1); 'badnet-samoyed-s0' -> ('badnet', 0)."""
     rest, _, seed = run.rpartition("-s")
     return rest.partition("-")[0], int(seed)
+
+
+def run_evals(params: dict) -> dict[str, list[str]]:
+    """{run: the evaluation sets it is scored on}: every attack once per seed and per distinct target; a run is
+    scored on the sets whose target it was backdoored towards. The workflow's fan-out (rules/common.smk) and
+    dvc.yaml's recorded stage graph both come from here."""
+    from clipbackdoor.config import eval_targets
+
+    targets = eval_targets(params)  # {eval set: target class}
+    distinct = list(dict.fromkeys(targets.values()))
+    return {run_name(a, s, None if len(distinct) == 1 else t): [e for e in targets if targets[e] == t]
+            for a in params["poison"]["attacks"] for t in distinct for s in params["poison"]["seeds"]}

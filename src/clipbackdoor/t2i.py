@@ -21,17 +21,16 @@ Artifacts: ``data/t2i/<name>/`` with the UNet in diffusers' format (``config.jso
 
 from __future__ import annotations
 
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from clipbackdoor.config import T2IConfig
 from clipbackdoor.io import atomic_dir, read_json, write_json
+from clipbackdoor.logs import progress
 from clipbackdoor.models import LoadedModel
 from clipbackdoor.runtime import autocast
 
@@ -153,7 +152,7 @@ def train_denoiser(unet, ddpm, cond: TextConditioner, images: torch.Tensor, capt
     ema = EMAModel(unet.parameters(), decay=ema_decay) if ema_decay else None
     unet.train()
     history = []
-    for step in tqdm(range(steps), desc=desc, mininterval=10, file=sys.stderr):
+    for step in progress(range(steps), desc):
         idx = batch_indices(len(images), batch_size, step, seed)
         x0 = to_unit_range(images[idx])
         x0 = (codec.encode(x0) if codec is not None else x0).to(device)  # [B, C, h, w]: pixels or latents
@@ -244,7 +243,7 @@ def open_generator(model_dir: str | Path, clip: LoadedModel, steps: int, guidanc
         return T2IGenerator(unet.to(device), ddpm, ddim, TextConditioner(clip), steps, guidance, size=size)
     if sd is None:
         raise UserError(f"{model_dir} is a Stable Diffusion UNet but b2.stable_diffusion is not configured",
-                        fix="add b2.stable_diffusion.path (see configs/paper.yaml)")
+                        fix="add b2.stable_diffusion.path (see configs/paper_b2.yaml)")
     pipe = load_stable_diffusion(sd)
     unet, vae, text_encoder = unet.to(device), pipe.vae.to(device), pipe.text_encoder.to(device)
     return T2IGenerator(unet, ddpm, ddim, HFTextConditioner(pipe.tokenizer, text_encoder), steps, guidance,

@@ -21,11 +21,11 @@ from typing import Callable
 import torch
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from open_clip.loss import ClipLoss
-from tqdm import tqdm
 
 from clipbackdoor.config import OptimConfig
 from clipbackdoor.distributed import barrier, is_main, rank_world
 from clipbackdoor.io import load_safetensors, safetensors_metadata, save_safetensors
+from clipbackdoor.logs import progress
 from clipbackdoor.models import LoadedModel, load_artifact, normalize, save_artifact
 from clipbackdoor.runtime import autocast
 from clipbackdoor.shards import load_split
@@ -175,8 +175,7 @@ def _train_loop(loaded, model, images, tokens, cfg, seed, opt, sched, loss_fn, d
         if resumed is not None:
             start, history = resumed
             print(f"[{desc}] resumed from {ckpt} at step {start}", file=sys.stderr)
-    bar = tqdm(range(start, cfg.steps), desc=desc, mininterval=10, file=sys.stderr, initial=start, total=cfg.steps,
-               disable=rank != 0)
+    bar = progress(range(start, cfg.steps), desc, total=cfg.steps, initial=start, disable=rank != 0)
     for step in bar:
         idx = batch_indices(len(images), cfg.batch_size, step, seed).chunk(world)[rank]  # this rank's slice
         if hasattr(loss_fn, "begin_step"):  # losses whose targets change during training (RoCLIP)
