@@ -7,7 +7,7 @@ import sys
 from snakemake.utils import update_config, validate
 
 from clipbackdoor.runs import parse_run, run_evals
-from clipbackdoor.config import eval_targets, load_yaml, validate_params
+from clipbackdoor.config import eval_targets, load_yaml, moot_settings, validate_params
 from clipbackdoor.dvcgen import shape_params
 from clipbackdoor.errors import EXIT_USER_ERROR, UserError
 
@@ -23,6 +23,8 @@ try:
     for _file in workflow.config_settings.configfiles:
         load_yaml(_file)
     validate_params(config, "params (params.yaml + --configfile/--config)")
+    for _note in moot_settings(config):
+        print(f"clipbackdoor: note: {_note}", file=sys.stderr)
     # pretrained tags (not local files: those are rule inputs) are checked against open_clip's list here, so a
     # typo stops the workflow before any job; open_clip is imported only when a tag is named
     _sd = config.get("b2", {}).get("stable_diffusion") if config.get("b2", {}).get("backend") == "stable_diffusion" else None

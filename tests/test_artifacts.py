@@ -187,3 +187,17 @@ def test_all_holds_the_b2_branch_exactly_when_the_parameters_have_it():
                            "--forceall"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert all(f"rule {r}:" in proc.stdout for r in ("t2i_pretrain", "t2i_backdoor", "b2_audit", "summary"))
+
+
+def test_under_snakemake_the_failing_stages_line_reaches_the_terminal(tmp_path):
+    """Snakemake prints "Error in rule prototypes ... log: ..."; the stage's own reason must be there too."""
+    repo = copy_repo(tmp_path / "repo")
+    broken = repo / "data/decomp/clean/world/none.parquet"
+    broken.parent.mkdir(parents=True)
+    broken.write_bytes(b"PAR1 this is not a decomposition PAR1")
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "data/prototypes/clean/world.safetensors", "--cores", "1",
+                           "--allowed-rules", "prototypes"], cwd=repo, capture_output=True, text=True)
+    assert proc.returncode != 0 and "Error in rule prototypes" in proc.stdout + proc.stderr
+    assert "clipbackdoor prototypes: error: data/decomp/clean/world/none.parquet: not a readable Parquet file" in proc.stderr
+    assert "(log: data/logs/prototypes_clean_world.log)" in proc.stderr
+    assert not (repo / "data/prototypes/clean/world.safetensors").exists()

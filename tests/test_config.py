@@ -175,3 +175,15 @@ def test_stage_params_from_file_reference():
 
     got = parse_params(f"@{ROOT / 'params.yaml'}:seed,data.world")
     assert got == {"seed": BASE["seed"], "data": {"world": BASE["data"]["world"]}}
+
+
+def test_a_setting_without_effect_in_the_chosen_mode_gets_a_note():
+    from clipbackdoor.config import moot_settings
+
+    assert BASE["defend"]["threshold"] == "clean_quantile"
+    assert moot_settings(BASE) == [
+        "defend.eps (0.3) has no effect with defend.threshold: clean_quantile (each head's threshold is the "
+        "defend.quantile of its clean-validation similarities); eps_sweep still runs"]
+    fixed = copy.deepcopy(BASE)
+    fixed["defend"]["threshold"] = "fixed"
+    assert moot_settings(fixed)[0].startswith("defend.quantile (0.01) has no effect with defend.threshold: fixed")

@@ -42,3 +42,7 @@ def test_a_stage_log_has_header_output_and_footer(tmp_path):
     assert lines[0].startswith("# clipbackdoor validate started ") and lines[-1].startswith("# clipbackdoor validate done ")
     assert "params.yaml: valid (embedded profile)" in lines and re.search(r"after [\d.]+ s$", lines[-1])
     assert "\r" not in log.read_text()
+
+
+def test_version():
+    assert run_cli("--version").stdout.strip() == "clipbackdoor 0.1.0"

@@ -503,7 +503,10 @@ def cmd_report(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from clipbackdoor import __version__
+
     parser = argparse.ArgumentParser(prog="clipbackdoor", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"clipbackdoor {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def stage(name, fn, help_):

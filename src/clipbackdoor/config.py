@@ -148,6 +148,20 @@ REPAIR_SECTIONS = {"cleanclip": "cleanclip", "roclip": "roclip", "abd": "abd", "
                    "abd_eda_only": "abd", "finetune_clean": "abd", "uap": "abd"}
 
 
+def moot_settings(params: dict) -> list[str]:
+    """Notes on settings that have no effect under the chosen mode (valid, but a user editing them would expect a
+    change that never comes)."""
+    notes = []
+    defend = params.get("defend") or {}
+    if defend.get("threshold") == "clean_quantile" and "eps" in defend:
+        notes.append(f"defend.eps ({defend['eps']}) has no effect with defend.threshold: clean_quantile (each head's "
+                     f"threshold is the defend.quantile of its clean-validation similarities); eps_sweep still runs")
+    elif defend.get("threshold") == "fixed" and "quantile" in defend:
+        notes.append(f"defend.quantile ({defend['quantile']}) has no effect with defend.threshold: fixed (defend.eps "
+                     f"is every head's threshold)")
+    return notes
+
+
 def validate_params(params: dict, source: str = "params.yaml") -> None:
     """Raise :class:`UserError` naming the first offending key (deepest, most specific error first)."""
     if not isinstance(params, dict):
