@@ -65,6 +65,11 @@ def test_safetensors_writer_takes_mixed_frameworks_and_refuses_non_string_metada
     back = load_safetensors(tmp_path / "m.safetensors")
     assert back["a"].tolist() == [1, 1, 1] and back["b"].all() and back["c"].item() == 1.5
     assert back["d"].shape == (0, 4)
+    save_safetensors(tmp_path / "z.safetensors", {"scalar": np.float32(2.5), "zero_d": np.array(7, np.int64),
+                                                  "t": np.arange(6, dtype=">f4").reshape(2, 3).T})
+    back = load_safetensors(tmp_path / "z.safetensors", "np")
+    assert back["scalar"].shape == () and back["zero_d"].shape == () and back["zero_d"] == 7
+    assert np.array_equal(back["t"], np.arange(6, dtype=np.float32).reshape(2, 3).T)
     with pytest.raises(TypeError, match="str to str"):
         save_safetensors(tmp_path / "n.safetensors", {"a": np.ones(1)}, {"steps": 3})
 

@@ -816,13 +816,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.fn(args)
         _report_gpu_memory(args.command)
-        if getattr(args, "log", None):
-            from clipbackdoor.logs import footer
-
-            sys.stdout.flush()
-            print(footer(args.command, time.monotonic() - started), file=sys.stderr, flush=True)
+        _log_footer(args, started, "done")
     except UserError as exc:
         _fail(exc.report(f"clipbackdoor {args.command}"))
+        _log_footer(args, started, "failed")
         return EXIT_USER_ERROR
     except _decoder_errors() as exc:  # a reader without its own check met bytes it cannot decode
         if os.environ.get("CLIPBACKDOOR_TRACEBACK") == "1":  # a developer chasing a bug wants the frames
@@ -832,6 +829,7 @@ def main(argv: list[str] | None = None) -> int:
         _fail(UserError(f"an input file cannot be read ({type(exc).__name__}: {str(exc)[:200]})",
                         fix="check the files given to this stage (see the command in the log); rerun the stage "
                             "that wrote the damaged one, or `dvc pull` it").report(f"clipbackdoor {args.command}"))
+        _log_footer(args, started, "failed")
         return EXIT_USER_ERROR
     except Exception as exc:  # a bug: the traceback goes to the log as usual, its last line to the terminal too
         if _TERMINAL is not None:
@@ -839,6 +837,15 @@ def main(argv: list[str] | None = None) -> int:
                                    f"{str(exc)[:200]}); traceback in {_TERMINAL[1]}\n".encode())
         raise
     return 0
+
+
+def _log_footer(args, started: float, status: str) -> None:
+    """The log's closing line (stage, status, wall time) when the stage writes a log."""
+    if getattr(args, "log", None):
+        from clipbackdoor.logs import footer
+
+        sys.stdout.flush()
+        print(footer(args.command, time.monotonic() - started, status), file=sys.stderr, flush=True)
 
 
 def _fail(report: str) -> None:

@@ -73,9 +73,10 @@ def graph_shape(params: dict) -> dict:
              "detectors": bool(_get(params, "detect.detectors")),
              "model.pretrained": _as_input(_get(params, "model.pretrained")),
              "analysis.textspan_pool": _get(params, "analysis.textspan_pool"),
-             "b2.backend": _get(params, "b2.backend"),
-             "b2.stable_diffusion.path": _as_input(_get(params, "b2.stable_diffusion.path")),
-             "b2.stable_diffusion.auditor_pretrained": _as_input(_get(params, "b2.stable_diffusion.auditor_pretrained"))}
+             "b2.backend": _get(params, "b2.backend")}
+    if _get(params, "data.source") != "embedded":  # Stable Diffusion's files are rule inputs only at real scale
+        shape["b2.stable_diffusion.path"] = _as_input(_get(params, "b2.stable_diffusion.path"))
+        shape["b2.stable_diffusion.auditor_pretrained"] = _as_input(_get(params, "b2.stable_diffusion.auditor_pretrained"))
     if "label_consistent" in attacks:  # its adversarial-images stage exists only with a perturbation budget
         shape["lc_adversarial"] = float(_get(params, "attacks.label_consistent.adv_eps") or 0) > 0
     return {k: v for k, v in shape.items() if v is not None}
@@ -99,7 +100,7 @@ def check_graph_shape(params: dict, dvc_yaml: Path) -> None:
         def describe(value) -> str:
             text = ", ".join(value) if isinstance(value, (dict, list)) and key in ("runs", "sections", "eval_sets") \
                 else json.dumps(value)
-            return (text or "none")[:160]
+            return (text if value is not None and text else "none")[:160]
 
         raise UserError(f"params.yaml's {key} ({describe(now.get(key))}) is not what dvc.yaml's stages were generated "
                         f"for ({describe(recorded.get(key))}): this edit changes which stages exist",
@@ -286,7 +287,7 @@ def lock(root: Path) -> tuple[list[str], list[str], list[str]]:
             continue
         oldest_out = min(_newest_mtime(Path(root, f)) for f in job.output)
         code = [d for d in stage["deps"] if d.startswith(f"src/{PACKAGE}/")]
-        (stale if max(_newest_mtime(root / d) for d in code) > oldest_out else done).append(name)
+        (stale if max((_newest_mtime(root / d) for d in code), default=0) > oldest_out else done).append(name)
     if done:
         proc = subprocess.run([sys.executable, "-m", "dvc", "commit", "--force", "--quiet", *done], cwd=root,
                               capture_output=True, text=True)
@@ -309,8 +310,12 @@ def pull_for_defenses(root: Path) -> list[str]:
 
     from clipbackdoor.errors import UserError
 
+    if not (root / "dvc.yaml").is_file():
+        raise UserError(f"{root.resolve()}: no dvc.yaml", fix="run this in a clone of the project")
     stages = (yaml.safe_load((root / "dvc.yaml").read_text()) or {}).get("stages", {})
     targets = [name for name in stages if any(name.startswith(rule + "_") for rule in DEFENSE_INPUT_RULES)]
+    if not targets:  # (a bare `dvc pull` would fetch everything, model weights included)
+        raise UserError("dvc.yaml has no decomposition stages", fix="regenerate it: python -m clipbackdoor dvc-yaml")
     # two calls: given stage names and a file inside a directory output together, DVC (3.x) pulls only the file
     for batch in (targets, ["data/models/clean/metrics.json"]):
         proc = subprocess.run([sys.executable, "-m", "dvc", "pull", *batch], cwd=root, capture_output=True, text=True)

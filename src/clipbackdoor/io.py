@@ -103,8 +103,8 @@ def _tensor_bytes(value) -> tuple[str, list[int], memoryview]:
     contiguous CPU tensor."""
     import numpy as np
 
-    if isinstance(value, np.ndarray):
-        arr = np.ascontiguousarray(value)
+    if isinstance(value, (np.ndarray, np.generic)):
+        arr = np.ascontiguousarray(value).reshape(np.shape(value))  # (ascontiguousarray makes 0-d arrays 1-d)
         if arr.dtype.byteorder == ">":
             arr = arr.astype(arr.dtype.newbyteorder("<"))
         return _ST_DTYPES[arr.dtype.name], list(arr.shape), memoryview(arr.reshape(-1).view(np.uint8))
@@ -126,7 +126,7 @@ def save_safetensors(path: str | Path, tensors: dict, metadata: dict | None = No
     only on the names, values and metadata: the header is JSON with sorted keys (the safetensors library writes its
     metadata map in hash order, so two identical runs gave two files), tensors follow in name order. The metadata
     gains the sha256 of the header (without that entry) and the data, which ``load_safetensors`` checks. Memory:
-    the tensors themselves, nothing more (each is written, and hashed, from its own buffer)."""
+    contiguous CPU tensors are written (and hashed) from their own buffers; others are copied to the CPU first."""
     import hashlib
     import struct
 
@@ -231,7 +231,9 @@ def _metadata_sha256(metadata: dict | None) -> str:
 
 def write_parquet(path: str | Path, table, **options) -> None:
     """Write an Arrow table atomically as Parquet, recording the sha256 of each column and of the table's
-    metadata in the key-value metadata (``read_parquet`` checks what it reads)."""
+    metadata in the key-value metadata (``read_parquet`` checks what it reads). The digests include each
+    column's numpy dtype: ``options`` must not change types on the round trip (e.g. ``version="1.0"`` reads a
+    uint32 column back as int64) -- the default format keeps them."""
     import pyarrow.parquet as pq
 
     digests = {name: column_sha256(table.column(name)) for name in table.column_names}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -53,7 +54,7 @@ def header(command: str, argv: list[str]) -> str:
         f"# clipbackdoor {command} started {stamp()} on {platform.node()} (pid {os.getpid()})",
         f"# code: git {_git_commit()}; python {platform.python_version()}; {_versions()}",
         f"# device: {device}",
-        "# command: python -m clipbackdoor " + " ".join(argv),
+        "# command: python -m clipbackdoor " + shlex.join(argv),
     ])
 
 
@@ -80,14 +81,22 @@ class _LineProgress:
 
     def __iter__(self) -> Iterator:
         start = last = time.monotonic()
-        done = self.initial
-        for item in self.iterable:
-            yield item
-            done += 1
-            now = time.monotonic()
-            if done == self.initial + 1 or now - last >= self.every_s or done == self.total:
+        done = printed = self.initial
+        try:
+            for item in self.iterable:
+                try:
+                    yield item
+                except GeneratorExit:  # the consumer left the loop (a step limit) after this item
+                    done += 1
+                    raise
+                done += 1
+                now = time.monotonic()
+                if done == self.initial + 1 or now - last >= self.every_s or done == self.total:
+                    self._line(done, start)
+                    printed, last = done, now
+        finally:  # a loop left early (a step limit, an error) or of unknown length still reports where it stopped
+            if done != printed:
                 self._line(done, start)
-                last = now
 
 
 def progress(iterable: Iterable, desc: str, total: int | None = None, initial: int = 0, disable: bool = False,
