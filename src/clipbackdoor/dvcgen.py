@@ -258,9 +258,6 @@ def lock(root: Path) -> tuple[list[str], list[str], list[str]]:
     `dvc push` sends their outputs. Snakemake does not track the package's code, DVC does (a stage's deps list
     its modules): a stage whose modules changed after its outputs were written is left out, as is a job
     Snakemake marks incomplete. Returns (locked, still to run, stale because their code changed)."""
-    import subprocess
-    import sys
-
     from clipbackdoor.errors import UserError
 
     if not (root / ".dvc").is_dir():
@@ -289,12 +286,21 @@ def lock(root: Path) -> tuple[list[str], list[str], list[str]]:
         code = [d for d in stage["deps"] if d.startswith(f"src/{PACKAGE}/")]
         (stale if max((_newest_mtime(root / d) for d in code), default=0) > oldest_out else done).append(name)
     if done:
-        proc = subprocess.run([sys.executable, "-m", "dvc", "commit", "--force", "--quiet", *done], cwd=root,
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            lines = (proc.stderr or proc.stdout).strip().splitlines() or ["(no output)"]
-            raise UserError(f"dvc commit failed: {lines[-1][:300]}", fix="see `dvc commit -v` for details")
+        _dvc(root, ["commit", "--force", "--quiet", *done], fix="see `dvc commit -v` for details")
     return done, todo, stale
+
+
+def _dvc(root: Path, args: list[str], fix: str) -> None:
+    """Run a DVC command in ``root``; its last line of error output becomes our one-line error."""
+    import subprocess
+    import sys
+
+    from clipbackdoor.errors import UserError
+
+    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, capture_output=True, text=True)
+    if proc.returncode != 0:
+        lines = (proc.stderr or proc.stdout).strip().splitlines() or ["(no output)"]
+        raise UserError(f"dvc {args[0]} failed: {lines[-1][:300]}", fix=fix)
 
 
 # What the defenses need from a colleague's run, without any model weights: the cached decompositions and class
@@ -305,9 +311,6 @@ DEFENSE_INPUT_RULES = ("decompose", "class_embeddings", "prototypes", "detect")
 def pull_for_defenses(root: Path) -> list[str]:
     """`dvc pull` of the stages whose outputs the defenses read (DVC's --glob does not match stage names) and of
     the clean model's metrics.json alone (a file inside its directory output). Returns the pulled targets."""
-    import subprocess
-    import sys
-
     from clipbackdoor.errors import UserError
 
     if not (root / "dvc.yaml").is_file():
@@ -318,9 +321,6 @@ def pull_for_defenses(root: Path) -> list[str]:
         raise UserError("dvc.yaml has no decomposition stages", fix="regenerate it: python -m clipbackdoor dvc-yaml")
     # two calls: given stage names and a file inside a directory output together, DVC (3.x) pulls only the file
     for batch in (targets, ["data/models/clean/metrics.json"]):
-        proc = subprocess.run([sys.executable, "-m", "dvc", "pull", *batch], cwd=root, capture_output=True, text=True)
-        if proc.returncode != 0:
-            lines = (proc.stderr or proc.stdout).strip().splitlines() or ["(no output)"]
-            raise UserError(f"dvc pull failed: {lines[-1][:300]}", fix="check the remote (`dvc remote list`) and that "
-                                                                       "the run was pushed (`dvc push` after `make run`)")
+        _dvc(root, ["pull", *batch], fix="check the remote (`dvc remote list`) and that the run was pushed "
+                                         "(`dvc push` after `make run`)")
     return [*targets, "data/models/clean/metrics.json"]
