@@ -7,7 +7,7 @@ import sys
 from snakemake.utils import update_config, validate
 
 from clipbackdoor.runs import parse_run, run_evals
-from clipbackdoor.config import eval_targets, load_yaml, moot_settings, validate_params
+from clipbackdoor.config import eval_targets, load_yaml, moot_settings, names_local_path, validate_params
 from clipbackdoor.dvcgen import shape_params
 from clipbackdoor.errors import EXIT_USER_ERROR, UserError
 
@@ -30,7 +30,7 @@ try:
     _sd = config.get("b2", {}).get("stable_diffusion") if config.get("b2", {}).get("backend") == "stable_diffusion" else None
     _tags = [(config["model"]["name"], config["model"]["pretrained"], "model.pretrained")]
     _tags += [(_sd["auditor"], _sd["auditor_pretrained"], "b2.stable_diffusion.auditor_pretrained")] if _sd else []
-    _tags = [t for t in _tags if t[1] is not None and "/" not in t[1] and not os.path.exists(t[1])]
+    _tags = [t for t in _tags if t[1] is not None and not names_local_path(t[1])]
     if _tags:
         from clipbackdoor.models import check_pretrained
 
@@ -94,7 +94,7 @@ def local_file(value):
     """[value] when a parameter names a local file or folder (a checkpoint, a Stable Diffusion directory) rather
     than a tag such as `openai`: then it is a rule input -- missing, it stops the workflow before any job; edited,
     it reruns its stages."""
-    return [value] if isinstance(value, str) and ("/" in value or os.path.exists(value)) else []
+    return [value] if names_local_path(value) else []
 
 
 def eval_dir(name):

@@ -306,6 +306,12 @@ def check_devices(finetune: dict, source: str = "params") -> None:
                         fix=f"use a batch size that is a multiple of {devices}")
 
 
+def names_local_path(value) -> bool:
+    """Whether a parameter names a local file or folder (a checkpoint, a Stable Diffusion directory) rather than a
+    tag such as `openai`: the workflow makes such a path a rule input."""
+    return isinstance(value, str) and ("/" in value or Path(value).exists())
+
+
 def get_dotted(tree: dict, key: str) -> Any:
     node = tree
     for part in key.split("."):

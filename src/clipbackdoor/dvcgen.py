@@ -56,9 +56,11 @@ def shape_params(params: dict) -> list[str]:
 def _as_input(value):
     """A parameter that names a local file or folder is a rule input (its path shapes the graph); a tag such as
     `openai` is just a value the stage reads."""
+    from clipbackdoor.config import names_local_path
+
     if value is None:
         return None
-    return value if isinstance(value, str) and ("/" in value or Path(value).exists()) else "(a tag)"
+    return value if names_local_path(value) else "(a tag)"
 
 
 def graph_shape(params: dict) -> dict:
