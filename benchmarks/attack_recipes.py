@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +39,7 @@ SETTINGS = {
 
 
 def evaluate(model_dir, attack, acfg, asset, P):
-    from clipbackdoor.attacks import trigger_eval_images
+    from clipbackdoor.attacks import make_trigger, trigger_eval_images
     from clipbackdoor.models import load_artifact
     from clipbackdoor.shards import load_split
     from clipbackdoor.world import world_classes_json
@@ -50,7 +51,8 @@ def evaluate(model_dir, attack, acfg, asset, P):
     cls = class_text_embeddings(loaded, classes["classnames"], templates_for("embedded", classes["templates"])).cpu()
     target, y = classes["classnames"].index(P["poison"]["target"]), split["labels"]
     clean_pred = predict(image_embeddings(loaded, split["images"]), cls)
-    trig = trigger_eval_images(split["images"], attack, acfg, 32, 0, asset)
+    trig = trigger_eval_images(make_trigger(attack, acfg, 32, 0, asset), split["images"],
+                               np.arange(len(split["images"])), 0)
     trig_pred = predict(image_embeddings(loaded, trig), cls)
     other = y != target
     return float((clean_pred == y).float().mean()), float((trig_pred[other] == target).float().mean())

@@ -50,10 +50,18 @@ def test_blended_ratio():
     assert trig.kind == "global" and REGISTRY["badnet"].kind == "local"
 
 
-def test_eval_triggering_is_deterministic():
+def test_eval_triggering_is_deterministic_and_batch_independent():
+    """An image's trigger depends on its position in the split, not on the batch or subset it is applied in:
+    decompose (batches), detect and ABD's figure (subsets) trigger the same image the same way."""
     x = images(8)
-    assert torch.equal(trigger_eval_images(x, "badnet_random", RANDOM, 32, 3),
-                       trigger_eval_images(x, "badnet_random", RANDOM, 32, 3))
+    trig = make_trigger("badnet_random", RANDOM, 32, seed=3)
+    whole = trigger_eval_images(trig, x, np.arange(8), 3)
+    assert torch.equal(whole, trigger_eval_images(trig, x, np.arange(8), 3))
+    batched = torch.cat([trigger_eval_images(trig, x[i:i + 3], np.arange(i, min(i + 3, 8)), 3) for i in (0, 3, 6)])
+    assert torch.equal(batched, whole)
+    subset = np.array([1, 5, 6])
+    assert torch.equal(trigger_eval_images(trig, x[subset], subset, 3), whole[subset])
+    assert not torch.equal(whole[0], whole[1])  # per-image positions differ (random patch location)
 
 
 def test_unknown_attack():

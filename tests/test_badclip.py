@@ -80,5 +80,6 @@ def test_badclip_stage_then_poison_and_triggered_eval(world_dirs, micro_model, t
     expected = (patch * 255 + 0.5).to(torch.uint8)
     assert any(torch.equal(split["images"][i, :, 14:18, 14:18], expected) for i in patched)
     ev = load_split(world_dirs / "eval", 32)["images"]
-    trig = trigger_eval_images(ev, "badclip", CFG, 32, 0, tmp_path / "patch.safetensors")
+    trig = trigger_eval_images(make_trigger("badclip", CFG, 32, 0, tmp_path / "patch.safetensors"), ev,
+                               np.arange(len(ev)), 0)
     assert all(torch.equal(t[:, 14:18, 14:18], expected) for t in trig)

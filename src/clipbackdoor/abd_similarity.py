@@ -24,12 +24,12 @@ import torch
 import torch.nn.functional as F
 
 from clipbackdoor.abd import KINDS, VARIANTS, adversarial_images, load_perturbations
-from clipbackdoor.attacks import parse_run, trigger_eval_images
+from clipbackdoor.attacks import make_trigger, parse_run, trigger_eval_images
 from clipbackdoor.decompose_stage import load_class_embeddings
 from clipbackdoor.io import atomic_path
 from clipbackdoor.models import load_artifact
 from clipbackdoor.runtime import pick_device
-from clipbackdoor.shards import load_split
+from clipbackdoor.shards import count_samples, load_rows
 from clipbackdoor.zeroshot import image_embeddings
 
 PAIRS = ["clean_img/own_caption", "triggered_img/target_caption", "adv_img/own_caption", "adv_img/target_caption",
@@ -62,12 +62,12 @@ def run_abd_similarity(models: dict[str, tuple[str, str]], eval_dir: str | Path,
     device = pick_device(gpu=True)  # the rule holds a GPU: both encoders run there
     loaded = {encoder: load_artifact(model_dir, device) for encoder, (model_dir, _) in models.items()}
     image_size = next(iter(loaded.values())).image_size  # the encoders of one study share the input size
-    split = load_split(eval_dir, image_size)
-    index = np.sort(np.random.default_rng([seed, 31]).choice(len(split["labels"]),
-                                                              size=min(n_images, len(split["labels"])), replace=False))
-    images, labels = split["images"][index], split["labels"][index]
-    attack = parse_run(trigger)[0]
-    triggered = trigger_eval_images(split["images"], attack, attack_cfg, image_size, trigger_seed, asset_path)[index]
+    n_split = count_samples(eval_dir)
+    index = np.sort(np.random.default_rng([seed, 31]).choice(n_split, size=min(n_images, n_split), replace=False))
+    split = load_rows(eval_dir, index, image_size)  # only the images scored (memory O(n_images))
+    images, labels = split["images"], split["labels"]
+    trig = make_trigger(parse_run(trigger)[0], attack_cfg, image_size, trigger_seed, asset_path)
+    triggered = trigger_eval_images(trig, images, index, trigger_seed)
     adversarial = {f"{kind}.{variant}": adversarial_images(images, deltas[f"{kind}.{variant}"], kind, location, seed)
                    for kind in KINDS for variant in VARIANTS}
     rows = []

@@ -8,13 +8,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clipbackdoor.attacks import trigger_eval_images
-from clipbackdoor.decomp_cache import write_decomposition
+from clipbackdoor.attacks import make_trigger, trigger_eval_images
+from clipbackdoor.decomp_cache import DecompositionWriter
 from clipbackdoor.decompose import Decomposition, decompose
 from clipbackdoor.io import load_safetensors, save_safetensors
 from clipbackdoor.models import load_artifact, normalize
 from clipbackdoor.runtime import autocast
-from clipbackdoor.shards import load_split
+from clipbackdoor.logs import progress
+from clipbackdoor.shards import count_samples, iter_batches
 from clipbackdoor.world import world_classes_json
 from clipbackdoor.zeroshot import class_text_embeddings, templates_for
 
@@ -36,18 +37,26 @@ def decompose_images(loaded, images: torch.Tensor, centering: str, normalize_ter
 def run_decompose(model_dir: str | Path, eval_dir: str | Path, out_path: str | Path, trigger: str,
                   attacks: dict, seed: int, centering: str, normalize_terms: bool, batch_size: int,
                   device: str = "cpu", asset_path=None) -> int:
-    """Decompose the eval set, triggered with ``trigger`` (an attack name) or clean (``none``)."""
+    """Decompose the eval set, triggered with ``trigger`` (an attack name) or clean (``none``), streaming: a batch
+    is decoded, triggered, decomposed and handed to the writer, which flushes a row group at a time (memory
+    O(batch + row group), whatever the set's size)."""
     loaded = load_artifact(model_dir, device)
-    split = load_split(eval_dir, loaded.image_size)
-    images = split["images"]
-    if trigger != "none":
-        images = trigger_eval_images(images, trigger, attacks[trigger], loaded.image_size, seed, asset_path)
-    decomp = decompose_images(loaded, images, centering, normalize_terms, batch_size)
+    trig = None if trigger == "none" else make_trigger(trigger, attacks[trigger], loaded.image_size, seed, asset_path)
     meta = {"model": Path(model_dir).name, "open_clip_name": loaded.name, "checkpoint_sha256": loaded.checkpoint_sha256,
             "eval_set": Path(eval_dir).name, "trigger": trigger, "centering": centering,
             "normalisation": "unit_embedding" if normalize_terms else "none"}
-    write_decomposition(out_path, split["keys"], split["labels"].numpy(), trigger != "none", decomp, meta)
-    return len(images)
+    n = 0
+    with DecompositionWriter(out_path, trig is not None, meta) as out:
+        total = -(-count_samples(eval_dir) // batch_size)
+        for batch in progress(iter_batches(eval_dir, batch_size, loaded.image_size), "decompose", total=total):
+            images = batch["images"]
+            if trig is not None:
+                images = trigger_eval_images(trig, images, np.arange(batch["start"], batch["start"] + len(images)),
+                                             seed)
+            out.add(batch["keys"], batch["labels"].numpy(),
+                    decompose_images(loaded, images, centering, normalize_terms, batch_size))
+            n += len(images)
+    return n
 
 
 def run_class_embeddings(model_dir: str | Path, eval_dir: str | Path, out_path: str | Path, templates_kind: str,

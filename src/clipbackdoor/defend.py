@@ -12,14 +12,15 @@ Both are implemented (``rule: dot | cosine``) and every row records the rule it 
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
 from clipbackdoor.config import DefendConfig
-from clipbackdoor.decomp_cache import CachedDecomposition, read_decomposition
-from clipbackdoor.io import write_parquet
+from clipbackdoor.decomp_cache import ROW_GROUP_SIZE, CachedDecomposition, iter_decomposition, read_meta
+from clipbackdoor.io import parquet_stream
 from clipbackdoor.prototypes import head_similarity
 
 OUTPUT_SCHEMA = pa.schema([("defense", pa.string()), ("variant", pa.string()), ("split", pa.string()),
@@ -55,21 +56,31 @@ def head_rule(heads: np.ndarray, protos: dict, cfg: DefendConfig):
 
 
 class TestSplit:
-    """One split's (clean or triggered) test images with everything the defenses need, in memory."""
+    """One chunk of a split's (clean or triggered) test images with everything the defenses need."""
 
     def __init__(self, d: CachedDecomposition, index: np.ndarray):
-        self.index = index
-        self.labels = d.labels[index]
-        self.embedding = d.embedding[index]  # [N, d]
-        self.heads = d.heads[index]  # [N, L, H, d]
-        self.mlps = d.mlps[index]  # [N, L, d]
-        self.total = d.total()[index]  # [N, d] sum of all terms
+        self.index = index  # [N] positions in the evaluation set
+        self.labels = d.labels
+        self.embedding = d.embedding  # [N, d]
+        self.heads = d.heads  # [N, L, H, d]
+        self.mlps = d.mlps  # [N, L, d]
+        self.total = d.total()  # [N, d] sum of all terms
         self.head_sum = self.heads.sum(axis=2)  # [N, L, d]
 
 
+def random_prototypes(protos: dict, cfg: DefendConfig, rng: np.random.Generator) -> np.ndarray:
+    """Table 5's random replacement of the last-k-layer prototypes [k, H, d]: one seeded draw per split, scaled
+    by each prototype's std (drawn before any chunk, so chunking leaves the split's random stream unchanged)."""
+    p_heads = protos["heads"]
+    k = min(cfg.head_layers, p_heads.shape[0])
+    protos_k = p_heads[p_heads.shape[0] - k:]
+    return rng.standard_normal(protos_k.shape).astype(np.float32) * protos_k.std(axis=-1, keepdims=True)
+
+
 def _settings(split: TestSplit, protos: dict, cfg: DefendConfig, kind: str, class_emb: np.ndarray,
-              rng: np.random.Generator):
-    """Yield (defense, variant, pred [N], score [N] or None) for every setting on one split."""
+              rng: np.random.Generator, random_protos: np.ndarray):
+    """Yield (defense, variant, pred [N], score [N] or None) for every setting on one chunk of a split. ``rng``
+    is the split's stream, carried from chunk to chunk (random heads are drawn image after image)."""
     n_layers, n_heads = split.heads.shape[1:3]
     p_heads, p_mlps = protos["heads"], protos["mlps"]  # [L, H, d], [L, d]
     p_head_sum = p_heads.sum(axis=1)  # [L, d]
@@ -108,8 +119,6 @@ def _settings(split: TestSplit, protos: dict, cfg: DefendConfig, kind: str, clas
 
     # Tables 3 and 5: what replaces the infected heads, and which heads
     yield "abandon", tag, replace(infected, np.zeros_like(protos_k)[None]), None
-    scale = protos_k.std(axis=-1, keepdims=True)
-    random_protos = rng.standard_normal(protos_k.shape).astype(np.float32) * scale
     yield "random_prototypes", tag, replace(infected, random_protos[None]), None
     random_mask = np.zeros_like(infected)
     flat = random_mask.reshape(len(count), -1)
@@ -146,41 +155,63 @@ def decomp_reverse(clean: TestSplit, trig: TestSplit, protos: dict, cfg: DefendC
 
 
 def run_defend(clean_path: str | Path, triggered_path: str | Path, protos: dict, class_emb: np.ndarray,
-               cfg: DefendConfig, kind: str, out_path: str | Path, target: int, target_name: str = "") -> int:
-    test_index = protos["test_index"]
-    clean_d, trig_d = read_decomposition(clean_path), read_decomposition(triggered_path)
-    if clean_d.keys != trig_d.keys:
-        raise ValueError("clean and triggered decompositions must list the same images in the same order")
-    splits = {"clean": TestSplit(clean_d, test_index), "triggered": TestSplit(trig_d, test_index)}
-    rows: dict[str, list] = {name: [] for name in OUTPUT_SCHEMA.names}
-
-    def add(defense, variant, split_name, pred, score):
-        s = splits[split_name]
-        n = len(pred)
-        rows["defense"] += [defense] * n
-        rows["variant"] += [variant] * n
-        rows["split"] += [split_name] * n
-        rows["index"] += s.index.tolist()
-        rows["label"] += s.labels.tolist()
-        rows["pred"] += pred.tolist()
-        rows["score"] += [None] * n if score is None else score.tolist()
-
-    for split_name, split in splits.items():
-        rng = np.random.default_rng([cfg.seed, 0 if split_name == "clean" else 1])
-        for defense, variant, pred, score in _settings(split, protos, cfg, kind, class_emb, rng):
-            add(defense, variant, split_name, pred, score)
-    tag, reverse = decomp_reverse(splits["clean"], splits["triggered"], protos, cfg, class_emb)
-    add("decomp_reverse", tag, "clean", reverse, None)
+               cfg: DefendConfig, kind: str, out_path: str | Path, target: int, target_name: str = "",
+               chunk_rows: int = ROW_GROUP_SIZE) -> int:
+    """Every setting on the test images, streamed ``chunk_rows`` images at a time from both decompositions in
+    lockstep (memory O(chunk x settings)); each chunk's rows become one row group of the output."""
+    test_index = np.asarray(protos["test_index"])
+    rngs = {name: np.random.default_rng([cfg.seed, i]) for i, name in enumerate(("clean", "triggered"))}
+    randoms = {name: random_prototypes(protos, cfg, rng) for name, rng in rngs.items()}
+    read_meta(clean_path)  # both files are refused up front (missing, foreign) before any work
+    trig_meta = read_meta(triggered_path)
     meta = {"target": str(target), "target_name": target_name, "kind": kind, "rule": cfg.rule, "eps": str(cfg.eps),
-            "checkpoint_sha256": trig_d.meta.get("checkpoint_sha256", ""), "trigger": trig_d.meta.get("trigger", "")}
-    table = pa.Table.from_pydict(rows, schema=OUTPUT_SCHEMA).replace_schema_metadata(meta)
-    write_parquet(out_path, table)
-    return table.num_rows
+            "checkpoint_sha256": trig_meta.get("checkpoint_sha256", ""), "trigger": trig_meta.get("trigger", "")}
+    chunks = itertools.zip_longest(iter_decomposition(clean_path, rows=test_index, batch_rows=chunk_rows),
+                                   iter_decomposition(triggered_path, rows=test_index, batch_rows=chunk_rows))
+    with parquet_stream(out_path, OUTPUT_SCHEMA.with_metadata(meta)) as out:
+        for clean_chunk, trig_chunk in chunks:
+            if clean_chunk is None or trig_chunk is None or clean_chunk[1].keys != trig_chunk[1].keys:
+                raise ValueError("clean and triggered decompositions must list the same images in the same order")
+            splits = {"clean": TestSplit(clean_chunk[1], clean_chunk[0]),
+                      "triggered": TestSplit(trig_chunk[1], trig_chunk[0])}
+            rows = _Rows()
+            for name, split in splits.items():
+                for defense, variant, pred, score in _settings(split, protos, cfg, kind, class_emb, rngs[name],
+                                                               randoms[name]):
+                    rows.add(defense, variant, name, split, pred, score)
+            tag, reverse = decomp_reverse(splits["clean"], splits["triggered"], protos, cfg, class_emb)
+            rows.add("decomp_reverse", tag, "clean", splits["clean"], reverse, None)
+            out.write(rows.table())
+        return out.num_rows
+
+
+class _Rows:
+    """One chunk's output rows, gathered per setting as arrays."""
+
+    def __init__(self):
+        self.cols: dict[str, list] = {name: [] for name in OUTPUT_SCHEMA.names}
+
+    def add(self, defense: str, variant: str, split_name: str, split: TestSplit, pred: np.ndarray, score) -> None:
+        n = len(pred)
+        self.cols["defense"].append(pa.array([defense] * n, pa.string()))
+        self.cols["variant"].append(pa.array([variant] * n, pa.string()))
+        self.cols["split"].append(pa.array([split_name] * n, pa.string()))
+        self.cols["index"].append(pa.array(split.index.astype(np.int32)))
+        self.cols["label"].append(pa.array(split.labels.astype(np.int32)))
+        self.cols["pred"].append(pa.array(np.asarray(pred, np.int32)))
+        self.cols["score"].append(pa.nulls(n, pa.float32()) if score is None else
+                                  pa.array(np.asarray(score, np.float32)))
+
+    def table(self) -> pa.Table:
+        return pa.Table.from_arrays([pa.concat_arrays(self.cols[f.name]) for f in OUTPUT_SCHEMA],
+                                    schema=OUTPUT_SCHEMA)
 
 
 def prototype_cosines(path: str | Path, protos: dict, layer: int = -1) -> np.ndarray:
-    """Cosine of each test image's last-layer head terms to their prototypes: [N, H] (Figure 5)."""
-    d = read_decomposition(path, layers=[layer], with_mlps=False)
-    idx = protos["test_index"]
-    heads = d.heads[idx][:, layer][:, None]  # [N, 1, H, d]
-    return head_similarity(heads, protos["heads"][layer][None], "cosine")[:, 0]
+    """Cosine of each test image's layer-``layer`` head terms to their prototypes: [N, H] (Figure 5), streamed
+    (only that layer's head columns are read, a chunk at a time)."""
+    out = []
+    for _, d in iter_decomposition(path, layers=[layer], with_mlps=False, rows=np.asarray(protos["test_index"])):
+        heads = d.heads[:, layer][:, None]  # [B, 1, H, d]
+        out.append(head_similarity(heads, protos["heads"][layer][None], "cosine")[:, 0])
+    return np.concatenate(out)

@@ -16,7 +16,7 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
-from clipbackdoor.attacks import parse_run, trigger_eval_images
+from clipbackdoor.attacks import make_trigger, parse_run, trigger_eval_images
 from clipbackdoor.config import DetectConfig
 from clipbackdoor.decompose_stage import load_class_embeddings
 from clipbackdoor.defend import OUTPUT_SCHEMA
@@ -25,7 +25,7 @@ from clipbackdoor.io import write_parquet
 from clipbackdoor.models import load_artifact, normalize
 from clipbackdoor.prototypes import load_prototypes
 from clipbackdoor.runtime import pick_device
-from clipbackdoor.shards import load_split
+from clipbackdoor.shards import load_rows
 
 
 def zero_shot_proba(loaded, class_emb: torch.Tensor):
@@ -47,15 +47,21 @@ def run_detect(model_dir: str | Path, eval_dir: str | Path, prototypes_path: str
     loaded = load_artifact(model_dir, pick_device(gpu=True))  # the rule holds a GPU when there is one
     emb, _ = load_class_embeddings(classes_path)
     proba = zero_shot_proba(loaded, torch.from_numpy(np.asarray(emb)).float())
-    split = load_split(eval_dir, loaded.image_size)
     protos = load_prototypes(prototypes_path)
     test = np.asarray(protos["test_index"])
     rng = np.random.default_rng([cfg.seed, 5])
     index = np.sort(rng.choice(test, size=min(cfg.n_images, len(test)), replace=False))
-    attack = parse_run(trigger)[0]
-    triggered_all = trigger_eval_images(split["images"], attack, attack_cfg, loaded.image_size, trigger_seed, asset_path)
-    images = {"clean": split["images"][index].float() / 255, "triggered": triggered_all[index].float() / 255}
-    pool = split["images"][np.asarray(protos["val_index"])].float() / 255
+    # only the scored images and STRIP's clean pool are decoded (memory O(n_images + pool), not O(split))
+    val = np.asarray(protos["val_index"])
+    rows_needed = np.union1d(index, val)
+    split = load_rows(eval_dir, rows_needed, loaded.image_size)
+    at = {int(i): j for j, i in enumerate(rows_needed)}
+    pick = lambda idx: split["images"][[at[int(i)] for i in idx]]  # noqa: E731
+    clean = pick(index)
+    trig = make_trigger(parse_run(trigger)[0], attack_cfg, loaded.image_size, trigger_seed, asset_path)
+    images = {"clean": clean.float() / 255, "triggered": trigger_eval_images(trig, clean, index, trigger_seed).float() / 255}
+    pool = pick(val)  # uint8: strip_scores converts the partners it draws
+    labels = split["labels"][[at[int(i)] for i in index]]
     rows: dict[str, list] = {name: [] for name in OUTPUT_SCHEMA.names}
     for split_name, x in images.items():
         scores = {}
@@ -72,7 +78,7 @@ def run_detect(model_dir: str | Path, eval_dir: str | Path, prototypes_path: str
             rows["variant"] += [f"{variant},n_images={len(index)}"] * n
             rows["split"] += [split_name] * n
             rows["index"] += index.tolist()
-            rows["label"] += split["labels"][index].tolist()
+            rows["label"] += labels.tolist()
             rows["pred"] += [-1] * n
             rows["score"] += s.astype(np.float32).tolist()
     meta = {"target": str(target), "target_name": target_name, "trigger": trigger, "n_images": str(len(index)),

@@ -39,11 +39,13 @@ def entropy(p: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def strip_scores(proba: ProbaFn, images: torch.Tensor, pool: torch.Tensor, n: int, seed: int) -> np.ndarray:
-    """images [N, 3, H, W], pool [M, 3, H, W] float in [0, 1] -> scores [N] (minus mean entropy)."""
+    """images [N, 3, H, W] float in [0, 1], pool [M, 3, H, W] (float in [0, 1], or uint8: kept 4x smaller and
+    converted n partners at a time) -> scores [N] (minus mean entropy)."""
     gen = torch.Generator().manual_seed(seed)
     scores = []
     for x in images:
         partners = pool[torch.randint(len(pool), (n,), generator=gen)]
+        partners = partners.float() / 255 if partners.dtype == torch.uint8 else partners
         blended = (x[None] + partners).clamp(0, 1)  # [n, 3, H, W]
         scores.append(-float(entropy(_batched(proba, blended)).mean()))
     return np.asarray(scores)

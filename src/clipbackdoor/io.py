@@ -195,28 +195,64 @@ def load_safetensors(path: str | Path, framework: str = "pt", made_by: str = "th
     return (tensors, meta) if with_metadata else tensors
 
 
+class ColumnHasher:
+    """sha256 of one Arrow column's values, fed chunk by chunk: the digest does not depend on how the column is
+    chunked (row groups written one at a time, read back as one array or in batches) nor on how Parquet names
+    nested types. Fixed-width values hash their bytes (nulls as zeros) plus the validity mask, strings their
+    lengths and UTF-8 bytes, anything else the JSON of each value."""
+
+    def __init__(self, kind):
+        import hashlib
+
+        import pyarrow as pa
+
+        self._pa = pa
+        self.mode = ("binary" if pa.types.is_fixed_size_binary(kind) else
+                     "number" if pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind)
+                     else "string" if pa.types.is_string(kind) or pa.types.is_large_string(kind) else "json")
+        # fixed-width types name themselves (an int32 column of the same bytes as a float32 one differs); nested
+        # types are named by their values only, as Parquet renames their fields (list<item> -> list<element>)
+        self.values = hashlib.sha256(f"{self.mode}:{kind if self.mode in ('binary', 'number') else ''}".encode())
+        self.extra = hashlib.sha256()  # validity (fixed width) or lengths (strings)
+
+    def update(self, column) -> "ColumnHasher":
+        import numpy as np
+        import pyarrow.compute as pc
+
+        pa = self._pa
+        chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+        for arr in chunks:
+            if self.mode == "binary":
+                width = arr.type.byte_width
+                filled = arr if arr.null_count == 0 else pc.fill_null(arr, b"\0" * width)
+                self.values.update(memoryview(filled.buffers()[1])[filled.offset * width:
+                                                                   (filled.offset + len(filled)) * width])
+                self.extra.update(np.asarray(arr.is_valid()).tobytes())
+            elif self.mode == "number":
+                filled = arr if arr.null_count == 0 else pc.fill_null(arr, False if pa.types.is_boolean(arr.type) else 0)
+                self.values.update(np.ascontiguousarray(filled.to_numpy(zero_copy_only=False)).tobytes())
+                self.extra.update(np.asarray(arr.is_valid()).tobytes())
+            elif self.mode == "string":
+                lengths = pc.fill_null(pc.binary_length(arr), -1)
+                self.extra.update(np.ascontiguousarray(lengths.to_numpy()).astype(np.int64).tobytes())
+                offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64 if pa.types.is_large_string(arr.type)
+                                        else np.int32)[arr.offset:arr.offset + len(arr) + 1]
+                if len(arr):
+                    self.values.update(memoryview(arr.buffers()[2] or b"")[offsets[0]:offsets[-1]])
+            else:
+                for value in arr.to_pylist():
+                    self.values.update(json.dumps(value, default=str).encode() + b"\n")
+        return self
+
+    def hexdigest(self) -> str:
+        import hashlib
+
+        return hashlib.sha256(self.values.digest() + self.extra.digest()).hexdigest()
+
+
 def column_sha256(column) -> str:
-    """sha256 of one Arrow column's values, independent of chunking and of how Parquet names nested types: raw
-    bytes for fixed-width columns without nulls, the JSON of the values otherwise (small tables: keys, labels,
-    per-image scores)."""
-    import hashlib
-
-    import pyarrow as pa
-
-    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    kind = arr.type
-    if pa.types.is_fixed_size_binary(kind) and arr.null_count == 0:
-        width = kind.byte_width
-        h = hashlib.sha256(f"binary{width}".encode())
-        h.update(memoryview(arr.buffers()[1])[arr.offset * width:(arr.offset + len(arr)) * width])
-    elif (pa.types.is_integer(kind) or pa.types.is_floating(kind)) and arr.null_count == 0:
-        values = arr.to_numpy()
-        h = hashlib.sha256(values.dtype.str.encode())
-        h.update(values.tobytes())
-    else:
-        h = hashlib.sha256(b"json")
-        h.update(json.dumps(arr.to_pylist(), default=str).encode())
-    return h.hexdigest()
+    """sha256 of a whole Arrow column (:class:`ColumnHasher`)."""
+    return ColumnHasher(column.type).update(column).hexdigest()
 
 
 def _metadata_sha256(metadata: dict | None) -> str:
@@ -229,18 +265,124 @@ def _metadata_sha256(metadata: dict | None) -> str:
     return hashlib.sha256(json.dumps(own, sort_keys=True).encode()).hexdigest()
 
 
-def write_parquet(path: str | Path, table, **options) -> None:
-    """Write an Arrow table atomically as Parquet, recording the sha256 of each column and of the table's
-    metadata in the key-value metadata (``read_parquet`` checks what it reads). The digests include each
-    column's numpy dtype: ``options`` must not change types on the round trip (e.g. ``version="1.0"`` reads a
-    uint32 column back as int64) -- the default format keeps them."""
+class ParquetStream:
+    """A Parquet artifact written one row group (or more) at a time: memory O(chunk), not O(file). Each column's
+    sha256 is accumulated as chunks arrive and recorded in the footer's key-value metadata with the schema's
+    metadata digest, as :func:`write_parquet` records them (``read_parquet`` / :func:`iter_parquet` check both).
+    Use through :func:`parquet_stream`; the file appears under its name only when the block succeeds."""
+
+    def __init__(self, writer, schema):
+        self.writer, self.schema = writer, schema
+        self.hashers = {f.name: ColumnHasher(f.type) for f in schema}
+        self.num_rows = 0
+
+    def write(self, table, row_group_size: int | None = None) -> None:
+        """Append ``table`` (columns in the schema's order and types), as row groups of ``row_group_size`` rows."""
+        table = table.replace_schema_metadata(self.schema.metadata)
+        if table.schema != self.schema:
+            raise ValueError(f"chunk schema {table.schema} differs from the stream's {self.schema}")
+        for name, hasher in self.hashers.items():
+            hasher.update(table.column(name))
+        self.writer.write_table(table, row_group_size=row_group_size)
+        self.num_rows += table.num_rows
+
+
+@contextlib.contextmanager
+def parquet_stream(path: str | Path, schema, **options) -> Iterator[ParquetStream]:
+    """``with parquet_stream(path, schema) as out: out.write(chunk)`` -- atomic, digests in the footer."""
     import pyarrow.parquet as pq
 
-    digests = {name: column_sha256(table.column(name)) for name in table.column_names}
-    digests["__metadata__"] = _metadata_sha256(table.schema.metadata)
-    meta = {**(table.schema.metadata or {}), CONTENT_KEY.encode(): json.dumps(digests, sort_keys=True).encode()}
     with atomic_path(path) as tmp:
-        pq.write_table(table.replace_schema_metadata(meta), tmp, **options)
+        writer = pq.ParquetWriter(tmp, schema, **options)
+        try:
+            stream = ParquetStream(writer, schema)
+            yield stream
+            digests = {name: h.hexdigest() for name, h in stream.hashers.items()}
+            digests["__metadata__"] = _metadata_sha256(schema.metadata)
+            writer.add_key_value_metadata({CONTENT_KEY: json.dumps(digests, sort_keys=True)})
+        finally:
+            writer.close()
+
+
+def write_parquet(path: str | Path, table, row_group_size: int | None = None, **options) -> None:
+    """Write an Arrow table atomically as Parquet (a one-chunk :func:`parquet_stream`). The digests include each
+    column's numpy dtype: ``options`` must not change types on the round trip (e.g. ``version="1.0"`` reads a
+    uint32 column back as int64) -- the default format keeps them."""
+    with parquet_stream(path, table.schema, **options) as out:
+        out.write(table, row_group_size=row_group_size)
+
+
+def _parquet_fix(made_by: str) -> str:
+    return f"delete it and rerun {made_by}, or `dvc pull` it again"
+
+
+def _open_parquet(path: Path, made_by: str):
+    """(ParquetFile, recorded digests) of an artifact; unreadable files and changed metadata are refused."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from clipbackdoor.errors import UserError
+
+    if not path.is_file():
+        raise UserError(f"{path}: file not found", fix=f"run {made_by}, or `dvc pull` it")
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise UserError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0]})",
+                        fix=_parquet_fix(made_by)) from None
+    metadata = pf.metadata.metadata or {}  # the footer's key-value pairs (the digests are added at closing)
+    recorded = json.loads(metadata.get(CONTENT_KEY.encode(), b"{}"))
+    if _metadata_sha256(metadata) != recorded.get("__metadata__"):  # (a rewrite by another tool drops the digests)
+        raise UserError(f"{path}: its metadata changed after the file was written (sha256 differs from the one "
+                        f"recorded in the file)", fix=_parquet_fix(made_by))
+    return pf, recorded
+
+
+def _column_changed(path: Path, name: str, made_by: str):
+    from clipbackdoor.errors import UserError
+
+    return UserError(f"{path}: column {name!r} changed after the file was written (its sha256 differs from the one "
+                     f"recorded in the file)", fix=_parquet_fix(made_by))
+
+
+def iter_parquet(path: str | Path, columns: list[str] | None = None, batch_rows: int = 1024,
+                 made_by: str = "the stage that writes it") -> Iterator:
+    """Arrow record batches of ``batch_rows`` rows of a Parquet artifact (only ``columns``), memory O(batch). The
+    columns read are hashed as they stream; a digest that differs from the recorded one is refused when the last
+    batch has been read -- consumers must not publish anything before the iteration ends (stages write
+    atomically, at the end)."""
+    import pyarrow as pa
+
+    from clipbackdoor.errors import UserError
+
+    path = Path(path)
+    pf, recorded = _open_parquet(path, made_by)
+    names = columns if columns is not None else pf.schema_arrow.names
+    hashers = {name: ColumnHasher(pf.schema_arrow.field(name).type) for name in names if name in recorded}
+    # one row group at a time, re-cut into batches of exactly ``batch_rows`` rows (the last may be shorter), so two
+    # files of equal rows stream in lockstep whatever their row-group layout. (pyarrow's iter_batches reads ahead:
+    # its peak memory grows with the file.)
+    pending, n_pending = [], 0
+    try:
+        for i in range(pf.num_row_groups):
+            group = pf.read_row_group(i, columns=names, use_threads=False)
+            for name, hasher in hashers.items():
+                hasher.update(group.column(name))
+            pending.append(group)
+            n_pending += group.num_rows
+            while n_pending >= batch_rows:
+                table = pa.concat_tables(pending)
+                yield table.slice(0, batch_rows).combine_chunks().to_batches()[0]
+                rest = table.slice(batch_rows)
+                pending, n_pending = [rest], rest.num_rows
+        if n_pending:
+            yield pa.concat_tables(pending).combine_chunks().to_batches()[0]
+    except (pa.ArrowException, OSError) as exc:
+        raise UserError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0]})",
+                        fix=_parquet_fix(made_by)) from None
+    for name, hasher in hashers.items():
+        if hasher.hexdigest() != recorded[name]:
+            raise _column_changed(path, name, made_by)
 
 
 def read_parquet(path: str | Path, columns: list[str] | None = None, made_by: str = "the stage that writes it"):
@@ -248,26 +390,19 @@ def read_parquet(path: str | Path, columns: list[str] | None = None, made_by: st
     checked against the sha256 the writer recorded: content changed after writing is refused naming the file and
     the column."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     from clipbackdoor.errors import UserError
 
     path = Path(path)
-    fix = f"delete it and rerun {made_by}, or `dvc pull` it again"
-    if not path.is_file():
-        raise UserError(f"{path}: file not found", fix=f"run {made_by}, or `dvc pull` it")
+    pf, recorded = _open_parquet(path, made_by)
     try:
-        table = pq.read_table(path, columns=columns)
+        table = pf.read(columns=columns)
     except (pa.ArrowException, OSError) as exc:
-        raise UserError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0]})", fix=fix) from None
-    recorded = json.loads((table.schema.metadata or {}).get(CONTENT_KEY.encode(), b"{}"))
-    if "__metadata__" in recorded and _metadata_sha256(table.schema.metadata) != recorded["__metadata__"]:
-        raise UserError(f"{path}: its metadata changed after the file was written (sha256 differs from the one "
-                        f"recorded in the file)", fix=fix)
+        raise UserError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0]})",
+                        fix=_parquet_fix(made_by)) from None
     for name in table.column_names:
         if name in recorded and column_sha256(table.column(name)) != recorded[name]:
-            raise UserError(f"{path}: column {name!r} changed after the file was written (its sha256 differs "
-                            f"from the one recorded in the file)", fix=fix)
+            raise _column_changed(path, name, made_by)
     return table
 
 

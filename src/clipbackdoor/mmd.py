@@ -46,16 +46,18 @@ def rbf_mmd2(x: np.ndarray, y: np.ndarray, bandwidth: float | None = None) -> tu
 def component_mmd(clean_path: str | Path, triggered_path: str | Path, index: np.ndarray, max_images: int,
                   seed: int) -> pd.DataFrame:
     """One row per component: component, kind (heads | mlp | head), layer, head, mmd2, kernel, bandwidth."""
-    clean, trig = read_decomposition(clean_path), read_decomposition(triggered_path)
     rng = np.random.default_rng([seed, 8])
-    idx = np.sort(rng.choice(index, size=min(max_images, len(index)), replace=False))
+    rows_read = np.sort(rng.choice(index, size=min(max_images, len(index)), replace=False))
+    # only the subsample is kept in memory (memory O(max_images)), read a chunk at a time
+    clean, trig = read_decomposition(clean_path, rows=rows_read), read_decomposition(triggered_path, rows=rows_read)
+    idx = np.arange(len(rows_read))
     n_layers, n_heads = clean.heads.shape[1:3]
     rows = []
 
     def add(name, kind, layer, head, a, b):
         mmd2, s = rbf_mmd2(a, b)
         rows.append({"component": name, "kind": kind, "layer": layer, "head": head, "mmd2": mmd2,
-                     "kernel": "rbf", "bandwidth": s, "n_images": len(idx)})
+                     "kernel": "rbf", "bandwidth": s, "n_images": len(rows_read)})
 
     for l in range(n_layers):
         add(f"L{l}_heads", "heads", l, -1, clean.heads[idx, l].sum(1), trig.heads[idx, l].sum(1))

@@ -6,8 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 
-from clipbackdoor.decomp_cache import read_decomposition
+from clipbackdoor.decomp_cache import iter_decomposition, read_meta
 from clipbackdoor.io import load_safetensors, save_safetensors
 
 
@@ -27,19 +28,49 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, n
     return np.sort(perm[:n_val]), np.sort(perm[n_val:])
 
 
+class RunningSum:
+    """Sum over rows fed chunk by chunk, added in row order in float32: bit-identical to ``x.sum(axis=0)`` over
+    the whole array (numpy reduces a leading axis row after row), so a streamed mean equals the in-memory one."""
+
+    def __init__(self):
+        self.total: np.ndarray | None = None
+        self.count = 0
+
+    def add(self, rows: np.ndarray) -> None:
+        if not len(rows):
+            return
+        stacked = rows if self.total is None else np.concatenate([self.total[None], rows])
+        self.total = np.add.reduce(stacked, axis=0)
+        self.count += len(rows)
+
+    def mean(self) -> np.ndarray:
+        return self.total / np.float32(self.count)
+
+
 def build_prototypes(clean_decomp_path: str | Path, out_path: str | Path, val_fraction: float, seed: int) -> dict:
-    d = read_decomposition(clean_decomp_path)
-    val, test = split_indices(len(d.keys), val_fraction, seed)
-    heads = d.heads[val].mean(axis=0)  # [L, H, d]
-    arrays = {"heads": heads, "mlps": d.mlps[val].mean(axis=0),  # [L, d]
-              "embed": d.embed[val].mean(axis=0), "bias": d.bias[val].mean(axis=0),
+    """Two streaming passes over the clean-validation rows (memory O(row group)): the running means, then each
+    validation head term's similarity to its prototype."""
+    source_meta = read_meta(clean_decomp_path)  # refuses a missing or foreign file in one line
+    n = int(pq.ParquetFile(clean_decomp_path).metadata.num_rows)
+    val, test = split_indices(n, val_fraction, seed)
+    sums = {name: RunningSum() for name in ("heads", "mlps", "embed", "bias")}
+    for _, chunk in iter_decomposition(clean_decomp_path, rows=val):
+        for name, acc in sums.items():
+            acc.add(getattr(chunk, name))
+    heads = sums["heads"].mean()  # [L, H, d]
+    # [N_val, L, H] similarity of each clean-validation head term to its prototype, per rule: what a per-head
+    # calibrated threshold (defend.threshold: clean_quantile) is taken from
+    val_sims = {"cosine": [], "dot": []}
+    for _, chunk in iter_decomposition(clean_decomp_path, rows=val, with_mlps=False):
+        for rule, out in val_sims.items():
+            out.append(head_similarity(chunk.heads, heads, rule).astype(np.float32))
+    arrays = {"heads": heads, "mlps": sums["mlps"].mean(),  # [L, d]
+              "embed": sums["embed"].mean(), "bias": sums["bias"].mean(),
               "val_index": val.astype(np.int64), "test_index": test.astype(np.int64),
-              # [N_val, L, H] similarity of each clean-validation head term to its prototype, per rule:
-              # what a per-head calibrated threshold (defend.threshold: clean_quantile) is taken from
-              "val_cosine": head_similarity(d.heads[val], heads, "cosine").astype(np.float32),
-              "val_dot": head_similarity(d.heads[val], heads, "dot").astype(np.float32)}
+              "val_cosine": np.concatenate(val_sims["cosine"]), "val_dot": np.concatenate(val_sims["dot"])}
     meta = {"val_fraction": str(val_fraction), "split_seed": str(seed), "source": str(clean_decomp_path),
-            "checkpoint_sha256": d.meta.get("checkpoint_sha256", ""), "n_val": str(len(val)), "n_test": str(len(test))}
+            "checkpoint_sha256": source_meta.get("checkpoint_sha256", ""), "n_val": str(len(val)),
+            "n_test": str(len(test))}
     save_safetensors(out_path, arrays, meta)
     return {"n_val": len(val), "n_test": len(test)}
 

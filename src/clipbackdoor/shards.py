@@ -12,7 +12,7 @@ import json
 import tarfile
 import zlib
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -103,48 +103,57 @@ def _meta(data: bytes, shard: Path, key: str) -> dict:
     return meta
 
 
-def _shard_members(shard: Path, seen: set[str]) -> tuple[list[str], dict[str, dict[str, bytes]]]:
-    """(keys in order, {key: {ext: bytes}}) of one tar shard. A key whose member repeats, or that an earlier
-    shard of the folder already had, is refused: the later copy would silently win."""
-    groups: dict[str, dict[str, bytes]] = {}
-    order: list[str] = []
+def _shard_samples(shard: Path, seen: set[str]) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Stream (key, {ext: bytes}) of one tar shard, one sample in memory at a time (a sample's files are adjacent,
+    as webdataset writes them). A key whose member repeats, or that an earlier sample or shard already had, is
+    refused: the later copy would silently win."""
+    key, parts = None, {}
+    seen_here: set[str] = set()
     try:
-        with tarfile.open(shard, "r") as tar:
+        with tarfile.open(shard, "r|") as tar:  # stream mode: no index of the whole archive is kept
             for member in tar:
                 if not member.isfile():
                     continue
-                key, _, ext = member.name.partition(".")
-                if key not in groups:
-                    if key in seen:
-                        raise UserError(f"{shard}: sample key {key!r} also appears in an earlier shard of "
+                name_key, _, ext = member.name.partition(".")
+                if name_key != key:
+                    if key is not None:
+                        yield key, parts
+                    if name_key in seen_here:  # the key came back after other samples of this shard
+                        raise UserError(f"{shard}: sample key {name_key!r} appears twice ({member.name})",
+                                        fix="give every sample one key (rerun the stage that wrote the shard)")
+                    if name_key in seen:
+                        raise UserError(f"{shard}: sample key {name_key!r} also appears in an earlier shard of "
                                         f"{shard.parent}", fix="give every sample one key (rerun the stage "
                                         "that wrote the shards)")
-                    groups[key] = {}
-                    order.append(key)
-                elif ext in groups[key]:
+                    key, parts = name_key, {}
+                    seen_here.add(key)
+                elif ext in parts:
                     raise UserError(f"{shard}: sample key {key!r} appears twice ({member.name})",
                                     fix="give every sample one key (rerun the stage that wrote the shard)")
-                groups[key][ext] = tar.extractfile(member).read()
+                parts[ext] = tar.extractfile(member).read()
     except TAR_ERRORS as exc:
         raise corrupt_tar(shard, exc) from None
-    seen.update(order)
-    return order, groups
+    seen.update(seen_here)
+    if key is not None:
+        yield key, parts
 
 
-def iter_shards(shard_dir: str | Path) -> Iterator[dict]:
-    """Yield dicts with key, image (uint8 [H,W,3]), caption, meta, in shard order."""
+def iter_shards(shard_dir: str | Path, decode: Callable[[int], bool] | None = None) -> Iterator[dict]:
+    """Yield dicts with key, image (uint8 [H,W,3]), caption, meta, in shard order, streaming (memory O(sample)).
+    ``decode(i)`` says whether sample i's image is wanted; ``image`` is None for the others (not decoded)."""
     seen: set[str] = set()
+    i = 0
     for shard in shard_paths(shard_dir):
-        order, groups = _shard_members(shard, seen)
-        for key in order:
-            parts = groups[key]
+        for key, parts in _shard_samples(shard, seen):
             img_ext = next((e for e in ("png", "jpg", "jpeg", "webp") if e in parts), None)
             if img_ext is None or "txt" not in parts:
                 raise UserError(f"{shard}: sample {key!r} lacks an image or a caption (has {sorted(parts)})",
                                 fix="regenerate the shard")
             meta = _meta(parts["json"], shard, key) if "json" in parts else {}
-            yield {"key": key, "image": _decode_image(parts[img_ext], key, shard),
+            wanted = decode is None or decode(i)
+            yield {"key": key, "image": _decode_image(parts[img_ext], key, shard) if wanted else None,
                    "caption": _text(parts["txt"], shard, key, "txt"), "meta": meta}
+            i += 1
 
 
 def read_captions(shard_dir: str | Path) -> list[str]:
@@ -163,23 +172,68 @@ def read_captions(shard_dir: str | Path) -> list[str]:
     return captions
 
 
-def load_split(shard_dir: str | Path, image_size: int | None = None, limit: int | None = None) -> dict:
-    """Load a whole (small) split, or its first ``limit`` samples, into memory.
-
-    Returns keys (list[str]), images (uint8 tensor [N, 3, H, W]), captions (list[str]), meta (list[dict]),
-    labels (int64 tensor [N], -1 where unlabelled)."""
-    keys, images, captions, metas = [], [], [], []
-    for item in iter_shards(shard_dir):
-        if limit is not None and len(keys) == limit:
-            break
+def _stack(shard_dir, items: list[dict], image_size: int | None) -> dict:
+    """Samples -> keys (list[str]), images (uint8 tensor [B, 3, H, W]), captions, meta, labels (int64 [B], -1
+    where unlabelled)."""
+    images = []
+    for item in items:
         img = item["image"]
         if image_size is not None and img.shape[:2] != (image_size, image_size):
             raise UserError(f"{shard_dir}: sample {item['key']!r} is {img.shape[1]}x{img.shape[0]}, "
                             f"expected {image_size}x{image_size}",
                             fix="regenerate the data with data.image_size matching the model")
-        keys.append(item["key"])
         images.append(torch.from_numpy(np.array(img)).permute(2, 0, 1))
-        captions.append(item["caption"])
-        metas.append(item["meta"])
-    labels = torch.tensor([int(m.get("cls", -1)) for m in metas], dtype=torch.long)
-    return {"keys": keys, "images": torch.stack(images), "captions": captions, "meta": metas, "labels": labels}
+    metas = [item["meta"] for item in items]
+    return {"keys": [item["key"] for item in items],
+            "images": torch.stack(images) if images else torch.zeros((0, 3, image_size or 0, image_size or 0),
+                                                                    dtype=torch.uint8),
+            "captions": [item["caption"] for item in items], "meta": metas,
+            "labels": torch.tensor([int(m.get("cls", -1)) for m in metas], dtype=torch.long)}
+
+
+def iter_batches(shard_dir: str | Path, batch_size: int, image_size: int | None = None) -> Iterator[dict]:
+    """A split as consecutive batches of ``batch_size`` samples (the last may be shorter), memory O(batch): each
+    batch is a dict as :func:`load_split` returns, plus ``start``, the index of its first sample."""
+    items: list[dict] = []
+    start = 0
+    for item in iter_shards(shard_dir):
+        items.append(item)
+        if len(items) == batch_size:
+            yield {**_stack(shard_dir, items, image_size), "start": start}
+            start += len(items)
+            items = []
+    if items:
+        yield {**_stack(shard_dir, items, image_size), "start": start}
+
+
+def load_rows(shard_dir: str | Path, index, image_size: int | None = None) -> dict:
+    """Only the samples at ``index`` (sorted, unique sample positions in the split), as :func:`load_split`
+    returns them: the others are streamed past without decoding their images (memory O(len(index)))."""
+    wanted = set(int(i) for i in index)
+    items = [item for item in iter_shards(shard_dir, decode=wanted.__contains__) if item["image"] is not None]
+    if len(items) != len(wanted):
+        raise UserError(f"{shard_dir}: holds fewer samples than the index asks for (largest {max(wanted)})",
+                        fix="the prototypes / split were made from another version of this set: rerun them")
+    return _stack(shard_dir, items, image_size)
+
+
+def count_samples(shard_dir: str | Path) -> int:
+    """Number of samples of a shard folder: its ``index.json`` when it has one, else counted by streaming keys."""
+    index = Path(shard_dir) / "index.json"
+    if index.is_file():
+        from clipbackdoor.io import read_json
+
+        n = read_json(index, "the stage that wrote the shards").get("n_samples")
+        if isinstance(n, int) and n >= 0:
+            return n
+    return sum(1 for _ in iter_shards(shard_dir, decode=lambda i: False))
+
+
+def load_split(shard_dir: str | Path, image_size: int | None = None, limit: int | None = None) -> dict:
+    """Load a whole (small) split, or its first ``limit`` samples, into memory (see :func:`_stack`)."""
+    items = []
+    for item in iter_shards(shard_dir):
+        if limit is not None and len(items) == limit:
+            break
+        items.append(item)
+    return _stack(shard_dir, items, image_size)

@@ -140,8 +140,9 @@ def textspan_stage(clean_model: str | Path, bd_model: str | Path, clean_decomps:
         return torch.nn.functional.normalize(emb, dim=-1).numpy()
 
     index = np.asarray(load_prototypes(prototypes)["test_index"])
-    clean_c = component_outputs([read_decomposition(p) for p in clean_decomps], index)
-    bd_c = component_outputs([read_decomposition(p) for p in bd_decomps], index)
+    # only the test rows are read (TEXTSPAN describes the test images' components)
+    clean_c = component_outputs([read_decomposition(p, layers=[-1], rows=index) for p in clean_decomps], np.arange(len(index)))
+    bd_c = component_outputs([read_decomposition(p, layers=[-1], rows=index) for p in bd_decomps], np.arange(len(index)))
     rank = min(rank, next(iter(clean_c.values())).shape[1])
     mmd = dict(pd.read_csv(mmd_csv)[["component", "mmd2"]].itertuples(index=False)) if mmd_csv else None
     return run_textspan(encode(clean_model), encode(bd_model), texts, clean_c, bd_c, m, rank, out_csv, out_md, title,

@@ -41,10 +41,15 @@ def make_trigger(name: str, cfg: dict, image_size: int, seed: int, asset_path=No
     return REGISTRY[name](cfg, image_size, seed, asset_path)
 
 
-def trigger_eval_images(images, name: str, cfg: dict, image_size: int, seed: int, asset_path=None):
-    """The triggered copy of an evaluation set: same trigger as poisoning, its own seeded stream."""
+def trigger_eval_images(trigger: Trigger, images, index, seed: int):
+    """The triggered copy of evaluation images uint8 [B, 3, H, W] found at split positions ``index`` [B]: the
+    poisoning trigger, applied per batch. A trigger that draws per-image parameters draws image i's from its own
+    stream ``[seed, 3, i]``, so a batch, a subset (the detectors' images) or the whole split give each image the
+    same trigger."""
     import numpy as np
+    import torch
 
-    trigger = make_trigger(name, cfg, image_size, seed, asset_path)
-    triggered, _ = trigger.apply(images, np.random.default_rng([seed, 3]))
-    return triggered
+    if not trigger.uses_rng:
+        return trigger.apply(images, np.random.default_rng([seed, 3]))[0]
+    return torch.cat([trigger.apply(images[j:j + 1], np.random.default_rng([seed, 3, int(i)]))[0]
+                      for j, i in enumerate(index)]) if len(images) else images

@@ -51,6 +51,7 @@ class BadNet(Trigger):
 
 class BadNetRandom(Trigger):
     kind = "local"
+    uses_rng = True
 
     def apply(self, images, rng):
         x = to_float(images).clone()

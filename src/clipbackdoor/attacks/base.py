@@ -12,6 +12,7 @@ class Trigger:
     kind: str = "local"  # "local" (patch-like) or "global" (whole-image perturbation)
     keeps_caption: bool = False  # label-consistent attacks poison target-class pairs and keep their captions
     asset: str | None = None  # the stage whose output (a learned trigger) this attack needs, if any
+    uses_rng: bool = False  # draws per-image parameters from ``apply``'s generator (e.g. a random patch position)
 
     @classmethod
     def poison_asset(cls, cfg: dict) -> str | None:

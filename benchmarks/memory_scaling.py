@@ -1,0 +1,171 @@
+"""Peak RSS of the evaluation-side stages on 224-px data at N and 8N images (issue 16: memory O(batch)).
+
+Builds, under a work folder, a 224-px labelled evaluation set of N and of 8N images (webdataset shards and
+classes.json, as the ``eval_data`` stage writes them) and a model artifact of ``clipbackdoor-narrow-vit-b32`` (the
+ViT-B/32 geometry at 224 px, six layers, random weights), then runs each stage as its own process through the
+CLI (``python -m clipbackdoor <stage>``) and reads the process's peak RSS from ``wait4``. The target is
+RSS(8N) / RSS(N) <= 1.25 for every stage: a stage that holds a whole split scales with it.
+
+    python benchmarks/memory_scaling.py [--n 128] [--label after] [--src SRC] [--work DIR]
+
+``--src`` runs the stages of another checkout (its ``src`` folder goes first on PYTHONPATH), so "before" and
+"after" are measured by one script in one session: ``git worktree add /tmp/before <commit>`` then
+``--src /tmp/before/src --label before``. Results are merged by label into
+benchmarks/results/memory_scaling.json (the other labels' figures are kept beside the new ones).
+
+Stages: decompose (clean and BadNet-triggered), prototypes, defend, mmd, detect (STRIP and SCALE-UP on a fixed
+number of images; TeCo's pure-Python glass blur is too slow at 224 px on this machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "clipbackdoor-narrow-vit-b32"
+IMAGE_SIZE = 224
+N_CLASSES = 10
+TRIGGER = "badnet-s0"
+
+
+def eval_images(n: int, seed: int = 0):
+    """n labelled 224-px images: a per-class colour field plus low-frequency noise (decoded, not trivial)."""
+    rng = np.random.default_rng(seed)
+    colours = rng.integers(0, 256, (N_CLASSES, 3))
+    for i in range(n):
+        label = i % N_CLASSES
+        coarse = rng.integers(-60, 60, (8, 8, 3))
+        field = np.kron(coarse, np.ones((28, 28, 1), dtype=np.int64))  # [224, 224, 3]
+        img = np.clip(colours[label] + field + rng.integers(-20, 20, (IMAGE_SIZE, IMAGE_SIZE, 3)), 0, 255)
+        yield f"eval-{i:07d}", img.astype(np.uint8), f"a photo of a class{label}.", {"cls": label}
+
+
+def build_inputs(work: Path, sizes: list[int]) -> None:
+    sys.path.insert(0, str(ROOT / "src"))
+    from clipbackdoor.io import write_json
+    from clipbackdoor.models import create, save_artifact
+    from clipbackdoor.shards import write_shards
+
+    if not (work / "model" / "model.json").is_file():
+        import torch
+
+        torch.manual_seed(0)
+        save_artifact(create(MODEL), work / "model")
+    for n in sizes:
+        folder = work / f"eval_{n}"
+        if not (folder / "classes.json").is_file():
+            write_shards(folder, eval_images(n), shard_size=256)
+            write_json(folder / "classes.json", {"classnames": [f"class{c}" for c in range(N_CLASSES)],
+                                                 "templates": ["a photo of a {}."]})
+
+
+def stage_params() -> dict[str, str]:
+    """--params JSON per stage, from configs/paper.yaml (the real-scale values) with the benchmark's sizes."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from clipbackdoor.config import get_dotted, load_yaml
+
+    full = load_yaml(ROOT / "configs" / "paper.yaml")
+
+    def pick(*keys, **override):
+        flat = {k: get_dotted(full, k) for k in keys}
+        flat.update({k.replace("__", "."): v for k, v in override.items()})
+        return json.dumps(flat)
+
+    badnet = {"rate": 0.01, "patch_size": 16, "location": "bottom_right", "pattern": "random"}
+    detect = {**get_dotted(full, "detect"), "detectors": ["strip", "scaleup"], "n_images": 32, "strip_n": 4}
+    return {
+        "decompose": pick("decompose", "attacks.badnet", attacks__badnet=badnet, decompose__batch_size=32),
+        "class_embeddings": pick("zeroshot.templates", zeroshot__templates="embedded"),
+        "prototypes": pick("prototypes"),
+        "defend": pick("defend", "poison.target", poison__target="class3"),
+        "mmd": pick("analysis", analysis__mmd_images=64),
+        "detect": pick("detect", "attacks.badnet", "poison.target", detect=detect, attacks__badnet=badnet,
+                       poison__target="class3"),
+    }
+
+
+def commands(work: Path, n: int, params: dict[str, str]) -> list[tuple[str, list[str]]]:
+    m, ev, out = work / "model", work / f"eval_{n}", work / f"out_{n}"
+    clean, trig = out / "none.parquet", out / f"{TRIGGER}.parquet"
+    protos, classes = out / "prototypes.safetensors", out / "classes.safetensors"
+    cli = [sys.executable, "-m", "clipbackdoor"]
+    return [
+        ("decompose_clean", cli + ["decompose", "--params", params["decompose"], "--model", str(m), "--eval-dir",
+                                   str(ev), "--trigger", "none", "--out", str(clean), "--threads", "2"]),
+        ("decompose_triggered", cli + ["decompose", "--params", params["decompose"], "--model", str(m),
+                                       "--eval-dir", str(ev), "--trigger", TRIGGER, "--out", str(trig),
+                                       "--threads", "2"]),
+        ("class_embeddings", cli + ["class-embeddings", "--params", params["class_embeddings"], "--model", str(m),
+                                    "--eval-dir", str(ev), "--out", str(classes), "--threads", "2"]),
+        ("prototypes", cli + ["prototypes", "--params", params["prototypes"], "--decomp", str(clean), "--out",
+                              str(protos)]),
+        ("defend", cli + ["defend", "--params", params["defend"], "--clean", str(clean), "--triggered", str(trig),
+                          "--trigger", TRIGGER, "--prototypes", str(protos), "--classes", str(classes), "--out",
+                          str(out / "defend.parquet")]),
+        ("mmd", cli + ["mmd", "--params", params["mmd"], "--clean", str(clean), "--triggered", str(trig),
+                       "--prototypes", str(protos), "--out", str(out / "mmd.csv")]),
+        ("detect", cli + ["detect", "--params", params["detect"], "--model", str(m), "--eval-dir", str(ev),
+                          "--trigger", TRIGGER, "--prototypes", str(protos), "--classes", str(classes), "--out",
+                          str(out / "detect.parquet"), "--threads", "2"]),
+    ]
+
+
+def run_measured(argv: list[str], env: dict) -> tuple[float, float]:
+    """(peak RSS in MiB, wall seconds) of one stage process (its own wait4 rusage, not the children's max)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"{argv[3]} failed (exit {proc.returncode}):\n{out.decode()[-2000:]}")
+    return usage.ru_maxrss / 1024, time.perf_counter() - start  # Linux: ru_maxrss in KiB
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=128, help="N: the small evaluation set (the large one is 8N)")
+    ap.add_argument("--label", default="after", help="name of this measurement in the JSON (before / after)")
+    ap.add_argument("--src", default=str(ROOT / "src"), help="the src folder whose stages run")
+    ap.add_argument("--work", default=str(ROOT / "benchmarks" / "results" / "memory_scaling_work"),
+                    help="where inputs and outputs go (reused between runs)")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "memory_scaling.json"))
+    args = ap.parse_args()
+    work = Path(args.work)
+    sizes = [args.n, 8 * args.n]
+    build_inputs(work, sizes)
+    params = stage_params()
+    env = {**os.environ, "PYTHONPATH": str(Path(args.src).resolve()), "OMP_NUM_THREADS": "2"}
+    rows: dict[str, dict] = {}
+    for n in sizes:
+        for name, argv in commands(work, n, params):
+            rss, wall = run_measured(argv, env)
+            rows.setdefault(name, {})[str(n)] = {"peak_rss_mib": round(rss, 1), "wall_s": round(wall, 2)}
+            print(f"  {name:20s} N={n:5d}  {rss:8.1f} MiB  {wall:6.1f} s", flush=True)
+    small, large = str(sizes[0]), str(sizes[1])
+    print(f"\n{args.label}: peak RSS at N={small} and 8N={large} images of 224 px (target ratio <= 1.25)")
+    print(f"{'stage':20s} {'N MiB':>9s} {'8N MiB':>9s} {'ratio':>6s} {'8N s':>7s}")
+    for name, r in rows.items():
+        r["ratio"] = round(r[large]["peak_rss_mib"] / r[small]["peak_rss_mib"], 3)
+        print(f"{name:20s} {r[small]['peak_rss_mib']:9.1f} {r[large]['peak_rss_mib']:9.1f} {r['ratio']:6.2f} "
+              f"{r[large]['wall_s']:7.1f}")
+    out = Path(args.out)
+    doc = json.loads(out.read_text()) if out.is_file() else {}
+    doc[args.label] = {"n": sizes, "image_size": IMAGE_SIZE, "model": MODEL, "src": args.src,
+                       "command": " ".join(["python", "benchmarks/memory_scaling.py", *sys.argv[1:]]),
+                       "date": time.strftime("%Y-%m-%d"), "stages": rows}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
