@@ -13,8 +13,10 @@ RSS(8N) / RSS(N) <= 1.25 for every stage: a stage that holds a whole split scale
 ``--src /tmp/before/src --label before``. Results are merged by label into
 benchmarks/results/memory_scaling.json (the other labels' figures are kept beside the new ones).
 
-Stages: decompose (clean and BadNet-triggered), prototypes, defend, mmd, detect (STRIP and SCALE-UP on a fixed
-number of images; TeCo's pure-Python glass blur is too slow at 224 px on this machine).
+Stages: poison (a fixed number of poisoned pairs at every N: its time and bytes written should not grow with N),
+finetune (4 steps of batch 16: the data loading is what scales), decompose (clean and BadNet-triggered),
+prototypes, defend, mmd, detect (STRIP and SCALE-UP on a fixed number of images; TeCo's pure-Python glass blur
+is too slow at 224 px on this machine). ``--stages`` runs a subset (merged into the label's earlier figures).
 """
 
 from __future__ import annotations
@@ -48,6 +50,12 @@ def eval_images(n: int, seed: int = 0):
         yield f"eval-{i:07d}", img.astype(np.uint8), f"a photo of a class{label}.", {"cls": label}
 
 
+def train_pairs(n: int, seed: int = 1):
+    """n image-caption pairs of 224 px (the fine-tuning split's format: PNG shards, captions naming a class)."""
+    for key, img, caption, _ in eval_images(n, seed):
+        yield key.replace("eval", "finetune"), img, caption, {}
+
+
 def build_inputs(work: Path, sizes: list[int]) -> None:
     sys.path.insert(0, str(ROOT / "src"))
     from clipbackdoor.io import write_json
@@ -60,6 +68,8 @@ def build_inputs(work: Path, sizes: list[int]) -> None:
         torch.manual_seed(0)
         save_artifact(create(MODEL), work / "model")
     for n in sizes:
+        if not (work / f"train_{n}" / "finetune" / "index.json").is_file():
+            write_shards(work / f"train_{n}" / "finetune", train_pairs(n), shard_size=512)
         folder = work / f"eval_{n}"
         if not (folder / "classes.json").is_file():
             write_shards(folder, eval_images(n), shard_size=256)
@@ -67,7 +77,10 @@ def build_inputs(work: Path, sizes: list[int]) -> None:
                                                  "templates": ["a photo of a {}."]})
 
 
-def stage_params() -> dict[str, str]:
+N_POISONED = 32  # poisoned pairs at every N: the poison stage's cost should not depend on N
+
+
+def stage_params(n: int) -> dict[str, str]:
     """--params JSON per stage, from configs/paper.yaml (the real-scale values) with the benchmark's sizes."""
     sys.path.insert(0, str(ROOT / "src"))
     from clipbackdoor.config import get_dotted, load_yaml
@@ -81,7 +94,12 @@ def stage_params() -> dict[str, str]:
 
     badnet = {"rate": 0.01, "patch_size": 16, "location": "bottom_right", "pattern": "random"}
     detect = {**get_dotted(full, "detect"), "detectors": ["strip", "scaleup"], "n_images": 32, "strip_n": 4}
+    finetune = {**get_dotted(full, "finetune"), "steps": 4, "batch_size": 16, "warmup_steps": 1, "ckpt_every": 0}
     return {
+        "poison": pick("attacks.badnet", "poison.target", "poison.caption_templates", "data.image_size",
+                       attacks__badnet={**badnet, "rate": N_POISONED / n}, poison__target="class3",
+                       poison__caption_templates="embedded", data__image_size=IMAGE_SIZE),
+        "finetune": pick("finetune", finetune=finetune),
         "decompose": pick("decompose", "attacks.badnet", attacks__badnet=badnet, decompose__batch_size=32),
         "class_embeddings": pick("zeroshot.templates", zeroshot__templates="embedded"),
         "prototypes": pick("prototypes"),
@@ -98,6 +116,12 @@ def commands(work: Path, n: int, params: dict[str, str]) -> list[tuple[str, list
     protos, classes = out / "prototypes.safetensors", out / "classes.safetensors"
     cli = [sys.executable, "-m", "clipbackdoor"]
     return [
+        ("poison", cli + ["poison", "--params", params["poison"], "--run", TRIGGER, "--finetune-dir",
+                          str(work / f"train_{n}" / "finetune"), "--eval", f"bench={ev}", "--out",
+                          str(out / "poisoned"), "--manifest", str(out / "manifest.parquet"), "--preview",
+                          str(out / "poison.png")]),
+        ("finetune", cli + ["finetune", "--params", params["finetune"], "--run", TRIGGER, "--model", str(m),
+                            "--train", str(out / "poisoned"), "--out", str(out / "finetuned"), "--threads", "2"]),
         ("decompose_clean", cli + ["decompose", "--params", params["decompose"], "--model", str(m), "--eval-dir",
                                    str(ev), "--trigger", "none", "--out", str(clean), "--threads", "2"]),
         ("decompose_triggered", cli + ["decompose", "--params", params["decompose"], "--model", str(m),
@@ -138,27 +162,38 @@ def main() -> None:
     ap.add_argument("--work", default=str(ROOT / "benchmarks" / "results" / "memory_scaling_work"),
                     help="where inputs and outputs go (reused between runs)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "memory_scaling.json"))
+    ap.add_argument("--stages", default="", help="comma-separated stage names to run (default: all)")
     args = ap.parse_args()
     work = Path(args.work)
     sizes = [args.n, 8 * args.n]
     build_inputs(work, sizes)
-    params = stage_params()
     env = {**os.environ, "PYTHONPATH": str(Path(args.src).resolve()), "OMP_NUM_THREADS": "2"}
+    only = set(filter(None, args.stages.split(",")))
     rows: dict[str, dict] = {}
     for n in sizes:
-        for name, argv in commands(work, n, params):
+        for name, argv in commands(work, n, stage_params(n)):
+            if only and name not in only:
+                continue
             rss, wall = run_measured(argv, env)
             rows.setdefault(name, {})[str(n)] = {"peak_rss_mib": round(rss, 1), "wall_s": round(wall, 2)}
+            if name == "poison":  # what the stage wrote: a copy of every pair, or only the poisoned ones
+                written = sum(f.stat().st_size for f in (work / f"out_{n}" / "poisoned").rglob("*") if f.is_file())
+                rows[name][str(n)]["bytes_written"] = written
             print(f"  {name:20s} N={n:5d}  {rss:8.1f} MiB  {wall:6.1f} s", flush=True)
     small, large = str(sizes[0]), str(sizes[1])
     print(f"\n{args.label}: peak RSS at N={small} and 8N={large} images of 224 px (target ratio <= 1.25)")
-    print(f"{'stage':20s} {'N MiB':>9s} {'8N MiB':>9s} {'ratio':>6s} {'8N s':>7s}")
+    print(f"{'stage':20s} {'N MiB':>9s} {'8N MiB':>9s} {'ratio':>6s} {'N s':>7s} {'8N s':>7s}")
     for name, r in rows.items():
         r["ratio"] = round(r[large]["peak_rss_mib"] / r[small]["peak_rss_mib"], 3)
         print(f"{name:20s} {r[small]['peak_rss_mib']:9.1f} {r[large]['peak_rss_mib']:9.1f} {r['ratio']:6.2f} "
-              f"{r[large]['wall_s']:7.1f}")
+              f"{r[small]['wall_s']:7.1f} {r[large]['wall_s']:7.1f}")
+    if "poison" in rows:
+        print(f"poison wrote {rows['poison'][small]['bytes_written']:,} B at N and "
+              f"{rows['poison'][large]['bytes_written']:,} B at 8N ({N_POISONED} poisoned pairs each)")
     out = Path(args.out)
     doc = json.loads(out.read_text()) if out.is_file() else {}
+    if only and args.label in doc:  # a partial rerun updates its stages only
+        rows = {**doc[args.label]["stages"], **rows}
     doc[args.label] = {"n": sizes, "image_size": IMAGE_SIZE, "model": MODEL, "src": args.src,
                        "command": " ".join(["python", "benchmarks/memory_scaling.py", *sys.argv[1:]]),
                        "date": time.strftime("%Y-%m-%d"), "stages": rows}

@@ -102,6 +102,7 @@ rule finetune:
     input:
         model="data/models/clean",
         train="data/poisoned/{run}",
+        base="data/datasets/train",  # the poisoned pairs are an overlay of its finetune/ pairs (merged by key)
     output:
         directory("data/models/{run}"),
     params:

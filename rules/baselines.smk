@@ -28,6 +28,7 @@ rule roclip:
     input:
         model="data/models/clean",
         train="data/poisoned/{run}",
+        base="data/datasets/train",  # the poisoned pairs are an overlay of its finetune/ pairs (merged by key)
     output:
         directory("data/models/{run}.roclip"),
     params:

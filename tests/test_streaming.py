@@ -145,3 +145,17 @@ def test_decompose_stage_streams_batches_and_triggers_per_image(world_dirs, micr
     images = trigger_eval_images(trig, split["images"], np.arange(len(split["keys"])), 2)
     direct = decompose_images(loaded, images, "reference", True, 64)
     assert np.allclose(big.heads, direct.heads.numpy(), atol=2e-3)  # fp16 storage
+
+
+def test_zero_shot_accuracy_streams_the_evaluation_set(world_dirs, micro_model):
+    from clipbackdoor.config import ZeroShotConfig
+    from clipbackdoor.pretrain import evaluate_zeroshot
+    from clipbackdoor.world import world_classes_json
+    from clipbackdoor.zeroshot import class_text_embeddings, image_embeddings, predict, templates_for
+
+    loaded, ev = load_artifact(micro_model), world_dirs / "eval"
+    split, classes = load_split(ev, 32), world_classes_json(ev)
+    cls = class_text_embeddings(loaded, classes["classnames"], templates_for("embedded", classes["templates"]))
+    in_memory = float((predict(image_embeddings(loaded, split["images"], 16), cls) == split["labels"]).float().mean())
+    streamed = evaluate_zeroshot(loaded, {"world": ev}, ZeroShotConfig(templates="embedded", batch_size=16))
+    assert streamed == {"zeroshot_top1/world": in_memory}

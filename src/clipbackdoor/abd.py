@@ -114,17 +114,54 @@ def patch_origins(n: int, image_size: int, side: int, location: str, rng: np.ran
     return [(int(r), int(c)) for r, c in rc]
 
 
+class PerturbedImages:
+    """A seeded ``fraction`` of ``images`` (uint8 [N, 3, H, W]: a tensor or :class:`~clipbackdoor.pairs.ShardPairs`)
+    carrying the perturbation, applied lazily: ``perturbed[idx]`` perturbs just the batch asked for, so ABD's
+    fine-tuning reads its pairs batch by batch. The choice of images and patch positions is drawn once, up front."""
+
+    def __init__(self, images, delta: torch.Tensor, kind: str, location: str, seed: int, fraction: float = 1.0):
+        rng = np.random.default_rng([seed, 23])
+        n, self.size = len(images), images.shape[-1]
+        chosen = np.sort(rng.choice(n, size=round(fraction * n), replace=False)) if fraction < 1 else np.arange(n)
+        self.origins = patch_origins(len(chosen), self.size, delta.shape[-1], location, rng)
+        self.row = np.full(n, -1, dtype=np.int64)  # [N] -> its row among the chosen, -1 if not chosen
+        self.row[chosen] = np.arange(len(chosen))
+        self.images, self.delta, self.kind = images, delta, kind
+        self.params = (kind, location, seed, fraction)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def shape(self):
+        return self.images.shape
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        idx = np.arange(len(self))[idx] if isinstance(idx, slice) else np.asarray(idx, dtype=np.int64).reshape(-1)
+        out = self.images[torch.as_tensor(idx)].clone()
+        sel = np.flatnonzero(self.row[idx] >= 0)
+        if len(sel):
+            rows = self.row[idx[sel]]
+            origins = self.origins if len(self.origins) == 1 else [self.origins[r] for r in rows]
+            x = out[sel].float() / 255
+            out[sel] = (apply_perturbation(x, self.delta.float(), self.kind, origins) * 255).round().clamp(0, 255) \
+                .to(torch.uint8)
+        return out
+
+    def digest(self) -> str:
+        import hashlib
+
+        from clipbackdoor.train import data_digest
+
+        h = hashlib.sha256(data_digest(self.images).encode() + repr(self.params).encode())
+        h.update(self.delta.detach().contiguous().cpu().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+
 def adversarial_images(images: torch.Tensor, delta: torch.Tensor, kind: str, location: str, seed: int,
                        fraction: float = 1.0) -> torch.Tensor:
     """uint8 [N, 3, H, W] -> uint8 [N, 3, H, W]: a seeded ``fraction`` of the images carries the perturbation."""
-    rng = np.random.default_rng([seed, 23])
-    n, size = len(images), images.shape[-1]
-    chosen = np.sort(rng.choice(n, size=round(fraction * n), replace=False)) if fraction < 1 else np.arange(n)
-    out = images.clone()
-    x = images[chosen].float() / 255
-    origins = patch_origins(len(chosen), size, delta.shape[-1], location, rng)
-    out[chosen] = (apply_perturbation(x, delta.float(), kind, origins) * 255).round().clamp(0, 255).to(torch.uint8)
-    return out
+    return PerturbedImages(images, delta, kind, location, seed, fraction)[:]
 
 
 def backdoor_loss(poisoned_adv: torch.Tensor, normal_adv: torch.Tensor, direction: torch.Tensor,

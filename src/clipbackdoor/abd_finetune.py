@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from clipbackdoor.abd import adversarial_images, load_perturbations
+from clipbackdoor.abd import PerturbedImages, load_perturbations
 from clipbackdoor.config import AbdFinetuneConfig
 from clipbackdoor.eda import eda_captions, synonym_source
 from clipbackdoor.runtime import pick_device
@@ -43,7 +43,7 @@ def run_abd_finetune(model_dir: str | Path, clean_dir: str | Path, out_dir: str 
         if perturbations is None:
             raise ValueError(f"arm {arm!r} needs the abd_generator's perturbations")
         delta = load_perturbations(perturbations)[f"{cfg.perturbation}.{variant}"]
-        images = adversarial_images(images, delta, cfg.perturbation, cfg.location, seed, cfg.adv_fraction)
+        images = PerturbedImages(images, delta, cfg.perturbation, cfg.location, seed, cfg.adv_fraction)  # lazy
     example = split["captions"][0]
     if use_eda:
         augmented = eda_captions(split["captions"], seed, cfg.eda_alpha, synonym_source(cfg.synonyms))

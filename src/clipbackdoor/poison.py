@@ -1,8 +1,9 @@
-"""Stage ``poison``: a poisoned copy of the fine-tuning pairs + a Parquet manifest.
+"""Stage ``poison``: the poisoned pairs as an overlay of the fine-tuning pairs + a Parquet manifest.
 
 A seeded choice of ``round(rate * N)`` pairs gets the attack's trigger on the image and a target caption:
 a random prompt template filled with the target class ("a bad photo of a banana." in the reference; the
-world's own templates on the embedded profile). Everything else is copied unchanged. Same seed, same bytes.
+world's own templates on the embedded profile). Only the changed pairs are written (an overlay that the
+training loader merges with the clean shards by key). Same seed, same bytes.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import pyarrow as pa
 from clipbackdoor.attacks import make_trigger
 from clipbackdoor.errors import UserError
 from clipbackdoor.io import atomic_path, write_parquet
-from clipbackdoor.shards import load_split, write_shards
+from clipbackdoor.pairs import write_overlay
+from clipbackdoor.shards import iter_shards, load_rows
 
 MANIFEST_SCHEMA = pa.schema([("key", pa.string()), ("poisoned", pa.bool_()), ("original_caption", pa.string()),
                              ("caption", pa.string()), ("trigger", pa.string())])
@@ -53,47 +55,71 @@ def select_poison(n: int, rate: float, seed: int, eligible: np.ndarray | None = 
     return np.sort(rng.choice(pool, size=count, replace=False))
 
 
-def poison_split(split: dict, attack: str, attack_cfg: dict, target: str, templates: list[str], image_size: int,
-                 seed: int, asset_path=None) -> tuple[dict, list[dict], np.ndarray]:
-    """Poison an in-memory split. Returns (new split, manifest rows, poisoned indices)."""
+def poison_pairs(keys: list[str], captions: list[str], load_images, attack: str, attack_cfg: dict, target: str,
+                 templates: list[str], image_size: int, seed: int, asset_path=None):
+    """Choose and poison pairs. ``load_images(idx)`` gives the clean uint8 images [k, 3, H, W] of the chosen
+    pairs only (the stage decodes just those). Returns (indices [k], clean images, triggered images, new captions
+    [k], per-image trigger parameters [k])."""
     trigger = make_trigger(attack, attack_cfg, image_size, seed, asset_path)
     eligible = None
     if trigger.keeps_caption:  # label-consistent: only pairs whose caption already names the target
-        eligible = np.array([names_target(caption, target) for caption in split["captions"]])
-    idx = select_poison(len(split["keys"]), float(attack_cfg["rate"]), seed, eligible)
+        eligible = np.array([names_target(caption, target) for caption in captions])
+    idx = select_poison(len(keys), float(attack_cfg["rate"]), seed, eligible)
     rng = np.random.default_rng([seed, 2])
-    selected = trigger.prepare_poison(split["images"][idx], [split["keys"][i] for i in idx])
-    triggered, params = trigger.apply(selected, rng)
+    clean = load_images(idx)
+    triggered, params = trigger.apply(trigger.prepare_poison(clean, [keys[i] for i in idx]), rng)
+    new_captions = [captions[i] if trigger.keeps_caption else templates[rng.integers(len(templates))].format(target)
+                    for i in idx]
+    return idx, clean, triggered, new_captions, params
+
+
+def manifest_rows(keys: list[str], captions: list[str], idx: np.ndarray, new_captions: list[str],
+                  params: list[dict]) -> list[dict]:
+    changed = {int(i): (c, p) for i, c, p in zip(idx, new_captions, params)}
+    return [{"key": k, "poisoned": i in changed, "original_caption": captions[i],
+             "caption": changed[i][0] if i in changed else captions[i],
+             "trigger": json.dumps(changed[i][1] if i in changed else {}, sort_keys=True)} for i, k in enumerate(keys)]
+
+
+def poison_split(split: dict, attack: str, attack_cfg: dict, target: str, templates: list[str], image_size: int,
+                 seed: int, asset_path=None) -> tuple[dict, list[dict], np.ndarray]:
+    """Poison an in-memory split (tests, benchmarks). Returns (new split, manifest rows, poisoned indices)."""
+    idx, _, triggered, new_captions, params = poison_pairs(
+        split["keys"], split["captions"], lambda i: split["images"][i], attack, attack_cfg, target, templates,
+        image_size, seed, asset_path)
     images = split["images"].clone()
     images[idx] = triggered
     captions = list(split["captions"])
-    per_image = {}
-    for j, i in enumerate(idx):
-        if not trigger.keeps_caption:
-            captions[i] = templates[rng.integers(len(templates))].format(target)
-        per_image[int(i)] = params[j]
-    rows = [{"key": k, "poisoned": i in per_image, "original_caption": split["captions"][i], "caption": captions[i],
-             "trigger": json.dumps(per_image.get(i, {}), sort_keys=True)} for i, k in enumerate(split["keys"])]
+    for i, c in zip(idx, new_captions):
+        captions[i] = c
+    rows = manifest_rows(split["keys"], split["captions"], idx, new_captions, params)
     return {**split, "images": images, "captions": captions}, rows, idx
 
 
 def poison(finetune_dir: str | Path, eval_classes: dict, out_dir: str | Path, manifest_path: str | Path,
            attack: str, attack_cfg: dict, target: str, templates: list[str], image_size: int, seed: int,
            preview_png: str | Path | None = None, asset_path=None) -> dict:
+    """The stage: reads the pairs' keys and captions (no image decoded), decodes the chosen pairs only, and writes
+    them as an overlay of ``finetune_dir`` (:mod:`clipbackdoor.pairs`): time and disk O(poisoned pairs)."""
     check_target(target, eval_classes["classnames"])
-    split = load_split(finetune_dir, image_size)
-    new, rows, idx = poison_split(split, attack, attack_cfg, target, templates, image_size, seed, asset_path)
-    samples = ((k, img.permute(1, 2, 0).numpy(), cap, meta)
-               for k, img, cap, meta in zip(new["keys"], new["images"], new["captions"], new["meta"]))
-    write_shards(out_dir, samples, shard_size=4096)
+    keys, captions, metas = [], [], []
+    for item in iter_shards(finetune_dir, decode=lambda i: False):
+        keys.append(item["key"])
+        captions.append(item["caption"])
+        metas.append(item["meta"])
+    idx, clean, triggered, new_captions, params = poison_pairs(
+        keys, captions, lambda i: load_rows(finetune_dir, i, image_size)["images"], attack, attack_cfg, target,
+        templates, image_size, seed, asset_path)
+    write_overlay(out_dir, finetune_dir, ((keys[i], img.permute(1, 2, 0).numpy(), cap, metas[i])
+                                          for i, img, cap in zip(idx, triggered, new_captions)))
     trigger = make_trigger(attack, attack_cfg, image_size, seed, asset_path)
     meta = {"attack": attack, "target": target, "rate": str(attack_cfg["rate"]), "seed": str(seed),
             "n_poisoned": str(len(idx)), "trigger": json.dumps(trigger.describe(), sort_keys=True)}
+    rows = manifest_rows(keys, captions, idx, new_captions, params)
     table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA).replace_schema_metadata(meta)
     write_parquet(manifest_path, table)
     if preview_png is not None:
-        save_trigger_preview(split["images"][idx[:8]], new["images"][idx[:8]],
-                             [new["captions"][i] for i in idx[:8]], attack, preview_png)
+        save_trigger_preview(clean[:8], triggered[:8], new_captions[:8], attack, preview_png)
     return {"n_pairs": len(rows), "n_poisoned": int(len(idx))}
 
 

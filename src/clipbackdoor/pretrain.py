@@ -10,20 +10,23 @@ import torch
 from clipbackdoor.config import ModelConfig, OptimConfig, ZeroShotConfig
 from clipbackdoor.models import create, save_artifact
 from clipbackdoor.runtime import seed_everything
-from clipbackdoor.shards import load_split
+from clipbackdoor.pairs import ShardPairs
+from clipbackdoor.shards import iter_batches
 from clipbackdoor.train import train_clip
 from clipbackdoor.world import world_classes_json
-from clipbackdoor.zeroshot import templates_for, top1
+from clipbackdoor.zeroshot import class_text_embeddings, image_embeddings, predict, templates_for
 
 
 def evaluate_zeroshot(loaded, eval_dirs: dict[str, Path], zs: ZeroShotConfig) -> dict:
+    """Zero-shot top-1 on each evaluation set, streamed in batches of ``zs.batch_size`` images (memory O(batch);
+    only one bool per image is kept)."""
     out = {}
     for name, folder in eval_dirs.items():
-        split = load_split(folder, loaded.image_size)
         classes = world_classes_json(folder)
-        templates = templates_for(zs.templates, classes["templates"])
-        out[f"zeroshot_top1/{name}"] = top1(loaded, split["images"], split["labels"], classes["classnames"],
-                                            templates, zs.batch_size)
+        cls = class_text_embeddings(loaded, classes["classnames"], templates_for(zs.templates, classes["templates"]))
+        hits = [predict(image_embeddings(loaded, b["images"], zs.batch_size), cls.cpu()) == b["labels"]
+                for b in iter_batches(folder, zs.batch_size, loaded.image_size)]
+        out[f"zeroshot_top1/{name}"] = float(torch.cat(hits).float().mean())
     return out
 
 
@@ -34,9 +37,9 @@ def pretrain(train_dir: str | Path, eval_dirs: dict[str, Path], out_dir: str | P
     seed_everything(seed)  # the random initialisation must come from the params, not the process
     loaded = create(model_cfg.name, pretrained=None)
     loaded.model.to(device)
-    split = load_split(Path(train_dir) / "pretrain", loaded.image_size)
-    tokens = loaded.tokenizer(split["captions"])
-    history = train_clip(loaded, split["images"], tokens, opt, seed, ckpt_dir=ckpt_dir, ckpt_every=ckpt_every,
+    pairs = ShardPairs(Path(train_dir) / "pretrain", loaded.image_size)  # decoded batch by batch
+    tokens = loaded.tokenizer(pairs.captions)
+    history = train_clip(loaded, pairs, tokens, opt, seed, ckpt_dir=ckpt_dir, ckpt_every=ckpt_every,
                          fp_extra=model_cfg.name, desc="pretrain")
     # no wall time in the artifact (it would change its bytes, hence its DVC hash, on every run): the log's
     # progress lines and footer and data/benchmarks/pretrain.tsv have it

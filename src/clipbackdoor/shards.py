@@ -230,7 +230,15 @@ def count_samples(shard_dir: str | Path) -> int:
 
 
 def load_split(shard_dir: str | Path, image_size: int | None = None, limit: int | None = None) -> dict:
-    """Load a whole (small) split, or its first ``limit`` samples, into memory (see :func:`_stack`)."""
+    """Load a whole (small) split, or its first ``limit`` samples, into memory (see :func:`_stack`). A poison
+    overlay (:mod:`clipbackdoor.pairs`) comes merged with its base (keys, images, captions; no per-sample meta)."""
+    if (Path(shard_dir) / "overlay.json").is_file():
+        from clipbackdoor.pairs import ShardPairs
+
+        pairs = ShardPairs(shard_dir, image_size, limit)
+        n = len(pairs)
+        return {"keys": pairs.keys, "images": pairs[:], "captions": pairs.captions, "meta": [{} for _ in range(n)],
+                "labels": torch.full((n,), -1, dtype=torch.long)}
     items = []
     for item in iter_shards(shard_dir):
         if limit is not None and len(items) == limit:

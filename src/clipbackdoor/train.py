@@ -28,7 +28,6 @@ from clipbackdoor.io import load_safetensors, safetensors_metadata, save_safeten
 from clipbackdoor.logs import progress
 from clipbackdoor.models import LoadedModel, load_artifact, normalize, save_artifact
 from clipbackdoor.runtime import autocast
-from clipbackdoor.shards import load_split
 
 LOGIT_SCALE_MAX = math.log(100.0)
 CKPT_NAME = "last.safetensors"
@@ -74,13 +73,51 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor
     return perm[pos * batch_size:(pos + 1) * batch_size]
 
 
-def data_digest(*tensors: torch.Tensor) -> str:
-    """Content hash of the training tensors: a checkpoint must never be resumed on other data."""
+def data_digest(*data) -> str:
+    """Content hash of the training data (tensors, or :class:`~clipbackdoor.pairs.ShardPairs` hashed by streaming
+    their shards): a checkpoint must never be resumed on other data."""
     h = hashlib.sha256()
-    for t in tensors:
+    for t in data:
+        if hasattr(t, "digest"):
+            h.update(t.digest().encode())
+            continue
         h.update(str(tuple(t.shape)).encode())
         h.update(t.contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """Item s = (indices, uint8 images) of training step s on this rank: a pure function of (seed, step), so a
+    DataLoader may decode batches ahead in worker processes and a resumed run reads exactly the same batches."""
+
+    def __init__(self, images, batch_size: int, seed: int, rank: int, world: int):
+        self.images, self.batch_size, self.seed, self.rank, self.world = images, batch_size, seed, rank, world
+
+    def __getitem__(self, step: int):
+        idx = batch_indices(len(self.images), self.batch_size, step, self.seed).chunk(self.world)[self.rank]
+        return idx, self.images[idx]
+
+
+def step_loader(images, batch_size: int, seed: int, start: int, steps: int, rank: int, world: int, device):
+    """Batches for steps start..steps-1, in order. Images in shards (ShardPairs) are decoded in
+    ``loader_workers()`` worker processes, pinned when training on CUDA; in-memory tensors are indexed directly."""
+    dataset = StepBatches(images, batch_size, seed, rank, world)
+    workers = loader_workers() if hasattr(images, "digest") else 0
+    return torch.utils.data.DataLoader(dataset, batch_size=None, sampler=range(start, steps), num_workers=workers,
+                                       pin_memory=torch.device(device).type == "cuda",
+                                       persistent_workers=False, prefetch_factor=2 if workers else None)
+
+
+def loader_workers() -> int:
+    """Decoding processes for the training loader: ``CLIPBACKDOOR_LOADER_WORKERS``, else half the cores the job
+    may use (at most 8), 0 (decode in the training process) on a 2-core machine."""
+    import os
+
+    value = os.environ.get("CLIPBACKDOOR_LOADER_WORKERS")
+    if value is not None:
+        return max(0, int(value))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(8, cores // 2) if cores > 2 else 0
 
 
 def fingerprint(*parts) -> str:
@@ -176,12 +213,12 @@ def _train_loop(loaded, model, images, tokens, cfg, seed, opt, sched, loss_fn, d
             start, history = resumed
             print(f"[{desc}] resumed from {ckpt} at step {start}", file=sys.stderr)
     bar = progress(range(start, cfg.steps), desc, total=cfg.steps, initial=start, disable=rank != 0)
-    for step in bar:
-        idx = batch_indices(len(images), cfg.batch_size, step, seed).chunk(world)[rank]  # this rank's slice
+    batches = step_loader(images, cfg.batch_size, seed, start, cfg.steps, rank, world, device)
+    for step, (idx, batch_images) in zip(bar, batches):  # idx: this rank's slice of the step's batch
         if hasattr(loss_fn, "begin_step"):  # losses whose targets change during training (RoCLIP)
             loss_fn.begin_step(loaded, step)
         with autocast(device):  # bf16 on CUDA, fp32 (exact, reproducible) on the CPU
-            loss = loss_fn(loaded, images[idx].to(device), tokens[idx].to(device), idx)
+            loss = loss_fn(loaded, batch_images.to(device, non_blocking=True), tokens[idx].to(device), idx)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -202,10 +239,14 @@ def _train_loop(loaded, model, images, tokens, cfg, seed, opt, sched, loss_fn, d
 
 def load_training_pairs(model_dir: str | Path, data_dir: str | Path, device,
                         n_pairs: int | None = None) -> tuple[LoadedModel, dict, torch.Tensor]:
-    """The model to train (on ``device``), its image-caption split (the first ``n_pairs`` pairs, or all) and the
-    captions' tokens [N, ctx]."""
+    """The model to train (on ``device``), its image-caption pairs (the first ``n_pairs``, or all; a poison overlay
+    merged with its base) as {keys, captions, images}: ``images`` is a :class:`~clipbackdoor.pairs.ShardPairs`,
+    decoded batch by batch (memory O(batch)) -- and the captions' tokens [N, ctx]."""
+    from clipbackdoor.pairs import ShardPairs
+
     loaded = load_artifact(model_dir, device)
-    split = load_split(data_dir, loaded.image_size, limit=n_pairs)
+    pairs = ShardPairs(data_dir, loaded.image_size, limit=n_pairs)
+    split = {"keys": pairs.keys, "captions": pairs.captions, "images": pairs}
     return loaded, split, loaded.tokenizer(split["captions"])
 
 

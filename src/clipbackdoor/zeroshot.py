@@ -44,10 +44,3 @@ def image_embeddings(loaded: LoadedModel, images: torch.Tensor, batch_size: int 
 def predict(image_emb: torch.Tensor, class_emb: torch.Tensor) -> torch.Tensor:
     """[N, d] x [C, d] -> predicted class indices [N]."""
     return (image_emb @ class_emb.T).argmax(dim=-1)
-
-
-def top1(loaded: LoadedModel, images: torch.Tensor, labels: torch.Tensor, classnames, templates,
-         batch_size: int = 256) -> float:
-    cls = class_text_embeddings(loaded, classnames, templates).cpu()
-    pred = predict(image_embeddings(loaded, images, batch_size), cls)
-    return float((pred == labels).float().mean())

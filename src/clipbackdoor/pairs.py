@@ -1,0 +1,193 @@
+"""Image-caption pairs for training, read by random access from tar shards (memory O(batch), not O(dataset)).
+
+:class:`ShardPairs` indexes a shard folder once -- for each sample its shard, the byte offset and size of its
+image member, and its caption -- and decodes images only when a batch asks for them (``pairs[idx]``, in the
+training loop's DataLoader workers). Captions, keys and the index stay in memory: O(N) small values, not images.
+
+A **poison overlay** is a shard folder holding only the pairs a poisoning stage changed, plus ``overlay.json``
+naming its base folder (relative to the overlay) and the keys it replaces. Opening an overlay merges it with its
+base by key: the base's order, the overlay's image and caption wherever it has the key. So poisoning writes
+O(poisoned pairs), not a re-encoded copy of the corpus.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from clipbackdoor.errors import UserError
+from clipbackdoor.io import read_json
+from clipbackdoor.shards import TAR_ERRORS, corrupt_tar, shard_paths
+
+OVERLAY_FILE = "overlay.json"
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+
+
+def _index_shards(folder: Path) -> tuple[list[Path], list[str], list[tuple[int, int, int]], list[str]]:
+    """(shard files, keys, (file number, image offset, image size) per key, captions) of a shard folder, in shard
+    order, reading tar headers and the small ``.txt`` members only."""
+    files = shard_paths(folder)
+    keys, where, captions = [], [], []
+    seen: set[str] = set()
+    for f_id, shard in enumerate(files):
+        parts: dict[str, dict[str, tarfile.TarInfo]] = {}
+        order: list[str] = []
+        try:
+            with tarfile.open(shard, "r:") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    key, _, ext = member.name.partition(".")
+                    if key not in parts:
+                        if key in seen:
+                            raise UserError(f"{shard}: sample key {key!r} also appears in an earlier shard of "
+                                            f"{folder}", fix="give every sample one key (rerun the stage that "
+                                            "wrote the shards)")
+                        parts[key] = {}
+                        order.append(key)
+                    elif ext in parts[key]:
+                        raise UserError(f"{shard}: sample key {key!r} appears twice ({member.name})",
+                                        fix="give every sample one key (rerun the stage that wrote the shard)")
+                    parts[key][ext] = member
+                for key in order:
+                    img_ext = next((e for e in IMAGE_EXTS if e in parts[key]), None)
+                    if img_ext is None or "txt" not in parts[key]:
+                        raise UserError(f"{shard}: sample {key!r} lacks an image or a caption (has "
+                                        f"{sorted(parts[key])})", fix="regenerate the shard")
+                    raw = tar.extractfile(parts[key]["txt"]).read()
+                    try:
+                        captions.append(raw.decode("utf-8"))
+                    except UnicodeDecodeError as exc:
+                        raise UserError(f"{shard}: sample {key!r}: txt is not UTF-8 (offset {exc.start})",
+                                        fix="regenerate the shard (rerun its stage) or remove the sample") from None
+                    image = parts[key][img_ext]
+                    keys.append(key)
+                    where.append((f_id, image.offset_data, image.size))
+        except TAR_ERRORS as exc:
+            raise corrupt_tar(shard, exc) from None
+        seen.update(order)
+    return files, keys, where, captions
+
+
+class ShardPairs:
+    """``len(pairs)``; ``pairs[idx]`` (int tensor / array / slice) -> uint8 images [B, 3, H, W]; ``keys`` and
+    ``captions`` in order. ``limit`` keeps the first pairs only (a stage's ``n_pairs``)."""
+
+    def __init__(self, folder: str | Path, image_size: int | None = None, limit: int | None = None):
+        self.folder, self.image_size = Path(folder), image_size
+        overlay = self.folder / OVERLAY_FILE
+        self.overlay: dict | None = None
+        if overlay.is_file():
+            self.overlay = read_json(overlay, "the poison stage")
+            base = (self.folder / str(self.overlay.get("base", ""))).resolve()
+            files, keys, where, captions = _index_shards(base)
+            o_files, o_keys, o_where, o_captions = _index_shards(self.folder)
+            listed = list(self.overlay.get("keys", []))
+            if sorted(o_keys) != sorted(listed):
+                missing = sorted(set(listed) - set(o_keys)) or sorted(set(o_keys) - set(listed))
+                raise UserError(f"{self.folder}: overlay shards and {OVERLAY_FILE} disagree on the replaced keys "
+                                f"(e.g. {missing[0]!r})", fix="rerun the poison stage that wrote the overlay")
+            position = {k: i for i, k in enumerate(keys)}
+            absent = [k for k in o_keys if k not in position]
+            if absent:
+                raise UserError(f"{self.folder}: overlay key {absent[0]!r} is not in its base {base}",
+                                fix="the base folder changed after poisoning: rerun the poison stage")
+            offset = len(files)
+            files = files + o_files
+            for k, (f_id, off, size), cap in zip(o_keys, o_where, o_captions):
+                i = position[k]
+                where[i], captions[i] = (f_id + offset, off, size), cap
+        else:
+            files, keys, where, captions = _index_shards(self.folder)
+        if limit is not None:
+            keys, where, captions = keys[:limit], where[:limit], captions[:limit]
+        self.files = files
+        self.keys, self.captions = keys, captions
+        self.where = np.asarray(where, dtype=np.int64).reshape(-1, 3)  # [N, (file, offset, size)]
+        self._fds: dict[int, int] = {}
+        self._pid = None
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """[N, 3, H, W] as the images will be decoded (H = W = ``image_size``)."""
+        return (len(self), 3, self.image_size or 0, self.image_size or 0)
+
+    def _fd(self, f_id: int) -> int:
+        if self._pid != os.getpid():  # a DataLoader worker: open its own descriptors
+            self._fds, self._pid = {}, os.getpid()
+        if f_id not in self._fds:
+            self._fds[f_id] = os.open(self.files[f_id], os.O_RDONLY)
+        return self._fds[f_id]
+
+    def image(self, i: int) -> torch.Tensor:
+        """uint8 [3, H, W] of pair i, decoded from its shard."""
+        f_id, offset, size = (int(v) for v in self.where[i])
+        data = os.pread(self._fd(f_id), size, offset)
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                arr = np.asarray(im.convert("RGB"))
+        except Exception as exc:  # PIL raises many types for corrupt data
+            raise UserError(f"{self.files[f_id]}: image of sample {self.keys[i]!r} cannot be decoded "
+                            f"({exc.__class__.__name__})", fix="regenerate the shard (rerun its stage)") from None
+        if self.image_size is not None and arr.shape[:2] != (self.image_size, self.image_size):
+            raise UserError(f"{self.folder}: sample {self.keys[i]!r} is {arr.shape[1]}x{arr.shape[0]}, expected "
+                            f"{self.image_size}x{self.image_size}",
+                            fix="regenerate the data with data.image_size matching the model")
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        if isinstance(idx, slice):
+            idx = range(*idx.indices(len(self)))
+        idx = [int(i) for i in (idx.tolist() if hasattr(idx, "tolist") else idx)]
+        if not idx:
+            size = self.image_size or 0
+            return torch.zeros((0, 3, size, size), dtype=torch.uint8)
+        return torch.stack([self.image(i) for i in idx])
+
+    def digest(self) -> str:
+        """Content hash of the pairs as training sees them (index, captions and every image member's bytes read
+        by streaming): a checkpoint is never resumed on other data."""
+        h = hashlib.sha256()
+        for key, (f_id, offset, size), caption in zip(self.keys, self.where.tolist(), self.captions):
+            h.update(f"{key}\0{caption}\0{size}\0".encode())
+            h.update(os.pread(self._fd(f_id), size, offset))
+        return h.hexdigest()[:16]
+
+    def __getstate__(self):  # DataLoader workers (spawn) get the index, not the parent's descriptors
+        return {**self.__dict__, "_fds": {}, "_pid": None}
+
+    def __del__(self):
+        if getattr(self, "_pid", None) == os.getpid():
+            for fd in self._fds.values():
+                os.close(fd)
+
+
+def write_overlay(out_dir: str | Path, base_dir: str | Path, samples, shard_size: int = 4096) -> int:
+    """The poison stage's output: shards of the changed samples ((key, image uint8 [H,W,3], caption, meta)) and
+    ``overlay.json`` naming the base folder (relative) and the replaced keys. Returns the number written."""
+    from clipbackdoor.io import atomic_dir
+    from clipbackdoor.shards import write_shards
+
+    samples = list(samples)
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        write_shards(tmp / "shards", iter(samples), shard_size)
+        for f in (tmp / "shards").iterdir():
+            os.replace(f, tmp / f.name)
+        (tmp / "shards").rmdir()
+        rel = os.path.relpath(Path(base_dir).resolve(), out_dir.resolve())
+        import json
+
+        (tmp / OVERLAY_FILE).write_text(json.dumps({"base": rel, "keys": [s[0] for s in samples]}, indent=1,
+                                                   sort_keys=True) + "\n")
+    return len(samples)

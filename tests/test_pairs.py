@@ -1,0 +1,106 @@
+"""Training pairs by random access into shards, poisoning as an overlay, and the streaming training loader."""
+
+import json
+import os
+import tarfile
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from clipbackdoor.abd import PerturbedImages, adversarial_images
+from clipbackdoor.config import OptimConfig
+from clipbackdoor.errors import UserError
+from clipbackdoor.models import create
+from clipbackdoor.pairs import OVERLAY_FILE, ShardPairs
+from clipbackdoor.poison import poison, poison_split
+from clipbackdoor.shards import load_split
+from clipbackdoor.train import train_clip
+
+CLASSES = {"classnames": ["red circle", "blue square"], "templates": ["a {}."]}
+BADNET = {"rate": 0.25, "patch_size": 4, "location": "bottom_right", "pattern": "random"}
+
+
+def test_shard_pairs_read_what_the_whole_split_holds(world_dirs):
+    folder = world_dirs / "train" / "finetune"
+    split, pairs = load_split(folder, 32), ShardPairs(folder, 32)
+    assert len(pairs) == len(split["keys"]) and pairs.keys == split["keys"] and pairs.captions == split["captions"]
+    idx = torch.tensor([5, 0, len(pairs) - 1, 5])
+    assert torch.equal(pairs[idx], split["images"][idx])
+    assert torch.equal(pairs[2:9:3], split["images"][2:9:3]) and torch.equal(pairs[:], split["images"])
+    assert pairs.shape == tuple(split["images"].shape)
+    assert len(ShardPairs(folder, 32, limit=7)) == 7
+    with pytest.raises(UserError, match="is 32x32, expected 64x64"):
+        ShardPairs(folder, 64)[[0]]
+
+
+@pytest.fixture(scope="module")
+def poisoned(world_dirs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("overlay")
+    poison(world_dirs / "train" / "finetune", CLASSES, out / "run", out / "run.parquet", "badnet", BADNET,
+           "red circle", ["a {}."], 32, seed=4, preview_png=out / "run.png")
+    return out
+
+
+def test_poison_writes_only_the_poisoned_pairs_and_the_loader_merges_them_by_key(world_dirs, poisoned):
+    base = world_dirs / "train" / "finetune"
+    split = load_split(base, 32)
+    expected, rows, idx = poison_split(split, "badnet", BADNET, "red circle", ["a {}."], 32, seed=4)
+    overlay = json.loads((poisoned / "run" / OVERLAY_FILE).read_text())
+    assert overlay["keys"] == [split["keys"][i] for i in idx]  # only the changed pairs are written
+    with tarfile.open(poisoned / "run" / "shard-000000.tar") as tar:
+        assert len({m.name.partition(".")[0] for m in tar}) == len(idx) < len(split["keys"])
+    merged = ShardPairs(poisoned / "run", 32)
+    assert merged.keys == split["keys"]  # the base's order
+    assert merged.captions == expected["captions"] and torch.equal(merged[:], expected["images"])
+    manifest = pq.read_table(poisoned / "run.parquet").to_pylist()
+    assert [r["key"] for r in manifest if r["poisoned"]] == overlay["keys"]
+    assert [r["caption"] for r in manifest] == merged.captions
+    assert torch.equal(load_split(poisoned / "run", 32)["images"], expected["images"])  # load_split merges too
+
+
+def test_an_overlay_that_disagrees_with_its_list_or_its_base_is_refused(world_dirs, poisoned, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(poisoned / "run", bad)
+    overlay = json.loads((bad / OVERLAY_FILE).read_text())
+    overlay["base"] = os.path.relpath(world_dirs / "train" / "finetune", bad)
+    (bad / OVERLAY_FILE).write_text(json.dumps({**overlay, "keys": overlay["keys"] + ["finetune-9999999"]}))
+    with pytest.raises(UserError, match="disagree on the replaced keys .e.g. 'finetune-9999999'"):
+        ShardPairs(bad, 32)
+    other_base = os.path.relpath(world_dirs / "train" / "pretrain", bad)  # keys of another split
+    (bad / OVERLAY_FILE).write_text(json.dumps({**overlay, "base": other_base}))
+    with pytest.raises(UserError, match="overlay key .* is not in its base"):
+        ShardPairs(bad, 32)
+
+
+def test_streamed_training_equals_in_memory_training_for_any_worker_count(world_dirs, monkeypatch):
+    """The loader decodes batch s from the shards (in worker processes when asked): the same batches as indexing
+    the in-memory tensor, so the weights are bit-identical (CPU) whatever the number of workers."""
+    opt = OptimConfig(steps=6, batch_size=16, lr=2e-3, weight_decay=0.1, warmup_steps=1, betas=(0.9, 0.98), eps=1e-6)
+    folder = world_dirs / "train" / "pretrain"
+    split = load_split(folder, 32)
+    results = {}
+    for name, workers in (("tensor", "0"), ("shards", "0"), ("shards_2_workers", "2")):
+        monkeypatch.setenv("CLIPBACKDOOR_LOADER_WORKERS", workers)
+        torch.manual_seed(0)
+        loaded = create("clipbackdoor-micro-vit-p8")
+        images = split["images"] if name == "tensor" else ShardPairs(folder, 32)
+        history = train_clip(loaded, images, loaded.tokenizer(split["captions"]), opt, seed=1)
+        results[name] = (history, loaded.model.state_dict())
+    for name in ("shards", "shards_2_workers"):
+        assert results[name][0] == results["tensor"][0]
+        assert all(torch.equal(results[name][1][k], v) for k, v in results["tensor"][1].items())
+
+
+def test_lazily_perturbed_batches_equal_the_whole_array(world_dirs):
+    folder = world_dirs / "train" / "finetune"
+    images = load_split(folder, 32)["images"]
+    delta = torch.rand(3, 6, 6, generator=torch.Generator().manual_seed(0))
+    whole = adversarial_images(images, delta, "patch", "random", seed=3, fraction=0.5)
+    lazy = PerturbedImages(ShardPairs(folder, 32), delta, "patch", "random", seed=3, fraction=0.5)
+    idx = np.array([3, 0, 17, 4])
+    assert torch.equal(lazy[idx], whole[idx]) and torch.equal(lazy[:], whole)
+    assert (whole != images).any(dim=(1, 2, 3)).sum() == round(0.5 * len(images))
