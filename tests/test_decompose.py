@@ -3,7 +3,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from clipbackdoor.decomp_cache import read_decomposition, read_meta, write_decomposition
+from clipbackdoor.decomp_cache import SCHEMA_VERSION, read_decomposition, read_meta, write_decomposition
 from clipbackdoor.decompose import component_names, decompose
 from clipbackdoor.errors import UserError
 from clipbackdoor.models import create
@@ -69,7 +69,7 @@ def test_parquet_round_trip_fp16(cached):
     assert r.keys == [f"k{i}" for i in range(5)] and r.triggered.all() and list(r.labels) == list(range(5))
     assert np.allclose(r.heads, d.heads.numpy(), atol=2e-3) and np.allclose(r.mlps, d.mlps.numpy(), atol=2e-3)
     assert np.allclose(r.total(), d.total().numpy(), atol=5e-3)
-    assert r.meta["schema_version"] == "1" and r.meta["n_heads"] == "4"
+    assert r.meta["schema_version"] == SCHEMA_VERSION == "2" and r.meta["n_heads"] == "4"
 
 
 def test_cache_size_is_close_to_raw_fp16(tmp_path):
@@ -101,7 +101,7 @@ def test_wrong_schema_version_and_shapes_are_rejected(cached, tmp_path):
     pq.write_table(table.replace_schema_metadata(meta), tmp_path / "old.parquet")
     with pytest.raises(UserError, match="schema version '0'"):
         read_meta(tmp_path / "old.parquet")
-    meta[b"schema_version"] = b"1"
+    meta[b"schema_version"] = SCHEMA_VERSION.encode()
     meta[b"n_heads"] = b"8"
     pq.write_table(table.replace_schema_metadata(meta), tmp_path / "shape.parquet")
     with pytest.raises(UserError, match="columns do not match"):

@@ -70,6 +70,9 @@ def test_an_overlay_that_disagrees_with_its_list_or_its_base_is_refused(world_di
     (bad / OVERLAY_FILE).write_text(json.dumps({**overlay, "keys": overlay["keys"] + ["finetune-9999999"]}))
     with pytest.raises(UserError, match="disagree on the replaced keys .e.g. 'finetune-9999999'"):
         ShardPairs(bad, 32)
+    (bad / OVERLAY_FILE).write_text(json.dumps(["not", "an", "object"]))
+    with pytest.raises(UserError, match="not an overlay description"):
+        ShardPairs(bad, 32)
     other_base = os.path.relpath(world_dirs / "train" / "pretrain", bad)  # keys of another split
     (bad / OVERLAY_FILE).write_text(json.dumps({**overlay, "base": other_base}))
     with pytest.raises(UserError, match="overlay key .* is not in its base"):
@@ -104,3 +107,55 @@ def test_lazily_perturbed_batches_equal_the_whole_array(world_dirs):
     idx = np.array([3, 0, 17, 4])
     assert torch.equal(lazy[idx], whole[idx]) and torch.equal(lazy[:], whole)
     assert (whole != images).any(dim=(1, 2, 3)).sum() == round(0.5 * len(images))
+
+
+def test_resume_with_a_randomised_loss_reads_the_same_random_stream(world_dirs, tmp_path):
+    """A loss that draws from the global torch generator (CleanCLIP's augmentations do) must see the same draws
+    after a resume: the loader must not consume that generator (a DataLoader does unless given its own)."""
+    from clipbackdoor.train import clip_loss_fn
+
+    opt = OptimConfig(steps=6, batch_size=16, lr=2e-3, weight_decay=0.1, warmup_steps=1, betas=(0.9, 0.98), eps=1e-6)
+    folder = world_dirs / "train" / "pretrain"
+    pairs = ShardPairs(folder, 32)
+    tokens = create("clipbackdoor-micro-vit-p8").tokenizer(pairs.captions)
+    clip = clip_loss_fn()
+
+    def noisy(loaded, images, toks, idx):  # a random brightness jitter per image, from the global generator
+        jitter = (torch.rand(len(images), 1, 1, 1) * 40).to(torch.uint8)
+        return clip(loaded, images.clamp(max=215) + jitter, toks, idx)
+
+    torch.manual_seed(0)
+    ref = create("clipbackdoor-micro-vit-p8")
+    init = {k: v.clone() for k, v in ref.model.state_dict().items()}
+    train_clip(ref, pairs, tokens, opt, seed=0, loss_fn=noisy)
+    runs = []
+    for stop in (4, None):
+        model = create("clipbackdoor-micro-vit-p8")
+        model.model.load_state_dict(init)
+        runs.append(train_clip(model, pairs, tokens, opt, seed=0, loss_fn=noisy, ckpt_dir=tmp_path, ckpt_every=2,
+                               stop_after=stop))
+    assert runs[1][0]["step"] == 1 and len(runs[1]) == opt.steps  # resumed at step 4, history carried over
+    assert all(torch.equal(v, model.model.state_dict()[k]) for k, v in ref.model.state_dict().items())
+
+
+def test_a_corrupt_training_image_stops_the_stage_before_training(world_dirs, tmp_path, monkeypatch):
+    from clipbackdoor.shards import write_shards
+
+    split = load_split(world_dirs / "train" / "pretrain", 32)
+    samples = [(k, img.permute(1, 2, 0).numpy(), c, {}) for k, img, c in
+               zip(split["keys"][:20], split["images"][:20], split["captions"][:20])]
+    write_shards(tmp_path / "pairs", iter(samples), shard_size=64)
+    pairs = ShardPairs(tmp_path / "pairs", 32)
+    f_id, offset, size = pairs.where[7].tolist()
+    with open(pairs.files[f_id], "r+b") as fh:  # damage the image's PNG header in place
+        fh.seek(offset)
+        fh.write(b"\0" * 16)
+    with pytest.raises(UserError, match=f"image of sample '{split['keys'][7]}' cannot be read"):
+        ShardPairs(tmp_path / "pairs", 32).digest()
+    # met inside a loader worker process, the error reaches the trainer as the same one-line UserError
+    from clipbackdoor.train import step_loader
+
+    monkeypatch.setenv("CLIPBACKDOOR_LOADER_WORKERS", "1")
+    with pytest.raises(UserError, match=f"image of sample '{split['keys'][7]}' cannot be decoded") as err:
+        list(step_loader(ShardPairs(tmp_path / "pairs", 32), 20, 0, 0, 1, 0, 1, "cpu"))
+    assert "Traceback" not in str(err.value) and err.value.fix.startswith("regenerate the shard")

@@ -22,7 +22,7 @@ from clipbackdoor.decompose import Decomposition, component_names
 from clipbackdoor.errors import UserError
 from clipbackdoor.io import iter_parquet, parquet_stream
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"  # 2: row groups of ROW_GROUP_SIZE rows, digests in format 2
 ROW_GROUP_SIZE = 256  # rows per row group: ~40 MB of fp16 terms for ViT-B/32, the unit readers stream
 
 
@@ -90,20 +90,31 @@ class DecompositionWriter:
         self._pending.append(_rows_table(self._schema, keys, labels, self.triggered, decomp))
         self._n_pending += len(keys)
         if self._n_pending >= ROW_GROUP_SIZE:
-            self._flush()
+            self._flush(final=False)
 
-    def _flush(self) -> None:
-        if self._pending:
-            self._out.write(pa.concat_tables(self._pending), row_group_size=ROW_GROUP_SIZE)
-            self._pending, self._n_pending = [], 0
+    def _flush(self, final: bool) -> None:
+        """Write whole row groups of ROW_GROUP_SIZE rows (and, at the end, the rest): the file's layout does not
+        depend on the batch size the rows came in."""
+        if not self._pending:
+            return
+        table = pa.concat_tables(self._pending)
+        n = table.num_rows if final else table.num_rows - table.num_rows % ROW_GROUP_SIZE
+        self._out.write(table.slice(0, n), row_group_size=ROW_GROUP_SIZE)
+        rest = table.slice(n)
+        self._pending, self._n_pending = ([rest], rest.num_rows) if rest.num_rows else ([], 0)
 
     def __exit__(self, exc_type, exc, tb):
         if self._ctx is None:
             if exc_type is None:
-                raise ValueError(f"{self.path}: no rows to write (empty evaluation set)")
+                raise UserError(f"{self.path}: no images to decompose (the evaluation set is empty)",
+                                fix="rerun the stage that writes the evaluation set")
             return False
         if exc_type is None:
-            self._flush()
+            try:
+                self._flush(final=True)
+            except BaseException as flush_exc:  # the stream must still close (and drop its temporary file)
+                self._ctx.__exit__(type(flush_exc), flush_exc, flush_exc.__traceback__)
+                raise
         return self._ctx.__exit__(exc_type, exc, tb)
 
 
@@ -176,7 +187,9 @@ def iter_decomposition(path: str | Path, layers: list[int] | None = None, with_m
     head_cols = [f"L{l}H{h}" for l in layers for h in range(n_heads)]
     mlp_cols = [f"L{l}_mlp" for l in range(n_layers)] if with_mlps else []
     columns = ["key", "label", "triggered", "norm", "embedding", "embed", "bias", *head_cols, *mlp_cols]
-    rows = None if rows is None else np.asarray(rows, dtype=np.int64)
+    rows = None if rows is None else np.asarray(rows, dtype=np.int64).reshape(-1)
+    if rows is not None and len(rows) and (rows[0] < 0 or (np.diff(rows) <= 0).any()):
+        raise ValueError("rows must be sorted, unique and non-negative")
     start = 0
     for batch in iter_parquet(path, columns, batch_rows=batch_rows, made_by="the `decompose` stage"):
         positions = np.arange(start, start + batch.num_rows)

@@ -20,6 +20,7 @@ import pyarrow as pa
 
 from clipbackdoor.config import DefendConfig
 from clipbackdoor.decomp_cache import ROW_GROUP_SIZE, CachedDecomposition, iter_decomposition, read_meta
+from clipbackdoor.errors import UserError
 from clipbackdoor.io import parquet_stream
 from clipbackdoor.prototypes import head_similarity
 
@@ -171,7 +172,8 @@ def run_defend(clean_path: str | Path, triggered_path: str | Path, protos: dict,
     with parquet_stream(out_path, OUTPUT_SCHEMA.with_metadata(meta)) as out:
         for clean_chunk, trig_chunk in chunks:
             if clean_chunk is None or trig_chunk is None or clean_chunk[1].keys != trig_chunk[1].keys:
-                raise ValueError("clean and triggered decompositions must list the same images in the same order")
+                raise UserError(f"{clean_path} and {triggered_path} do not list the same images in the same order",
+                                fix="rerun `decompose` for both from the same evaluation set")
             splits = {"clean": TestSplit(clean_chunk[1], clean_chunk[0]),
                       "triggered": TestSplit(trig_chunk[1], trig_chunk[0])}
             rows = _Rows()

@@ -195,6 +195,9 @@ def load_safetensors(path: str | Path, framework: str = "pt", made_by: str = "th
     return (tensors, meta) if with_metadata else tensors
 
 
+DIGEST_FORMAT = "2"  # how ColumnHasher hashes a column (recorded with the digests; format 1 hashed whole columns)
+
+
 class ColumnHasher:
     """sha256 of one Arrow column's values, fed chunk by chunk: the digest does not depend on how the column is
     chunked (row groups written one at a time, read back as one array or in batches) nor on how Parquet names
@@ -299,6 +302,7 @@ def parquet_stream(path: str | Path, schema, **options) -> Iterator[ParquetStrea
             yield stream
             digests = {name: h.hexdigest() for name, h in stream.hashers.items()}
             digests["__metadata__"] = _metadata_sha256(schema.metadata)
+            digests["__format__"] = DIGEST_FORMAT
             writer.add_key_value_metadata({CONTENT_KEY: json.dumps(digests, sort_keys=True)})
         finally:
             writer.close()
@@ -331,7 +335,14 @@ def _open_parquet(path: Path, made_by: str):
         raise UserError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0]})",
                         fix=_parquet_fix(made_by)) from None
     metadata = pf.metadata.metadata or {}  # the footer's key-value pairs (the digests are added at closing)
-    recorded = json.loads(metadata.get(CONTENT_KEY.encode(), b"{}"))
+    try:
+        recorded = json.loads(metadata.get(CONTENT_KEY.encode(), b"{}"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        recorded = {}
+    if not isinstance(recorded, dict) or recorded.get("__format__", DIGEST_FORMAT) != DIGEST_FORMAT \
+            or (recorded and "__format__" not in recorded):
+        raise UserError(f"{path}: written by an older clipbackdoor (its content digests are in another format)",
+                        fix=f"delete it and rerun {made_by}")
     if _metadata_sha256(metadata) != recorded.get("__metadata__"):  # (a rewrite by another tool drops the digests)
         raise UserError(f"{path}: its metadata changed after the file was written (sha256 differs from the one "
                         f"recorded in the file)", fix=_parquet_fix(made_by))
@@ -358,6 +369,11 @@ def iter_parquet(path: str | Path, columns: list[str] | None = None, batch_rows:
     path = Path(path)
     pf, recorded = _open_parquet(path, made_by)
     names = columns if columns is not None else pf.schema_arrow.names
+    missing = [name for name in names if name not in pf.schema_arrow.names]
+    if missing:
+        raise UserError(f"{path}: has no column {missing[0]!r}", fix=_parquet_fix(made_by))
+    if batch_rows < 1:
+        raise ValueError(f"batch_rows must be positive, not {batch_rows}")
     hashers = {name: ColumnHasher(pf.schema_arrow.field(name).type) for name in names if name in recorded}
     # one row group at a time, re-cut into batches of exactly ``batch_rows`` rows (the last may be shorter), so two
     # files of equal rows stream in lockstep whatever their row-group layout. (pyarrow's iter_batches reads ahead:

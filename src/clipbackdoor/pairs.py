@@ -86,7 +86,17 @@ class ShardPairs:
         self.overlay: dict | None = None
         if overlay.is_file():
             self.overlay = read_json(overlay, "the poison stage")
-            base = (self.folder / str(self.overlay.get("base", ""))).resolve()
+            rel = self.overlay.get("base") if isinstance(self.overlay, dict) else None
+            if not isinstance(rel, str) or not isinstance(self.overlay.get("keys"), list) or rel in ("", "."):
+                raise UserError(f"{overlay}: not an overlay description (needs a base folder and a list of keys)",
+                                fix="rerun the poison stage that wrote it")
+            base = self.folder / rel
+            if not base.is_dir():
+                raise UserError(f"{self.folder}: the base folder of this overlay, {base}, does not exist",
+                                fix="run (or `dvc pull`) the stage that writes it, then rerun the poison stage")
+            if (base / OVERLAY_FILE).is_file():
+                raise UserError(f"{self.folder}: its base {base} is itself an overlay",
+                                fix="poison the clean pairs (the rule's --finetune-dir)")
             files, keys, where, captions = _index_shards(base)
             o_files, o_keys, o_where, o_captions = _index_shards(self.folder)
             listed = list(self.overlay.get("keys", []))
@@ -123,7 +133,9 @@ class ShardPairs:
         return (len(self), 3, self.image_size or 0, self.image_size or 0)
 
     def _fd(self, f_id: int) -> int:
-        if self._pid != os.getpid():  # a DataLoader worker: open its own descriptors
+        if self._pid != os.getpid():  # a forked DataLoader worker: close the inherited copies, open its own
+            for fd in self._fds.values():
+                os.close(fd)
             self._fds, self._pid = {}, os.getpid()
         if f_id not in self._fds:
             self._fds[f_id] = os.open(self.files[f_id], os.O_RDONLY)
@@ -156,11 +168,23 @@ class ShardPairs:
 
     def digest(self) -> str:
         """Content hash of the pairs as training sees them (index, captions and every image member's bytes read
-        by streaming): a checkpoint is never resumed on other data."""
+        by streaming): a checkpoint is never resumed on other data. Each image's header is parsed on the way (not
+        decoded), so an unreadable or wrongly sized image stops the stage before training, not hours into it."""
         h = hashlib.sha256()
-        for key, (f_id, offset, size), caption in zip(self.keys, self.where.tolist(), self.captions):
+        for i, (key, (f_id, offset, size), caption) in enumerate(zip(self.keys, self.where.tolist(), self.captions)):
+            data = os.pread(self._fd(f_id), size, offset)
             h.update(f"{key}\0{caption}\0{size}\0".encode())
-            h.update(os.pread(self._fd(f_id), size, offset))
+            h.update(data)
+            try:
+                with Image.open(io.BytesIO(data)) as im:
+                    width, height = im.size
+            except Exception as exc:  # PIL raises many types for corrupt data
+                raise UserError(f"{self.files[f_id]}: image of sample {key!r} cannot be read "
+                                f"({exc.__class__.__name__})", fix="regenerate the shard (rerun its stage)") from None
+            if self.image_size is not None and (width, height) != (self.image_size, self.image_size):
+                raise UserError(f"{self.folder}: sample {key!r} is {width}x{height}, expected "
+                                f"{self.image_size}x{self.image_size}",
+                                fix="regenerate the data with data.image_size matching the model")
         return h.hexdigest()[:16]
 
     def __getstate__(self):  # DataLoader workers (spawn) get the index, not the parent's descriptors
@@ -182,10 +206,11 @@ def write_overlay(out_dir: str | Path, base_dir: str | Path, samples, shard_size
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         write_shards(tmp / "shards", iter(samples), shard_size)
-        for f in (tmp / "shards").iterdir():
+        for f in (tmp / "shards").glob("*.tar"):  # (not write_shards' index.json: its count is the overlay's)
             os.replace(f, tmp / f.name)
+        (tmp / "shards" / "index.json").unlink()
         (tmp / "shards").rmdir()
-        rel = os.path.relpath(Path(base_dir).resolve(), out_dir.resolve())
+        rel = os.path.relpath(os.path.abspath(base_dir), os.path.abspath(out_dir))  # symlinks kept: same on every machine
         import json
 
         (tmp / OVERLAY_FILE).write_text(json.dumps({"base": rel, "keys": [s[0] for s in samples]}, indent=1,

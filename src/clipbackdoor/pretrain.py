@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from clipbackdoor.errors import UserError
 from clipbackdoor.config import ModelConfig, OptimConfig, ZeroShotConfig
 from clipbackdoor.models import create, save_artifact
 from clipbackdoor.runtime import seed_everything
@@ -26,6 +27,8 @@ def evaluate_zeroshot(loaded, eval_dirs: dict[str, Path], zs: ZeroShotConfig) ->
         cls = class_text_embeddings(loaded, classes["classnames"], templates_for(zs.templates, classes["templates"]))
         hits = [predict(image_embeddings(loaded, b["images"], zs.batch_size), cls.cpu()) == b["labels"]
                 for b in iter_batches(folder, zs.batch_size, loaded.image_size)]
+        if not hits:
+            raise UserError(f"{folder}: the evaluation set has no images", fix="rerun the stage that writes it")
         out[f"zeroshot_top1/{name}"] = float(torch.cat(hits).float().mean())
     return out
 

@@ -37,6 +37,8 @@ class RunningSum:
         self.count = 0
 
     def add(self, rows: np.ndarray) -> None:
+        # (for [N, d] and wider; a 1-D sum is pairwise in numpy, so not row by row)
+        assert rows.ndim >= 2, "RunningSum matches numpy's row-order sum for arrays of two or more dimensions"
         if not len(rows):
             return
         stacked = rows if self.total is None else np.concatenate([self.total[None], rows])

@@ -110,7 +110,7 @@ def _shard_samples(shard: Path, seen: set[str]) -> Iterator[tuple[str, dict[str,
     key, parts = None, {}
     seen_here: set[str] = set()
     try:
-        with tarfile.open(shard, "r|") as tar:  # stream mode: no index of the whole archive is kept
+        with tarfile.open(shard, "r|*") as tar:  # stream mode (any compression): read front to back, once
             for member in tar:
                 if not member.isfile():
                     continue
@@ -209,7 +209,10 @@ def iter_batches(shard_dir: str | Path, batch_size: int, image_size: int | None 
 def load_rows(shard_dir: str | Path, index, image_size: int | None = None) -> dict:
     """Only the samples at ``index`` (sorted, unique sample positions in the split), as :func:`load_split`
     returns them: the others are streamed past without decoding their images (memory O(len(index)))."""
-    wanted = set(int(i) for i in index)
+    index = np.asarray(index, dtype=np.int64).reshape(-1)
+    if len(index) and (index[0] < 0 or (np.diff(index) <= 0).any()):
+        raise ValueError("index must be sorted, unique and non-negative")
+    wanted = set(index.tolist())
     items = [item for item in iter_shards(shard_dir, decode=wanted.__contains__) if item["image"] is not None]
     if len(items) != len(wanted):
         raise UserError(f"{shard_dir}: holds fewer samples than the index asks for (largest {max(wanted)})",

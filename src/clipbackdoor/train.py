@@ -24,6 +24,7 @@ from open_clip.loss import ClipLoss
 
 from clipbackdoor.config import OptimConfig
 from clipbackdoor.distributed import barrier, is_main, rank_world
+from clipbackdoor.errors import UserError
 from clipbackdoor.io import load_safetensors, safetensors_metadata, save_safetensors
 from clipbackdoor.logs import progress
 from clipbackdoor.models import LoadedModel, load_artifact, normalize, save_artifact
@@ -95,7 +96,18 @@ class StepBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, step: int):
         idx = batch_indices(len(self.images), self.batch_size, step, self.seed).chunk(self.world)[self.rank]
-        return idx, self.images[idx]
+        try:
+            return idx, self.images[idx]
+        except UserError as exc:  # a worker's exception would reach the trainer wrapped in its traceback
+            return idx, (exc.problem, exc.fix)
+
+
+def _unwrap(batch):
+    """A batch, or the one-line error its worker met (re-raised here, in the training process)."""
+    idx, images = batch
+    if not torch.is_tensor(images):  # (problem, fix) -- the loader hands sequences back as lists
+        raise UserError(*images)
+    return idx, images
 
 
 def step_loader(images, batch_size: int, seed: int, start: int, steps: int, rank: int, world: int, device):
@@ -103,9 +115,13 @@ def step_loader(images, batch_size: int, seed: int, start: int, steps: int, rank
     ``loader_workers()`` worker processes, pinned when training on CUDA; in-memory tensors are indexed directly."""
     dataset = StepBatches(images, batch_size, seed, rank, world)
     workers = loader_workers() if hasattr(images, "digest") else 0
-    return torch.utils.data.DataLoader(dataset, batch_size=None, sampler=range(start, steps), num_workers=workers,
-                                       pin_memory=torch.device(device).type == "cuda",
-                                       persistent_workers=False, prefetch_factor=2 if workers else None)
+    # its own generator: a DataLoader otherwise draws its base seed from the global torch state, which
+    # CleanCLIP's augmentations use (and checkpoints): results and resume would change
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, sampler=range(start, steps), num_workers=workers,
+                                         pin_memory=torch.device(device).type == "cuda", persistent_workers=False,
+                                         prefetch_factor=2 if workers else None,
+                                         generator=torch.Generator().manual_seed(seed))
+    return map(_unwrap, loader)
 
 
 def loader_workers() -> int:

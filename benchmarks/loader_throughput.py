@@ -1,0 +1,107 @@
+"""Training-loader throughput at 224 px against a bare PIL decode loop over the same images on the same cores.
+
+The loader is what training runs (``clipbackdoor.train.step_loader``): ``ShardPairs`` random access into the tar
+shards, one batch per step decoded in DataLoader worker processes, then normalised (float, CLIP mean/std) in the
+training process. The bare loop reads the same image members' bytes into memory first and decodes them with
+PIL (``Image.open(...).convert("RGB")`` to a uint8 array) in a ``multiprocessing`` pool of as many processes,
+nothing else. Target: loader >= 0.8x bare.
+
+    python benchmarks/loader_throughput.py [--n 2048] [--batch 64] [--workers 2]
+
+The images are the fine-tuning split's format (PNG shards at 224 px; benchmarks/memory_scaling.py's inputs, built
+if missing). Prints a table and writes benchmarks/results/loader_throughput.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import multiprocessing
+import os
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def decode(data: bytes) -> int:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("RGB")).shape[0]
+
+
+def bare(folder: Path, workers: int) -> tuple[int, float]:
+    blobs = []
+    for shard in sorted(folder.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            blobs += [tar.extractfile(m).read() for m in tar if m.name.endswith(".png")]
+    start = time.perf_counter()
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        pool.map(decode, blobs, chunksize=16)
+    return len(blobs), time.perf_counter() - start
+
+
+def loader(folder: Path, batch: int, workers: int) -> tuple[int, float]:
+    import torch
+
+    from clipbackdoor.models import normalize
+    from clipbackdoor.pairs import ShardPairs
+    from clipbackdoor.train import step_loader
+
+    os.environ["CLIPBACKDOOR_LOADER_WORKERS"] = str(workers)
+    pairs = ShardPairs(folder, 224)
+    steps = len(pairs) // batch  # one epoch, drop-last (as training)
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    start = time.perf_counter()
+    n = 0
+    for _, images in step_loader(pairs, batch, 0, 0, steps, 0, 1, "cpu"):
+        x = normalize(images, mean, std)
+        n += len(x)
+    assert x.dtype == torch.float32 and x.shape[-1] == 224
+    return n, time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=2048)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "loader_throughput.json"))
+    args = ap.parse_args()
+    import memory_scaling
+
+    work = Path(ROOT / "benchmarks" / "results" / "memory_scaling_work")
+    folder = work / f"train_{args.n}" / "finetune"
+    if not (folder / "index.json").is_file():
+        from clipbackdoor.shards import write_shards
+
+        write_shards(folder, memory_scaling.train_pairs(args.n), shard_size=512)
+    n_bare, t_bare = bare(folder, args.workers)
+    rows = {"bare_pil": {"images": n_bare, "seconds": round(t_bare, 3), "images_per_s": round(n_bare / t_bare, 1)}}
+    for workers in sorted({0, args.workers}):
+        n, t = loader(folder, args.batch, workers)
+        rows[f"loader_{workers}_workers"] = {"images": n, "seconds": round(t, 3), "images_per_s": round(n / t, 1)}
+    best = max(v["images_per_s"] for k, v in rows.items() if k.startswith("loader"))
+    ratio = round(best / rows["bare_pil"]["images_per_s"], 3)
+    print(f"224-px PNG pairs, {args.workers} cores, batch {args.batch}")
+    print(f"{'path':22s} {'images':>7s} {'s':>7s} {'images/s':>9s}")
+    for name, r in rows.items():
+        print(f"{name:22s} {r['images']:7d} {r['seconds']:7.2f} {r['images_per_s']:9.1f}")
+    print(f"loader / bare PIL: {ratio:.2f}x (target >= 0.8)")
+    out = Path(args.out)
+    out.write_text(json.dumps({"n": args.n, "batch": args.batch, "workers": args.workers, "rows": rows,
+                               "ratio": ratio, "command": " ".join(["python", *sys.argv]),
+                               "date": time.strftime("%Y-%m-%d")}, indent=2, sort_keys=True) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
