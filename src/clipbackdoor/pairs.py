@@ -24,7 +24,7 @@ from PIL import Image
 
 from clipbackdoor.errors import UserError
 from clipbackdoor.io import read_json
-from clipbackdoor.shards import TAR_ERRORS, corrupt_tar, shard_paths
+from clipbackdoor.shards import TAR_ERRORS, _decode_image, _text, corrupt_tar, shard_paths
 
 OVERLAY_FILE = "overlay.json"
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
@@ -61,12 +61,7 @@ def _index_shards(folder: Path) -> tuple[list[Path], list[str], list[tuple[int, 
                     if img_ext is None or "txt" not in parts[key]:
                         raise UserError(f"{shard}: sample {key!r} lacks an image or a caption (has "
                                         f"{sorted(parts[key])})", fix="regenerate the shard")
-                    raw = tar.extractfile(parts[key]["txt"]).read()
-                    try:
-                        captions.append(raw.decode("utf-8"))
-                    except UnicodeDecodeError as exc:
-                        raise UserError(f"{shard}: sample {key!r}: txt is not UTF-8 (offset {exc.start})",
-                                        fix="regenerate the shard (rerun its stage) or remove the sample") from None
+                    captions.append(_text(tar.extractfile(parts[key]["txt"]).read(), shard, key, "txt"))
                     image = parts[key][img_ext]
                     keys.append(key)
                     where.append((f_id, image.offset_data, image.size))
@@ -144,13 +139,7 @@ class ShardPairs:
     def image(self, i: int) -> torch.Tensor:
         """uint8 [3, H, W] of pair i, decoded from its shard."""
         f_id, offset, size = (int(v) for v in self.where[i])
-        data = os.pread(self._fd(f_id), size, offset)
-        try:
-            with Image.open(io.BytesIO(data)) as im:
-                arr = np.asarray(im.convert("RGB"))
-        except Exception as exc:  # PIL raises many types for corrupt data
-            raise UserError(f"{self.files[f_id]}: image of sample {self.keys[i]!r} cannot be decoded "
-                            f"({exc.__class__.__name__})", fix="regenerate the shard (rerun its stage)") from None
+        arr = _decode_image(os.pread(self._fd(f_id), size, offset), self.keys[i], self.files[f_id])
         if self.image_size is not None and arr.shape[:2] != (self.image_size, self.image_size):
             raise UserError(f"{self.folder}: sample {self.keys[i]!r} is {arr.shape[1]}x{arr.shape[0]}, expected "
                             f"{self.image_size}x{self.image_size}",
