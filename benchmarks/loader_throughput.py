@@ -1,15 +1,20 @@
 """Training-loader throughput at 224 px against a bare PIL decode loop over the same images on the same cores.
 
 The loader is what training runs (``clipbackdoor.train.step_loader``): ``ShardPairs`` random access into the tar
-shards, one batch per step decoded in DataLoader worker processes, then normalised (float, CLIP mean/std) in the
-training process. The bare loop reads the same image members' bytes into memory first and decodes them with
-PIL (``Image.open(...).convert("RGB")`` to a uint8 array) in a ``multiprocessing`` pool of as many processes,
-nothing else. Target: loader >= 0.8x bare.
+shards, one batch per step decoded (and resized) in DataLoader worker processes, then normalised (float, CLIP
+mean/std) in the training process. The bare loop reads the same image members' bytes into memory first and
+decodes them with PIL (``Image.open(...).convert("RGB")`` to a uint8 array) in a ``multiprocessing`` pool of as
+many processes, nothing else. Target: loader >= 0.8x bare.
 
     python benchmarks/loader_throughput.py [--n 2048] [--batch 64] [--workers 2]
 
-The images are the fine-tuning split's format (PNG shards at 224 px; benchmarks/memory_scaling.py's inputs, built
-if missing). Prints a table and writes benchmarks/results/loader_throughput.json.
+Two corpora of n pairs:
+- ``jpeg_as_downloaded``: what the ``cc3m`` stage keeps -- web JPEGs (quality 90) of 180-300 px on the shorter
+  side and aspect 0.6-1.8 (clipbackdoor.rehearsal's image generator), stored unchanged; the loader decodes,
+  resizes and centre-crops them to 224 px.
+- ``png_224``: the embedded and evaluation splits' format, 224-px PNGs (benchmarks/memory_scaling.py's inputs).
+Each is timed as the loader with 0 and ``--workers`` workers, and the loader without normalisation (uint8 out,
+as on a GPU, where normalising is the device's work). Prints a table, writes benchmarks/results/loader_throughput.json.
 """
 
 from __future__ import annotations
@@ -42,14 +47,14 @@ def bare(folder: Path, workers: int) -> tuple[int, float]:
     blobs = []
     for shard in sorted(folder.glob("*.tar")):
         with tarfile.open(shard) as tar:
-            blobs += [tar.extractfile(m).read() for m in tar if m.name.endswith(".png")]
+            blobs += [tar.extractfile(m).read() for m in tar if m.name.endswith((".png", ".jpg"))]
     start = time.perf_counter()
     with multiprocessing.get_context("fork").Pool(workers) as pool:
         pool.map(decode, blobs, chunksize=16)
     return len(blobs), time.perf_counter() - start
 
 
-def loader(folder: Path, batch: int, workers: int) -> tuple[int, float]:
+def loader(folder: Path, batch: int, workers: int, normalise: bool = True) -> tuple[int, float]:
     import torch
 
     from clipbackdoor.models import normalize
@@ -63,10 +68,27 @@ def loader(folder: Path, batch: int, workers: int) -> tuple[int, float]:
     start = time.perf_counter()
     n = 0
     for _, images in step_loader(pairs, batch, 0, 0, steps, 0, 1, "cpu"):
-        x = normalize(images, mean, std)
+        x = normalize(images, mean, std) if normalise else images
         n += len(x)
-    assert x.dtype == torch.float32 and x.shape[-1] == 224
+    assert x.dtype == (torch.float32 if normalise else torch.uint8) and x.shape[-2:] == (224, 224)
     return n, time.perf_counter() - start
+
+
+def write_jpeg_corpus(folder: Path, n: int, seed: int = 0) -> None:
+    """n web-like JPEG pairs kept as downloaded (the cc3m stage's layout): sizes vary, no resize at writing."""
+    from clipbackdoor import rehearsal
+    from clipbackdoor.shards import Encoded, write_shards
+
+    rng = np.random.default_rng(seed)
+
+    def samples():
+        for i in range(n):
+            concept = rehearsal.ALL_CONCEPTS[i % len(rehearsal.ALL_CONCEPTS)]
+            width, height = rehearsal.image_size(rng)
+            jpg = rehearsal.encode_jpeg(rehearsal.draw_image(rng, concept, width, height))
+            yield f"cc3m-{i:08d}", Encoded("jpg", jpg), f"a photo of a {concept}.", {}
+
+    write_shards(folder, samples(), shard_size=512, as_downloaded=True)
 
 
 def main() -> None:
@@ -79,26 +101,36 @@ def main() -> None:
     import memory_scaling
 
     work = Path(ROOT / "benchmarks" / "results" / "memory_scaling_work")
-    folder = work / f"train_{args.n}" / "finetune"
-    if not (folder / "index.json").is_file():
+    corpora = {"jpeg_as_downloaded": work / f"jpeg_{args.n}", "png_224": work / f"train_{args.n}" / "finetune"}
+    if not (corpora["png_224"] / "index.json").is_file():
         from clipbackdoor.shards import write_shards
 
-        write_shards(folder, memory_scaling.train_pairs(args.n), shard_size=512)
-    n_bare, t_bare = bare(folder, args.workers)
-    rows = {"bare_pil": {"images": n_bare, "seconds": round(t_bare, 3), "images_per_s": round(n_bare / t_bare, 1)}}
-    for workers in sorted({0, args.workers}):
-        n, t = loader(folder, args.batch, workers)
-        rows[f"loader_{workers}_workers"] = {"images": n, "seconds": round(t, 3), "images_per_s": round(n / t, 1)}
-    best = max(v["images_per_s"] for k, v in rows.items() if k.startswith("loader"))
-    ratio = round(best / rows["bare_pil"]["images_per_s"], 3)
-    print(f"224-px PNG pairs, {args.workers} cores, batch {args.batch}")
-    print(f"{'path':22s} {'images':>7s} {'s':>7s} {'images/s':>9s}")
-    for name, r in rows.items():
-        print(f"{name:22s} {r['images']:7d} {r['seconds']:7.2f} {r['images_per_s']:9.1f}")
-    print(f"loader / bare PIL: {ratio:.2f}x (target >= 0.8)")
+        write_shards(corpora["png_224"], memory_scaling.train_pairs(args.n), shard_size=512)
+    if not (corpora["jpeg_as_downloaded"] / "index.json").is_file():
+        write_jpeg_corpus(corpora["jpeg_as_downloaded"], args.n)
+    results = {}
+    print(f"{args.n} pairs to 224 px, {args.workers} cores, batch {args.batch}")
+    print(f"{'corpus':19s} {'path':24s} {'images':>7s} {'s':>7s} {'images/s':>9s} {'x bare':>7s}")
+    for corpus, folder in corpora.items():
+        n_bare, t_bare = bare(folder, args.workers)
+        rows = {"bare_pil": {"images": n_bare, "seconds": round(t_bare, 3), "images_per_s": round(n_bare / t_bare, 1)}}
+        for workers in sorted({0, args.workers}):
+            n, t = loader(folder, args.batch, workers)
+            rows[f"loader_{workers}_workers"] = {"images": n, "seconds": round(t, 3), "images_per_s": round(n / t, 1)}
+        n, t = loader(folder, args.batch, args.workers, normalise=False)
+        rows[f"loader_{args.workers}_workers_uint8"] = {"images": n, "seconds": round(t, 3),
+                                                        "images_per_s": round(n / t, 1)}
+        for r in rows.values():
+            r["x_bare"] = round(r["images_per_s"] / rows["bare_pil"]["images_per_s"], 3)
+        best = max(v["x_bare"] for k, v in rows.items() if k.startswith("loader") and not k.endswith("uint8"))
+        results[corpus] = {"rows": rows, "ratio": best}
+        for name, r in rows.items():
+            print(f"{corpus:19s} {name:24s} {r['images']:7d} {r['seconds']:7.2f} {r['images_per_s']:9.1f} "
+                  f"{r['x_bare']:7.2f}")
+        print(f"{corpus}: loader (normalised) / bare PIL decode: {best:.2f}x (target >= 0.8)")
     out = Path(args.out)
-    out.write_text(json.dumps({"n": args.n, "batch": args.batch, "workers": args.workers, "rows": rows,
-                               "ratio": ratio, "command": " ".join(["python", *sys.argv]),
+    out.write_text(json.dumps({"n": args.n, "batch": args.batch, "workers": args.workers, "corpora": results,
+                               "command": " ".join(["python", *sys.argv]),
                                "date": time.strftime("%Y-%m-%d")}, indent=2, sort_keys=True) + "\n")
     print(f"wrote {out}")
 

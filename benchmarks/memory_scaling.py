@@ -17,6 +17,11 @@ Stages: poison (a fixed number of poisoned pairs at every N: its time and bytes 
 finetune (4 steps of batch 16: the data loading is what scales), decompose (clean and BadNet-triggered),
 prototypes, defend, mmd, detect (STRIP and SCALE-UP on a fixed number of images; TeCo's pure-Python glass blur
 is too slow at 224 px on this machine). ``--stages`` runs a subset (merged into the label's earlier figures).
+
+Sizing the rules (``benchmarks/rule_resources.py``): ``--model ViT-B-32-quickgelu --paper-batches --sizes 256``
+runs the same stages with the paper's model (its full geometry, random weights) at the paper profile's batch sizes
+(fine-tuning 2 steps of its real batch, decomposition at its batch): memory being O(batch), their peaks are the
+paper-scale host memory of those rules on a CPU.
 """
 
 from __future__ import annotations
@@ -56,7 +61,7 @@ def train_pairs(n: int, seed: int = 1):
         yield key.replace("eval", "finetune"), img, caption, {}
 
 
-def build_inputs(work: Path, sizes: list[int]) -> None:
+def build_inputs(work: Path, sizes: list[int], model: str = MODEL) -> None:
     sys.path.insert(0, str(ROOT / "src"))
     from clipbackdoor.io import write_json
     from clipbackdoor.models import create, save_artifact
@@ -66,7 +71,7 @@ def build_inputs(work: Path, sizes: list[int]) -> None:
         import torch
 
         torch.manual_seed(0)
-        save_artifact(create(MODEL), work / "model")
+        save_artifact(create(model), work / "model")
     for n in sizes:
         if not (work / f"train_{n}" / "finetune" / "index.json").is_file():
             write_shards(work / f"train_{n}" / "finetune", train_pairs(n), shard_size=512)
@@ -80,7 +85,7 @@ def build_inputs(work: Path, sizes: list[int]) -> None:
 N_POISONED = 32  # poisoned pairs at every N: the poison stage's cost should not depend on N
 
 
-def stage_params(n: int) -> dict[str, str]:
+def stage_params(n: int, paper_batches: bool = False) -> dict[str, str]:
     """--params JSON per stage, from configs/paper.yaml (the real-scale values) with the benchmark's sizes."""
     sys.path.insert(0, str(ROOT / "src"))
     from clipbackdoor.config import get_dotted, load_yaml
@@ -95,12 +100,17 @@ def stage_params(n: int) -> dict[str, str]:
     badnet = {"rate": 0.01, "patch_size": 16, "location": "bottom_right", "pattern": "random"}
     detect = {**get_dotted(full, "detect"), "detectors": ["strip", "scaleup"], "n_images": 32, "strip_n": 4}
     finetune = {**get_dotted(full, "finetune"), "steps": 4, "batch_size": 16, "warmup_steps": 1, "ckpt_every": 0}
+    decompose_batch = 32
+    if paper_batches:  # the paper's own batch sizes (2 fine-tuning steps of its batch)
+        finetune.update(steps=2, batch_size=get_dotted(full, "finetune.batch_size"))
+        decompose_batch = get_dotted(full, "decompose.batch_size")
     return {
         "poison": pick("attacks.badnet", "poison.target", "poison.caption_templates", "data.image_size",
                        attacks__badnet={**badnet, "rate": N_POISONED / n}, poison__target="class3",
                        poison__caption_templates="embedded", data__image_size=IMAGE_SIZE),
         "finetune": pick("finetune", finetune=finetune),
-        "decompose": pick("decompose", "attacks.badnet", attacks__badnet=badnet, decompose__batch_size=32),
+        "decompose": pick("decompose", "attacks.badnet", attacks__badnet=badnet,
+                          decompose__batch_size=decompose_batch),
         "class_embeddings": pick("zeroshot.templates", zeroshot__templates="embedded"),
         "prototypes": pick("prototypes"),
         "defend": pick("defend", "poison.target", poison__target="class3"),
@@ -163,15 +173,32 @@ def main() -> None:
                     help="where inputs and outputs go (reused between runs)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "memory_scaling.json"))
     ap.add_argument("--stages", default="", help="comma-separated stage names to run (default: all)")
+    ap.add_argument("--model", default=MODEL, help="the model architecture (random weights)")
+    ap.add_argument("--sizes", default="", help="comma-separated N to run instead of N and 8N (no ratio)")
+    ap.add_argument("--paper-batches", action="store_true", help="the paper profile's batch sizes")
+    ap.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)  # (the input-building subprocess)
     args = ap.parse_args()
     work = Path(args.work)
-    sizes = [args.n, 8 * args.n]
-    build_inputs(work, sizes)
+    sizes = [int(v) for v in args.sizes.split(",")] if args.sizes else [args.n, 8 * args.n]
+    if args.prepare:  # builds the inputs and prints each size's stage parameters
+        build_inputs(work, sizes, args.model)
+        print(json.dumps({str(n): stage_params(n, args.paper_batches) for n in sizes}))
+        return
+    # Inputs and parameters come from a subprocess: this process forks the stages, and Linux carries a parent's
+    # RSS high-water mark into a forked child's ru_maxrss (even across exec), so a parent that had imported torch
+    # and built a model would floor every stage's peak at its own (that floor hid the small stages' figures).
+    argv = [sys.executable, __file__, "--prepare", "--work", str(work), "--model", args.model,
+            "--sizes", ",".join(map(str, sizes))] + (["--paper-batches"] if args.paper_batches else [])
+    params = json.loads(subprocess.run(argv, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+    import resource
+
+    floor = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"(this process: {floor:.0f} MiB peak, the floor of every figure below)")
     env = {**os.environ, "PYTHONPATH": str(Path(args.src).resolve()), "OMP_NUM_THREADS": "2"}
     only = set(filter(None, args.stages.split(",")))
     rows: dict[str, dict] = {}
     for n in sizes:
-        for name, argv in commands(work, n, stage_params(n)):
+        for name, argv in commands(work, n, params[str(n)]):
             if only and name not in only:
                 continue
             rss, wall = run_measured(argv, env)
@@ -180,21 +207,28 @@ def main() -> None:
                 written = sum(f.stat().st_size for f in (work / f"out_{n}" / "poisoned").rglob("*") if f.is_file())
                 rows[name][str(n)]["bytes_written"] = written
             print(f"  {name:20s} N={n:5d}  {rss:8.1f} MiB  {wall:6.1f} s", flush=True)
-    small, large = str(sizes[0]), str(sizes[1])
-    print(f"\n{args.label}: peak RSS at N={small} and 8N={large} images of 224 px (target ratio <= 1.25)")
-    print(f"{'stage':20s} {'N MiB':>9s} {'8N MiB':>9s} {'ratio':>6s} {'N s':>7s} {'8N s':>7s}")
-    for name, r in rows.items():
-        r["ratio"] = round(r[large]["peak_rss_mib"] / r[small]["peak_rss_mib"], 3)
-        print(f"{name:20s} {r[small]['peak_rss_mib']:9.1f} {r[large]['peak_rss_mib']:9.1f} {r['ratio']:6.2f} "
-              f"{r[small]['wall_s']:7.1f} {r[large]['wall_s']:7.1f}")
-    if "poison" in rows:
+    small, large = str(sizes[0]), str(sizes[-1])
+    if len(sizes) == 2:
+        print(f"\n{args.label}: peak RSS at N={small} and 8N={large} images of 224 px (target ratio <= 1.25)")
+        print(f"{'stage':20s} {'N MiB':>9s} {'8N MiB':>9s} {'ratio':>6s} {'N s':>7s} {'8N s':>7s}")
+        for name, r in rows.items():
+            r["ratio"] = round(r[large]["peak_rss_mib"] / r[small]["peak_rss_mib"], 3)
+            print(f"{name:20s} {r[small]['peak_rss_mib']:9.1f} {r[large]['peak_rss_mib']:9.1f} {r['ratio']:6.2f} "
+                  f"{r[small]['wall_s']:7.1f} {r[large]['wall_s']:7.1f}")
+    else:
+        print(f"\n{args.label}: peak RSS ({args.model}{', paper batch sizes' if args.paper_batches else ''})")
+        for name, r in rows.items():
+            print(f"{name:20s} " + "  ".join(f"N={n}: {r[str(n)]['peak_rss_mib']:8.1f} MiB {r[str(n)]['wall_s']:6.1f} s"
+                                             for n in sizes if str(n) in r))
+    if "poison" in rows and len(sizes) == 2:
         print(f"poison wrote {rows['poison'][small]['bytes_written']:,} B at N and "
               f"{rows['poison'][large]['bytes_written']:,} B at 8N ({N_POISONED} poisoned pairs each)")
     out = Path(args.out)
     doc = json.loads(out.read_text()) if out.is_file() else {}
     if only and args.label in doc:  # a partial rerun updates its stages only
         rows = {**doc[args.label]["stages"], **rows}
-    doc[args.label] = {"n": sizes, "image_size": IMAGE_SIZE, "model": MODEL, "src": args.src,
+    doc[args.label] = {"n": sizes, "image_size": IMAGE_SIZE, "model": args.model, "src": args.src,
+                       "paper_batches": args.paper_batches, "parent_rss_mib": round(floor, 1),
                        "command": " ".join(["python", "benchmarks/memory_scaling.py", *sys.argv[1:]]),
                        "date": time.strftime("%Y-%m-%d"), "stages": rows}
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,8 @@ rule abd_generator:
     threads: JOB_THREADS
     resources:
         gpu=1,
+        mem_mb=mem_mb("abd_generator"),
+        runtime=runtime("abd_generator"),
     log:
         log_path("abd_generator_{run}"),
     benchmark:
@@ -49,6 +51,8 @@ rule abd_finetune:
     threads: JOB_THREADS
     resources:
         gpu=1,
+        mem_mb=mem_mb("abd_finetune"),
+        runtime=runtime("abd_finetune"),
     log:
         log_path("abd_finetune_{run}.{arm}"),
     benchmark:
@@ -77,6 +81,8 @@ rule abd_similarity:
     threads: JOB_THREADS
     resources:
         gpu=1,
+        mem_mb=mem_mb("abd_similarity"),
+        runtime=runtime("abd_similarity"),
     log:
         log_path("abd_similarity_{run}_{evalset}"),
     benchmark:
@@ -94,6 +100,9 @@ rule abd_tables:
         similarity=[abd_similarity_path(r) for r in RUNS],
     output:
         [report(f"results/tables/abd_{t}.md", category="Tables") for t in ("table1", "table2", "table3", "fig2")],
+    resources:
+        mem_mb=mem_mb("abd_tables"),
+        runtime=runtime("abd_tables"),
     log:
         log_path("abd_tables"),
     benchmark:

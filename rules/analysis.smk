@@ -18,6 +18,9 @@ rule mmd:
         mmd_path("{run}", "{evalset}"),
     params:
         cfg=stage_params("analysis"),
+    resources:
+        mem_mb=mem_mb("mmd"),
+        runtime=runtime("mmd"),
     log:
         log_path("mmd_{run}_{evalset}"),
     benchmark:
@@ -43,6 +46,9 @@ rule textspan:
     params:
         cfg=lambda wc: params_json("analysis", *(["data.world"] if EMBEDDED else [])),
     threads: JOB_THREADS
+    resources:
+        mem_mb=mem_mb("textspan"),
+        runtime=runtime("textspan"),
     log:
         log_path("textspan_{run}_{evalset}"),
     benchmark:
@@ -66,6 +72,9 @@ rule tables:
     params:
         cfg=stage_params("defend.fixed_heads"),
         mmd=[f"{r}={mmd_path(r, run_eval(r))}" for r in RUNS] if ANALYSIS else [],
+    resources:
+        mem_mb=mem_mb("tables"),
+        runtime=runtime("tables"),
     log:
         log_path("tables"),
     benchmark:

@@ -16,6 +16,8 @@ rule badclip_patch:
     threads: JOB_THREADS
     resources:
         gpu=1,
+        mem_mb=mem_mb("badclip_patch"),
+        runtime=runtime("badclip_patch"),
     log:
         log_path("badclip_patch_{run}"),
     benchmark:
@@ -40,6 +42,8 @@ rule issba_codec:
     threads: JOB_THREADS
     resources:
         gpu=1,
+        mem_mb=mem_mb("issba_codec"),
+        runtime=runtime("issba_codec"),
     log:
         log_path("issba_codec_{run}"),
     benchmark:
@@ -64,6 +68,8 @@ rule lc_adversarial:
     threads: JOB_THREADS
     resources:
         gpu=1,
+        mem_mb=mem_mb("lc_adversarial"),
+        runtime=runtime("lc_adversarial"),
     log:
         log_path("lc_adversarial_{run}"),
     benchmark:
@@ -88,6 +94,9 @@ rule poison:
                                     "data.image_size"),
         evals=lambda wc: eval_args(RUN_EVALS[wc.run]),
         asset=lambda wc: asset_args(wc.run, poisoning=True),
+    resources:
+        mem_mb=mem_mb("poison"),
+        runtime=runtime("poison"),
     log:
         log_path("poison_{run}"),
     benchmark:
@@ -110,6 +119,8 @@ rule finetune:
     threads: JOB_THREADS
     resources:
         gpu=config["finetune"].get("devices", 1),  # one per data-parallel worker
+        mem_mb=mem_mb("finetune"),
+        runtime=runtime("finetune"),
     log:
         log_path("finetune_{run}"),
     benchmark:

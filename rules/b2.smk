@@ -25,6 +25,8 @@ rule t2i_pretrain:
     threads: TORCH_THREADS
     resources:
         gpu=1,
+        mem_mb=mem_mb("t2i_pretrain"),
+        runtime=runtime("t2i_pretrain"),
     log:
         log_path("t2i_pretrain"),
     benchmark:
@@ -45,6 +47,8 @@ rule t2i_backdoor:
     threads: TORCH_THREADS
     resources:
         gpu=1,
+        mem_mb=mem_mb("t2i_backdoor"),
+        runtime=runtime("t2i_backdoor"),
     log:
         log_path("t2i_backdoor"),
     benchmark:
@@ -69,6 +73,8 @@ rule b2_audit:
     threads: TORCH_THREADS
     resources:
         gpu=1,
+        mem_mb=mem_mb("b2_audit"),
+        runtime=runtime("b2_audit"),
     log:
         log_path("b2_audit"),
     benchmark:

@@ -14,6 +14,8 @@ rule cleanclip:
     threads: JOB_THREADS
     resources:
         gpu=1,
+        mem_mb=mem_mb("cleanclip"),
+        runtime=runtime("cleanclip"),
     log:
         log_path("cleanclip_{run}"),
     benchmark:
@@ -36,6 +38,8 @@ rule roclip:
     threads: JOB_THREADS
     resources:
         gpu=1,
+        mem_mb=mem_mb("roclip"),
+        runtime=runtime("roclip"),
     log:
         log_path("roclip_{run}"),
     benchmark:
@@ -61,6 +65,8 @@ rule detect:
     threads: JOB_THREADS
     resources:
         gpu=1,
+        mem_mb=mem_mb("detect"),
+        runtime=runtime("detect"),
     log:
         log_path("detect_{model}_{evalset}_{trigger}"),
     benchmark:

@@ -107,6 +107,24 @@ def eval_args(names=None):
     return [f"{n}={eval_dir(n)}" for n in (EVAL_SETS if names is None else names)]
 
 
+# Per-rule memory and wall time, measured (benchmarks/rule_resources.py writes configs/resources.yaml): the
+# table of this profile's scale -- the embedded world, the rehearsal's narrow 224-px models, or an open_clip
+# model at the paper's sizes. Snakemake runs jobs side by side only while their mem_mb fit the machine; on a
+# retry (profiles/slurm) a job asks for half as much again.
+RESOURCES_TABLE = "embedded" if EMBEDDED else "rehearsal" if config["model"]["name"].startswith("clipbackdoor-") else "paper"
+RESOURCES = load_yaml(os.path.join(workflow.basedir, "configs", "resources.yaml"))[RESOURCES_TABLE]
+
+
+def mem_mb(rule):
+    base = RESOURCES[rule]["mem_mb"]
+    return lambda wildcards, attempt: base + (attempt - 1) * base // 2
+
+
+def runtime(rule):
+    base = RESOURCES[rule]["runtime"]
+    return lambda wildcards, attempt: base + (attempt - 1) * base // 2
+
+
 def log_path(name):
     return f"data/logs/{name}.log"
 

@@ -9,6 +9,9 @@ if EMBEDDED:
             preview="results/world/preview.png",
         params:
             cfg=stage_params("data.world", "data.image_size"),
+        resources:
+            mem_mb=mem_mb("world"),
+            runtime=runtime("world"),
         log:
             log_path("world"),
         benchmark:
@@ -23,7 +26,10 @@ else:
         output:
             directory("data/datasets/train"),
         params:
-            cfg=stage_params("data.webdataset", "data.image_size"),
+            cfg=stage_params("data.webdataset"),  # images kept as downloaded: not data.image_size
+        resources:
+            mem_mb=mem_mb("cc3m"),
+            runtime=runtime("cc3m"),
         log:
             log_path("cc3m"),
         benchmark:
@@ -38,6 +44,9 @@ else:
             evalset="|".join(EVAL_SETS),
         params:
             cfg=lambda wc: params_json(f"data.eval_sets.{wc.evalset}", "data.image_size", "zeroshot.templates", "seed"),
+        resources:
+            mem_mb=mem_mb("eval_data"),
+            runtime=runtime("eval_data"),
         log:
             log_path("eval_data_{evalset}"),
         benchmark:

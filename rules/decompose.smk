@@ -14,6 +14,8 @@ rule decompose:
     threads: JOB_THREADS
     resources:
         gpu=1,
+        mem_mb=mem_mb("decompose"),
+        runtime=runtime("decompose"),
     log:
         log_path("decompose_{model}_{evalset}_{trigger}"),
     benchmark:
@@ -34,6 +36,8 @@ rule class_embeddings:
     threads: JOB_THREADS
     resources:
         gpu=1,
+        mem_mb=mem_mb("class_embeddings"),
+        runtime=runtime("class_embeddings"),
     log:
         log_path("class_embeddings_{model}_{evalset}"),
     benchmark:
@@ -50,6 +54,9 @@ rule prototypes:
         "data/prototypes/{model}/{evalset}.safetensors",
     params:
         cfg=stage_params("prototypes"),
+    resources:
+        mem_mb=mem_mb("prototypes"),
+        runtime=runtime("prototypes"),
     log:
         log_path("prototypes_{model}_{evalset}"),
     benchmark:

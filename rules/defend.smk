@@ -11,6 +11,9 @@ rule defend:
         defend_path("{model}", "{evalset}", "{trigger}"),
     params:
         cfg=lambda wc: params_json("defend", target_key(wc.trigger)),
+    resources:
+        mem_mb=mem_mb("defend"),
+        runtime=runtime("defend"),
     log:
         log_path("defend_{model}_{evalset}_{trigger}"),
     benchmark:

@@ -17,6 +17,9 @@ rule summary:
         models="clean=data/models/clean",
         # the same MODEL:TRIGGER:EVALSET key may name a defend and a detect table: a list keeps both
         defend=[f"{k}={v}" for outputs in (DEFEND_OUTPUTS, DETECT_OUTPUTS) for k, v in outputs.items()],
+    resources:
+        mem_mb=mem_mb("summary"),
+        runtime=runtime("summary"),
     log:
         log_path("summary"),
     benchmark:
@@ -44,6 +47,9 @@ rule figures:
             f"{r}={decomp_path(r, FIG_EVAL, 'none')},{decomp_path(r, FIG_EVAL, r)},data/prototypes/{r}/{FIG_EVAL}.safetensors"
             for r in FIG5_RUNS
         ],
+    resources:
+        mem_mb=mem_mb("figures"),
+        runtime=runtime("figures"),
     log:
         log_path("figures"),
     benchmark:

@@ -14,6 +14,8 @@ if FROM_SCRATCH:
         threads: TORCH_THREADS
         resources:
             gpu=1,
+            mem_mb=mem_mb("pretrain"),
+            runtime=runtime("pretrain"),
         log:
             log_path("pretrain"),
         benchmark:
@@ -36,6 +38,8 @@ else:
         threads: TORCH_THREADS
         resources:
             gpu=1,
+            mem_mb=mem_mb("clean_model"),
+            runtime=runtime("clean_model"),
         log:
             log_path("clean_model"),
         benchmark:

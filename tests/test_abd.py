@@ -77,6 +77,11 @@ def test_generator_training_is_seeded_bounded_and_uses_lbd(world_dirs, micro_mod
     b, _ = train_perturbation(loaded, normal, split["images"], tokens, GEN, "bounded", seed=0)
     plain, plain_hist = train_perturbation(loaded, None, split["images"], tokens, GEN, "bounded", seed=0)
     assert torch.equal(a, b) and a.abs().max() <= 0.03 + 1e-7
+    from clipbackdoor.pairs import ShardPairs  # the stage's path: a batch decoded per step from the shards
+
+    streamed, _ = train_perturbation(loaded, normal, ShardPairs(world_dirs / "train" / "finetune", 32), tokens, GEN,
+                                     "bounded", seed=0)
+    assert torch.equal(streamed, a)
     assert "lbd" in hist[0] and "gan" in hist[0] and "lbd" not in plain_hist[0]
     assert not torch.equal(a, plain)  # L_bd changes the perturbation
     no_gan, h = train_perturbation(loaded, None, split["images"], tokens,

@@ -64,6 +64,28 @@ def test_eval_triggering_is_deterministic_and_batch_independent():
     assert not torch.equal(whole[0], whole[1])  # per-image positions differ (random patch location)
 
 
+def test_triggers_run_where_the_images_are(tmp_path):
+    """``Trigger.to(device)`` moves every tensor a trigger holds, and applying it uses no host tensor: on the
+    ``meta`` device any CPU tensor mixed in raises. So decompose, detect and ABD's figure trigger batches on the
+    model's device (no GPU here: the meta device stands in for it)."""
+    from clipbackdoor.io import save_safetensors
+
+    save_safetensors(tmp_path / "patch.safetensors", {"patch": torch.rand(3, 4, 4)})
+    configs = {"badnet": BADNET, "badnet_random": RANDOM, "blended": BLENDED, "sig": SIG, "wanet": WANET,
+               "label_consistent": BADNET, "badclip": {"patch_size": 4, "location": "center"}}
+    assert set(configs) == set(REGISTRY) - {"issba"}  # ISSBA records a per-image residual (host values)
+    x = images(4)
+    for name, cfg in configs.items():
+        trig = make_trigger(name, cfg, 32, seed=1, asset_path=tmp_path / "patch.safetensors")
+        on_cpu = trigger_eval_images(trig, x, np.arange(4), 1)
+        moved = trig.to("meta")
+        assert moved is trig and not [k for k, v in vars(trig).items() if torch.is_tensor(v) and not v.is_meta]
+        out = trigger_eval_images(trig, x.to("meta"), np.arange(4), 1)
+        assert out.is_meta and out.shape == on_cpu.shape and out.dtype == torch.uint8, name
+        again = make_trigger(name, cfg, 32, seed=1, asset_path=tmp_path / "patch.safetensors").to("cpu")
+        assert torch.equal(trigger_eval_images(again, x, np.arange(4), 1), on_cpu), name
+
+
 def test_unknown_attack():
     with pytest.raises(UserError, match="unknown attack 'wanet2'"):
         make_trigger("wanet2", {}, 32, 0)

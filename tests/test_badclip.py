@@ -69,6 +69,21 @@ def test_badclip_stage_then_poison_and_triggered_eval(world_dirs, micro_model, t
     assert patch.shape == (3, 4, 4) and (tmp_path / "patch.png").stat().st_size > 0
     with safe_open(str(tmp_path / "patch.safetensors"), framework="pt") as fh:
         assert json.loads(fh.metadata()["metrics"]) == metrics
+    # the stage streams the evaluation set in batches: its clean-model ASR is the whole-array computation's
+    from clipbackdoor.metrics import attack_success
+    from clipbackdoor.models import load_artifact
+    from clipbackdoor.shards import load_split as whole_split
+    from clipbackdoor.zeroshot import class_text_embeddings, image_embeddings, predict, templates_for
+
+    loaded, ev_whole = load_artifact(micro_model), whole_split(world_dirs / "eval", 32)
+    names = world_classes_json(world_dirs / "eval")
+    with torch.no_grad():
+        pasted = (paste(ev_whole["images"].float() / 255, patch, (14, 14)).clamp(0, 1) * 255 + 0.5).to(torch.uint8)
+        class_emb = class_text_embeddings(loaded, names["classnames"],
+                                          templates_for("embedded", names["templates"])).cpu()
+        pred = predict(image_embeddings(loaded, pasted), class_emb).numpy()
+    target = names["classnames"].index("red circle")
+    assert metrics["clean_model_asr"] == attack_success(pred, ev_whole["labels"].numpy(), target)[0]
 
     classes = world_classes_json(world_dirs / "eval")
     poison(world_dirs / "train" / "finetune", classes, tmp_path / "poisoned", tmp_path / "m.parquet", "badclip",

@@ -1,11 +1,12 @@
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from clipbackdoor.config import EvalSetConfig, WebdatasetConfig
 from clipbackdoor.datasets import convert_imagefolder, convert_webdataset
 from clipbackdoor.errors import UserError
-from clipbackdoor.shards import load_split, write_shards
+from clipbackdoor.shards import load_split, resize_center, write_shards
 from clipbackdoor.world import world_classes_json
 
 
@@ -70,12 +71,16 @@ def test_cc3m_style_shards_are_selected(tmp_path):
     samples = [(f"s{i}", rng.integers(0, 255, (48, 64, 3), dtype=np.uint8), f"caption {i}", {}) for i in range(7)]
     write_shards(tmp_path / "cc3m", samples, shard_size=3)
     cfg = WebdatasetConfig(urls=str(tmp_path / "cc3m" / "shard-{000000..000002}.tar"), n_pairs=5, shard_size=4)
-    assert convert_webdataset(cfg, 32, tmp_path / "out") == 5
+    assert convert_webdataset(cfg, tmp_path / "out") == 5
     split = load_split(tmp_path / "out" / "finetune", 32)
     assert split["captions"] == [f"caption {i}" for i in range(5)]
+    # kept as downloaded (64x48 PNGs), brought to 32x32 on reading by CLIP's resize + centre crop
+    assert split["images"].shape == (5, 3, 32, 32)
+    expected = [resize_center(Image.fromarray(img), 32) for _, img, _, _ in samples[:5]]
+    assert torch.equal(split["images"], torch.from_numpy(np.stack(expected)).permute(0, 3, 1, 2))
 
 
 def test_cc3m_missing_shards_fail_clearly(tmp_path):
     cfg = WebdatasetConfig(urls=str(tmp_path / "cc3m-{0000..0003}.tar"), n_pairs=5, shard_size=4)
     with pytest.raises(UserError, match="4 shard\\(s\\) missing"):
-        convert_webdataset(cfg, 32, tmp_path / "out")
+        convert_webdataset(cfg, tmp_path / "out")

@@ -31,6 +31,9 @@ def test_shard_pairs_read_what_the_whole_split_holds(world_dirs):
     assert torch.equal(pairs[2:9:3], split["images"][2:9:3]) and torch.equal(pairs[:], split["images"])
     assert pairs.shape == tuple(split["images"].shape)
     assert len(ShardPairs(folder, 32, limit=7)) == 7
+    view = pairs.select([9, 2, 2, 0])  # the attack stages' "non-target images": a view, decoded when indexed
+    assert view.keys == [split["keys"][i] for i in (9, 2, 2, 0)] and len(view) == 4 and len(pairs) > 4
+    assert torch.equal(view[:], split["images"][[9, 2, 2, 0]]) and torch.equal(view[[3, 0]], split["images"][[0, 9]])
     with pytest.raises(UserError, match="is 32x32, expected 64x64"):
         ShardPairs(folder, 64)[[0]]
 
@@ -58,6 +61,41 @@ def test_poison_writes_only_the_poisoned_pairs_and_the_loader_merges_them_by_key
     assert [r["key"] for r in manifest if r["poisoned"]] == overlay["keys"]
     assert [r["caption"] for r in manifest] == merged.captions
     assert torch.equal(load_split(poisoned / "run", 32)["images"], expected["images"])  # load_split merges too
+
+
+def test_a_corpus_kept_as_downloaded_is_resized_on_reading_and_poisoned_as_an_overlay(world_dirs, tmp_path):
+    """The cc3m layout: JPEG bytes of any size, unchanged; every reader brings them to the model's size the same
+    way, and poisoning it writes 32-px PNGs of the changed pairs only."""
+    import io
+
+    from PIL import Image
+
+    from clipbackdoor.shards import Encoded, resize_center, write_shards
+
+    clean = load_split(world_dirs / "train" / "finetune", 32, limit=24)
+    samples, expected = [], []
+    for j, (key, img, cap) in enumerate(zip(clean["keys"], clean["images"], clean["captions"])):
+        big = Image.fromarray(img.permute(1, 2, 0).numpy()).resize((40 + 3 * j, 36), Image.BILINEAR)
+        buf = io.BytesIO()
+        big.save(buf, format="JPEG", quality=90)
+        samples.append((key, Encoded("jpg", buf.getvalue()), cap, {}))
+        with Image.open(io.BytesIO(buf.getvalue())) as im:
+            expected.append(np.array(resize_center(im, 32)))
+    write_shards(tmp_path / "base", samples, shard_size=10, as_downloaded=True)
+    expected = torch.from_numpy(np.stack(expected)).permute(0, 3, 1, 2)
+    split = load_split(tmp_path / "base", 32)
+    assert torch.equal(split["images"], expected) and torch.equal(ShardPairs(tmp_path / "base", 32)[:], expected)
+    ShardPairs(tmp_path / "base", 32).digest()  # any size is accepted as downloaded (header checked)
+    poison(tmp_path / "base", CLASSES, tmp_path / "run", tmp_path / "run.parquet", "badnet", BADNET, "red circle",
+           ["a {}."], 32, seed=4, preview_png=tmp_path / "run.png")
+    poisoned, _, idx = poison_split(split, "badnet", BADNET, "red circle", ["a {}."], 32, seed=4)
+    merged = ShardPairs(tmp_path / "run", 32)
+    assert len(idx) and torch.equal(merged[:], poisoned["images"]) and merged.captions == poisoned["captions"]
+    with tarfile.open(tmp_path / "run" / "shard-000000.tar") as tar:
+        assert {m.name.partition(".")[2] for m in tar} == {"png", "txt", "json"}
+    with pytest.raises(UserError, match="is 40x36, expected 32x32"):  # a folder not marked keeps exact sizes
+        write_shards(tmp_path / "plain", samples[:1], shard_size=10)
+        ShardPairs(tmp_path / "plain", 32)[[0]]
 
 
 def test_an_overlay_that_disagrees_with_its_list_or_its_base_is_refused(world_dirs, poisoned, tmp_path):

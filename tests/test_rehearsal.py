@@ -12,13 +12,15 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import webdataset as wds
 from PIL import Image
 
 from clipbackdoor import rehearsal
 from clipbackdoor.config import EvalSetConfig, WebdatasetConfig
 from clipbackdoor.datasets import convert_imagefolder, convert_webdataset
 from clipbackdoor.errors import UserError
-from clipbackdoor.shards import load_split
+from clipbackdoor.pairs import ShardPairs
+from clipbackdoor.shards import load_split, resize_center
 
 MICRO = "clipbackdoor-micro-vit-p8"  # the project's smallest open_clip config: a 13 MB checkpoint
 SMALL = ["--seed", "0", "--cc3m-pairs", "40", "--cc3m-shards", "4", "--cc3m-without-jpg", "2", "--eval-classes", "3",
@@ -95,13 +97,26 @@ def test_cc3m_parquet_lists_failed_downloads(rehearsal_dir):
 
 def test_cc3m_converts_and_skips_samples_without_jpg(rehearsal_dir, tmp_path):
     cfg = WebdatasetConfig(urls=str(rehearsal_dir / CC3M), n_pairs=N_PAIRS, shard_size=16)
-    assert convert_webdataset(cfg, 32, tmp_path / "out") == N_PAIRS
+    assert convert_webdataset(cfg, tmp_path / "out") == N_PAIRS
     split = load_split(tmp_path / "out" / "finetune", 32)
-    with_jpg = {s["__key__"] for s in cc3m_samples(rehearsal_dir) if "jpg" in s}
-    assert len(split["keys"]) == N_PAIRS and {m["source_key"] for m in split["meta"]} == with_jpg
+    downloaded = {s["__key__"]: s for s in cc3m_samples(rehearsal_dir) if "jpg" in s}
+    assert len(split["keys"]) == N_PAIRS and {m["source_key"] for m in split["meta"]} == set(downloaded)
+    # the JPEG bytes are kept as downloaded (no PNG re-encode), and both readers -- the streaming split and the
+    # training loader's random access -- decode them to the model's size as CLIP's preprocessing does
+    shards = [str(p) for p in sorted((tmp_path / "out" / "finetune").glob("*.tar"))]
+    stored = {s["__key__"]: s for s in wds.WebDataset(shards, shardshuffle=False)}
+    pairs = ShardPairs(tmp_path / "out" / "finetune", 32)
+    assert pairs.keys == split["keys"] and pairs.captions == split["captions"]
+    assert torch.equal(pairs[:], split["images"]) and pairs.digest()
+    for key, meta, image in zip(split["keys"], split["meta"], split["images"]):
+        source = downloaded[meta["source_key"]]
+        assert "png" not in stored[key] and stored[key]["jpg"] == source["jpg"]
+        with Image.open(io.BytesIO(source["jpg"])) as im:
+            assert (meta["width"], meta["height"]) == im.size and im.size != (32, 32)
+            assert torch.equal(image, torch.from_numpy(np.array(resize_center(im, 32))).permute(2, 0, 1))
     too_many = WebdatasetConfig(urls=str(rehearsal_dir / CC3M), n_pairs=N_PAIRS + 1, shard_size=16)
     with pytest.raises(UserError, match=f"only {N_PAIRS} pairs"):
-        convert_webdataset(too_many, 32, tmp_path / "out2")
+        convert_webdataset(too_many, tmp_path / "out2")
 
 
 # --- evaluation sets (ImageFolder roots) --------------------------------------------------------------------------

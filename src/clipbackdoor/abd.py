@@ -53,8 +53,8 @@ from clipbackdoor.cleanclip import info_nce
 from clipbackdoor.config import AbdGeneratorConfig
 from clipbackdoor.io import load_safetensors, save_safetensors
 from clipbackdoor.models import LoadedModel, load_artifact, normalize
+from clipbackdoor.pairs import ShardPairs
 from clipbackdoor.runtime import pick_device
-from clipbackdoor.shards import load_split
 from clipbackdoor.train import batch_indices
 
 KINDS = ("patch", "bounded")
@@ -244,12 +244,12 @@ def run_abd_generator(poisoned_dir: str | Path, normal_dir: str | Path, clean_di
     first ``n_pairs`` of the split, or all)."""
     device = pick_device(gpu=True)
     poisoned, normal = load_artifact(poisoned_dir, device), load_artifact(normal_dir, device)
-    split = load_split(clean_dir, poisoned.image_size, limit=n_pairs)
-    tokens = poisoned.tokenizer(split["captions"])
+    pairs = ShardPairs(clean_dir, poisoned.image_size, limit=n_pairs)  # decoded a batch per step
+    tokens = poisoned.tokenizer(pairs.captions)
     tensors, summary = {}, {}
     for kind in KINDS:
         for variant in VARIANTS:
-            delta, history = train_perturbation(poisoned, normal if variant == "uap_lbd" else None, split["images"],
+            delta, history = train_perturbation(poisoned, normal if variant == "uap_lbd" else None, pairs,
                                                 tokens, cfg, kind, seed)
             tensors[f"{kind}.{variant}"] = delta.cpu().contiguous()
             summary[f"{kind}.{variant}"] = {"first": history[0], "last": history[-1]}

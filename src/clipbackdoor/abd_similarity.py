@@ -66,8 +66,8 @@ def run_abd_similarity(models: dict[str, tuple[str, str]], eval_dir: str | Path,
     index = np.sort(np.random.default_rng([seed, 31]).choice(n_split, size=min(n_images, n_split), replace=False))
     split = load_rows(eval_dir, index, image_size)  # only the images scored (memory O(n_images))
     images, labels = split["images"], split["labels"]
-    trig = make_trigger(parse_run(trigger)[0], attack_cfg, image_size, trigger_seed, asset_path)
-    triggered = trigger_eval_images(trig, images, index, trigger_seed)
+    trig = make_trigger(parse_run(trigger)[0], attack_cfg, image_size, trigger_seed, asset_path).to(device)
+    triggered = trigger_eval_images(trig, images.to(device), index, trigger_seed).cpu()  # triggered on the device
     adversarial = {f"{kind}.{variant}": adversarial_images(images, deltas[f"{kind}.{variant}"], kind, location, seed)
                    for kind in KINDS for variant in VARIANTS}
     rows = []

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clipbackdoor.models import LoadedModel, load_artifact
+from clipbackdoor.pairs import ShardPairs
 from clipbackdoor.poison import check_target
 from clipbackdoor.runtime import pick_device
-from clipbackdoor.shards import load_split
 from clipbackdoor.world import world_classes_json
 from clipbackdoor.zeroshot import templates_for
 
@@ -21,7 +21,7 @@ class AttackerView:
     classes: dict  # {"classnames": [...], "templates": [...]}
     target_idx: int
     templates: list
-    split: dict  # the clean fine-tuning pairs (clipbackdoor.shards.load_split)
+    split: dict  # the clean fine-tuning pairs: keys, captions, images (a ShardPairs: decoded when indexed)
 
 
 def attacker_view(model_dir: str | Path, train_dir: str | Path, eval_dir: str | Path, target: str,
@@ -30,5 +30,7 @@ def attacker_view(model_dir: str | Path, train_dir: str | Path, eval_dir: str | 
     loaded = load_artifact(model_dir, device)
     loaded.model.requires_grad_(False)
     classes = world_classes_json(eval_dir)
+    pairs = ShardPairs(train_dir, loaded.image_size)  # memory O(batch): the attacks sample batches from it
     return AttackerView(device, loaded, classes, check_target(target, classes["classnames"]),
-                        templates_for(templates_kind, classes["templates"]), load_split(train_dir, loaded.image_size))
+                        templates_for(templates_kind, classes["templates"]),
+                        {"keys": pairs.keys, "captions": pairs.captions, "images": pairs})

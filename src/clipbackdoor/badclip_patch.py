@@ -12,10 +12,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clipbackdoor.poison import names_target as caption_names_target
 from clipbackdoor.attacker import attacker_view
 from clipbackdoor.attacks.badclip import optimise_patch, target_image_embedding
 from clipbackdoor.attacks.badnet import paste, patch_origin
@@ -24,7 +24,8 @@ from clipbackdoor.errors import UserError
 from clipbackdoor.io import atomic_path, save_safetensors
 from clipbackdoor.metrics import attack_success
 from clipbackdoor.models import normalize
-from clipbackdoor.shards import load_split
+from clipbackdoor.poison import names_target as caption_names_target
+from clipbackdoor.shards import iter_batches
 from clipbackdoor.zeroshot import class_text_embeddings, image_embeddings, predict
 
 
@@ -39,22 +40,29 @@ def run_badclip_patch(model_dir: str | Path, train_dir: str | Path, eval_dir: st
                         f"the target {target!r}; the patch needs target images and other images",
                         fix="check poison.target against the training captions")
     text = class_text_embeddings(loaded, [target], templates)[0].cpu()  # [d]
-    image = target_image_embedding(image_embeddings(loaded, split["images"][names_target]))  # [d]
+    pairs = split["images"]  # ShardPairs: the images below are decoded a batch at a time
+    image = target_image_embedding(image_embeddings(loaded, pairs.select(np.flatnonzero(names_target.numpy()))))
 
     def encode(x):  # float [B, 3, H, W] in [0, 1] -> unit embeddings [B, d]
         emb = loaded.model.encode_image(normalize(x.to(device), loaded.mean, loaded.std))
         return F.normalize(emb, dim=-1).cpu()
 
-    patch, history = optimise_patch(encode, split["images"][~names_target], text, image, cfg, loaded.image_size, seed)
+    patch, history = optimise_patch(encode, pairs.select(np.flatnonzero(~names_target.numpy())), text, image, cfg,
+                                    loaded.image_size, seed)
 
-    # how much the patch alone moves the *clean* model: zero-shot ASR on the patched evaluation images
-    ev = load_split(eval_dir, loaded.image_size)
+    # how much the patch alone moves the *clean* model: zero-shot ASR on the patched evaluation images, a batch at
+    # a time (the first batch's images are kept for the preview)
     origin = patch_origin(cfg["location"], loaded.image_size, patch.shape[-1])
+    preds, labels, preview = [], [], None
     with torch.no_grad():
-        patched = to_uint8(paste(to_float(ev["images"]), patch, origin))
         class_emb = class_text_embeddings(loaded, classes["classnames"], templates).cpu()
-        pred = predict(image_embeddings(loaded, patched), class_emb).numpy()
-    asr, _ = attack_success(pred, ev["labels"].numpy(), target_idx)
+        for batch in iter_batches(eval_dir, 256, loaded.image_size):
+            patched = to_uint8(paste(to_float(batch["images"]), patch, origin))
+            preds.append(predict(image_embeddings(loaded, patched), class_emb).numpy())
+            labels.append(batch["labels"].numpy())
+            if preview is None:
+                preview = (batch["images"][:4], patched[:4])
+    asr, _ = attack_success(np.concatenate(preds), np.concatenate(labels), target_idx)
     metrics = {"clean_model_asr": asr, "final_text_cos": history[-1]["text_cos"],
                "final_image_cos": history[-1]["image_cos"], "steps": len(history),
                "n_target_images": int(names_target.sum())}
@@ -62,7 +70,7 @@ def run_badclip_patch(model_dir: str | Path, train_dir: str | Path, eval_dir: st
                                                "target": target, "seed": str(seed),
                                                "base_sha256": loaded.checkpoint_sha256 or ""})
     if png_path is not None:
-        save_patch_png(patch, ev["images"][:4], patched[:4], metrics, png_path)
+        save_patch_png(patch, *preview, metrics, png_path)
     return metrics
 
 

@@ -79,7 +79,7 @@ def cmd_cc3m(args) -> None:
     from clipbackdoor.datasets import convert_webdataset
 
     p = parse_params(args.params)
-    print(convert_webdataset(section(WebdatasetConfig, p["data"]["webdataset"]), p["data"]["image_size"], args.out))
+    print(convert_webdataset(section(WebdatasetConfig, p["data"]["webdataset"]), args.out))
 
 
 def cmd_eval_data(args) -> None:

@@ -16,7 +16,7 @@ from PIL import Image
 from clipbackdoor.config import EvalSetConfig, WebdatasetConfig
 from clipbackdoor.errors import UserError
 from clipbackdoor.io import write_json
-from clipbackdoor.shards import write_shards
+from clipbackdoor.shards import Encoded, resize_center, write_shards
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".JPEG", ".JPG", ".PNG"}
 
@@ -25,17 +25,6 @@ DOWNLOAD_HINTS = {
     "caltech101": "Caltech-101 from data.caltech.edu, arranged as ROOT/<category>/*.jpg",
     "pets": "Oxford-IIIT Pets from robots.ox.ac.uk/~vgg/data/pets, arranged as ROOT/<breed>/*.jpg",
 }
-
-
-def _resize_center(img: Image.Image, size: int) -> np.ndarray:
-    """CLIP-style preprocessing to a fixed square: shorter side to ``size``, centre crop."""
-    img = img.convert("RGB")
-    w, h = img.size
-    scale = size / min(w, h)
-    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
-    w, h = img.size
-    left, top = (w - size) // 2, (h - size) // 2
-    return np.asarray(img.crop((left, top, left + size, top + size)))
 
 
 def imagenet_wnids() -> list[str]:
@@ -103,7 +92,7 @@ def convert_imagefolder(name: str, cfg: EvalSetConfig, image_size: int, out_dir:
         for i, (path, label) in enumerate(files):
             try:
                 with Image.open(path) as im:
-                    arr = _resize_center(im, image_size)
+                    arr = resize_center(im, image_size)
             except Exception as exc:
                 raise UserError(f"{path}: unreadable image ({exc.__class__.__name__})",
                                 fix="remove or replace the file") from None
@@ -114,8 +103,10 @@ def convert_imagefolder(name: str, cfg: EvalSetConfig, image_size: int, out_dir:
     return count
 
 
-def convert_webdataset(cfg: WebdatasetConfig, image_size: int, out_dir: str | Path) -> int:
-    """Stage ``cc3m``: the first ``n_pairs`` (image, caption) pairs of CC3M-style shards -> our layout."""
+def convert_webdataset(cfg: WebdatasetConfig, out_dir: str | Path) -> int:
+    """Stage ``cc3m``: the first ``n_pairs`` (image, caption) pairs of CC3M-style shards -> our layout, images
+    kept in their downloaded encoding and size (readers bring them to the model's size, so a change of
+    ``data.image_size`` does not copy the corpus again)."""
     import webdataset as wds
 
     pattern = cfg.urls
@@ -132,19 +123,20 @@ def convert_webdataset(cfg: WebdatasetConfig, image_size: int, out_dir: str | Pa
     def sample(item: dict, n: int) -> tuple:
         """One img2dataset sample -> our layout; a sample that cannot be read names its shard and key."""
         where = f"{item.get('__url__', pattern)}: sample {item['__key__']!r}"
-        img_bytes = next(item[k] for k in ("jpg", "jpeg", "png", "webp") if k in item)
+        ext = next(k for k in ("jpg", "jpeg", "png", "webp") if k in item)
         try:
             caption = item["txt"].decode("utf-8").strip()
         except UnicodeDecodeError as exc:
             raise UserError(f"{where}: caption is not UTF-8 (offset {exc.start})",
                             fix="re-download the shard, or remove the sample") from None
-        try:
-            with Image.open(io.BytesIO(img_bytes)) as im:
-                arr = _resize_center(im, image_size)
+        try:  # the header only: the image is kept as downloaded, decoded (and resized) by the training loader
+            with Image.open(io.BytesIO(item[ext])) as im:
+                width, height = im.size
         except Exception as exc:  # PIL raises many types for corrupt data
-            raise UserError(f"{where}: image cannot be decoded ({exc.__class__.__name__})",
+            raise UserError(f"{where}: image cannot be read ({exc.__class__.__name__})",
                             fix="re-download the shard, or remove the sample") from None
-        return f"cc3m-{n:08d}", arr, caption, {"source_key": item["__key__"]}
+        return (f"cc3m-{n:08d}", Encoded(ext, item[ext]), caption,
+                {"source_key": item["__key__"], "width": width, "height": height})
 
     def samples() -> Iterator:
         n, seen = 0, set()
@@ -170,4 +162,5 @@ def convert_webdataset(cfg: WebdatasetConfig, image_size: int, out_dir: str | Pa
             raise UserError(f"data.webdataset.urls: only {n} pairs found, {cfg.n_pairs} requested",
                             fix="lower data.webdataset.n_pairs or add shards")
 
-    return write_shards(Path(out_dir) / "finetune", samples(), cfg.shard_size)
+    # no re-encoding: 500K PNG encodes took ~1.1 h and 57 GB; the JPEG bytes are copied as they are
+    return write_shards(Path(out_dir) / "finetune", samples(), cfg.shard_size, as_downloaded=True)

@@ -58,8 +58,10 @@ def run_detect(model_dir: str | Path, eval_dir: str | Path, prototypes_path: str
     at = {int(i): j for j, i in enumerate(rows_needed)}
     pick = lambda idx: split["images"][[at[int(i)] for i in idx]]  # noqa: E731
     clean = pick(index)
-    trig = make_trigger(parse_run(trigger)[0], attack_cfg, loaded.image_size, trigger_seed, asset_path)
-    images = {"clean": clean.float() / 255, "triggered": trigger_eval_images(trig, clean, index, trigger_seed).float() / 255}
+    device = next(loaded.model.parameters()).device
+    trig = make_trigger(parse_run(trigger)[0], attack_cfg, loaded.image_size, trigger_seed, asset_path).to(device)
+    triggered = trigger_eval_images(trig, clean.to(device), index, trigger_seed).cpu()  # triggered on the device
+    images = {"clean": clean.float() / 255, "triggered": triggered.float() / 255}
     pool = pick(val)  # uint8: strip_scores converts the partners it draws
     labels = split["labels"][[at[int(i)] for i in index]]
     rows: dict[str, list] = {name: [] for name in OUTPUT_SCHEMA.names}

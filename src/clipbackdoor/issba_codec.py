@@ -14,14 +14,14 @@ import torch
 from clipbackdoor.attacks.base import to_float, to_uint8
 from clipbackdoor.attacks.issba import encode, evaluate_codec, secret_bits, train_codec
 from clipbackdoor.io import atomic_path, save_safetensors
+from clipbackdoor.pairs import ShardPairs
 from clipbackdoor.runtime import pick_device
-from clipbackdoor.shards import load_split
 
 
 def run_issba_codec(train_dir: str | Path, eval_dir: str | Path, out_path: str | Path, png_path: str | Path | None,
                     cfg: dict, image_size: int, seed: int) -> dict:
-    train = load_split(train_dir, image_size)["images"]
-    ev = load_split(eval_dir, image_size)["images"]
+    # random access into the shards: training samples a batch per step, evaluation reads 256 images at a time
+    train, ev = ShardPairs(train_dir, image_size), ShardPairs(eval_dir, image_size)
     encoder, decoder, history = train_codec(train, cfg, image_size, seed, pick_device(gpu=True))  # the rule's GPU
     encoder, decoder = encoder.cpu(), decoder.cpu()  # evaluated and saved on the host
     secret = secret_bits(int(cfg["bits"]), seed)

@@ -135,10 +135,13 @@ def load_artifact(model_dir: str | Path, device: torch.device | str = "cpu") -> 
 
 def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
     """uint8 [B, 3, H, W] (or float in [0, 1]) -> CLIP-normalised float [B, 3, H, W]."""
-    x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
-    m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
-    s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
-    return (x - m) / s
+    m = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
+    if images.dtype != torch.uint8:  # (may require grad: the adversarial stages) out of place
+        return (images.float() - m) / s
+    # the same operations as (x / 255 - m) / s, in place on the one float copy: bit-identical, and a third of the
+    # memory traffic (out of place, normalising a batch took longer than decoding it in the training loader)
+    return images.float().div_(255.0).sub_(m).div_(s)
 
 
 def text_token_states(model, token_embeds: torch.Tensor) -> torch.Tensor:

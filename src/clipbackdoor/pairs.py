@@ -12,6 +12,7 @@ O(poisoned pairs), not a re-encoded copy of the corpus.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import os
@@ -24,7 +25,7 @@ from PIL import Image
 
 from clipbackdoor.errors import UserError
 from clipbackdoor.io import read_json
-from clipbackdoor.shards import TAR_ERRORS, _decode_image, _text, corrupt_tar, shard_paths
+from clipbackdoor.shards import TAR_ERRORS, _decode_image, _text, corrupt_tar, shard_paths, stored_as_downloaded
 
 OVERLAY_FILE = "overlay.json"
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
@@ -110,7 +111,10 @@ class ShardPairs:
                 i = position[k]
                 where[i], captions[i] = (f_id + offset, off, size), cap
         else:
+            base = self.folder
             files, keys, where, captions = _index_shards(self.folder)
+        # images stored as downloaded (the cc3m stage) are resized to the model's size here, in the loader workers
+        self.resize = image_size is not None and stored_as_downloaded(base)
         if limit is not None:
             keys, where, captions = keys[:limit], where[:limit], captions[:limit]
         self.files = files
@@ -136,24 +140,45 @@ class ShardPairs:
             self._fds[f_id] = os.open(self.files[f_id], os.O_RDONLY)
         return self._fds[f_id]
 
-    def image(self, i: int) -> torch.Tensor:
-        """uint8 [3, H, W] of pair i, decoded from its shard."""
+    def _decode(self, i: int) -> np.ndarray:
+        """uint8 [H, W, 3] of pair i (resized when its folder keeps images as downloaded)."""
         f_id, offset, size = (int(v) for v in self.where[i])
-        arr = _decode_image(os.pread(self._fd(f_id), size, offset), self.keys[i], self.files[f_id])
+        arr = _decode_image(os.pread(self._fd(f_id), size, offset), self.keys[i], self.files[f_id],
+                            self.image_size if self.resize else None)
         if self.image_size is not None and arr.shape[:2] != (self.image_size, self.image_size):
             raise UserError(f"{self.folder}: sample {self.keys[i]!r} is {arr.shape[1]}x{arr.shape[0]}, expected "
                             f"{self.image_size}x{self.image_size}",
                             fix="regenerate the data with data.image_size matching the model")
-        return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+        return arr
+
+    def image(self, i: int) -> torch.Tensor:
+        """uint8 [3, H, W] of pair i, decoded from its shard."""
+        return torch.from_numpy(self._decode(i).copy()).permute(2, 0, 1)
 
     def __getitem__(self, idx) -> torch.Tensor:
         if isinstance(idx, slice):
             idx = range(*idx.indices(len(self)))
         idx = [int(i) for i in (idx.tolist() if hasattr(idx, "tolist") else idx)]
-        if not idx:
-            size = self.image_size or 0
-            return torch.zeros((0, 3, size, size), dtype=torch.uint8)
-        return torch.stack([self.image(i) for i in idx])
+        if self.image_size is None:
+            if not idx:
+                return torch.zeros((0, 3, 0, 0), dtype=torch.uint8)
+            return torch.stack([self.image(i) for i in idx])
+        # decoded straight into one [B, H, W, 3] array, then one transposing copy (per-image copies, permutes and a
+        # stack made the batch cost a third more than its decoding)
+        size = self.image_size
+        batch = np.empty((len(idx), size, size, 3), dtype=np.uint8)
+        for j, i in enumerate(idx):
+            batch[j] = self._decode(i)
+        return torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous()
+
+    def select(self, index) -> "ShardPairs":
+        """The pairs at ``index`` (positions, in that order) as a view over the same shards: nothing is decoded,
+        so a stage can hand "the non-target images" of 500K pairs to a per-step sampler."""
+        index = np.asarray(index, dtype=np.int64).reshape(-1)
+        view = copy.copy(self)
+        view.keys, view.captions = [self.keys[i] for i in index], [self.captions[i] for i in index]
+        view.where, view._fds, view._pid = self.where[index], {}, None
+        return view
 
     def digest(self) -> str:
         """Content hash of the pairs as training sees them (index, captions and every image member's bytes read
@@ -170,7 +195,8 @@ class ShardPairs:
             except Exception as exc:  # PIL raises many types for corrupt data
                 raise UserError(f"{self.files[f_id]}: image of sample {key!r} cannot be read "
                                 f"({exc.__class__.__name__})", fix="regenerate the shard (rerun its stage)") from None
-            if self.image_size is not None and (width, height) != (self.image_size, self.image_size):
+            if self.image_size is not None and not self.resize and (width, height) != (self.image_size,
+                                                                                          self.image_size):
                 raise UserError(f"{self.folder}: sample {key!r} is {width}x{height}, expected "
                                 f"{self.image_size}x{self.image_size}",
                                 fix="regenerate the data with data.image_size matching the model")

@@ -3,6 +3,10 @@
 A shard directory holds ``shard-000000.tar`` ... with samples ``{key}.png|jpg`` (RGB), ``{key}.txt``
 (caption) and ``{key}.json`` (attributes; ``cls`` for labelled evaluation images), plus ``index.json``
 with the sample count. Tar headers carry a fixed mtime so equal inputs give byte-identical shards.
+
+Images are stored at the model's size (``image_size`` square), except in a folder whose ``index.json`` says
+``"images": "as downloaded"`` (the ``cc3m`` stage copies the corpus' own JPEG bytes rather than re-encoding
+500K images): readers bring those to the model's size on the fly -- :func:`resize_center`, CLIP's preprocessing.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import json
 import tarfile
 import zlib
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -23,6 +27,39 @@ from clipbackdoor.io import atomic_dir
 
 SHARD_PATTERN = "shard-{:06d}.tar"
 FIXED_MTIME = 0.0
+AS_DOWNLOADED = "as downloaded"  # index.json "images": stored in the corpus' own encoding and size
+
+
+class Encoded(NamedTuple):
+    """An image kept in its own encoding (``ext`` as in the tar member name: jpg, png, webp), written unchanged."""
+
+    ext: str
+    data: bytes
+
+
+def resize_center(img: Image.Image, size: int) -> np.ndarray:
+    """CLIP-style preprocessing to a fixed square -> uint8 [size, size, 3]: shorter side to ``size`` (bicubic),
+    centre crop."""
+    img = img.convert("RGB")
+    w, h = img.size
+    if (w, h) == (size, size):
+        return np.asarray(img)
+    scale = size / min(w, h)
+    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+    w, h = img.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return np.asarray(img.crop((left, top, left + size, top + size)))
+
+
+def stored_as_downloaded(shard_dir: str | Path) -> bool:
+    """Whether a shard folder keeps its images as downloaded (any size; readers resize them), per index.json."""
+    index = Path(shard_dir) / "index.json"
+    if not index.is_file():
+        return False
+    from clipbackdoor.io import read_json
+
+    info = read_json(index, "the stage that wrote the shards")
+    return isinstance(info, dict) and info.get("images") == AS_DOWNLOADED
 
 
 def encode_png(image: np.ndarray) -> bytes:
@@ -31,8 +68,11 @@ def encode_png(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def write_shards(out_dir: str | Path, samples: Iterable[tuple[str, np.ndarray, str, dict]], shard_size: int) -> int:
-    """Write (key, image uint8 [H,W,3], caption, meta) samples as tar shards, atomically. Returns count."""
+def write_shards(out_dir: str | Path, samples: Iterable[tuple[str, np.ndarray | Encoded, str, dict]],
+                 shard_size: int, as_downloaded: bool = False) -> int:
+    """Write (key, image, caption, meta) samples as tar shards, atomically. Returns count. An image is uint8
+    [H,W,3] (stored as PNG) or :class:`Encoded` (stored unchanged); ``as_downloaded`` marks the folder's images as
+    any size, brought to the model's size by the readers."""
     import webdataset as wds
 
     count = 0
@@ -44,12 +84,13 @@ def write_shards(out_dir: str | Path, samples: Iterable[tuple[str, np.ndarray, s
                     writer.close()
                 writer = wds.TarWriter(str(tmp / SHARD_PATTERN.format(count // shard_size)), mtime=FIXED_MTIME,
                                        user="clipbackdoor", group="clipbackdoor")
-            writer.write({"__key__": key, "png": encode_png(image), "txt": caption,
-                          "json": json.dumps(meta, sort_keys=True)})
+            ext, data = (image.ext, image.data) if isinstance(image, Encoded) else ("png", encode_png(image))
+            writer.write({"__key__": key, ext: data, "txt": caption, "json": json.dumps(meta, sort_keys=True)})
             count += 1
         if writer is not None:
             writer.close()
-        (tmp / "index.json").write_text(json.dumps({"n_samples": count, "shard_size": shard_size}) + "\n")
+        info = {"n_samples": count, "shard_size": shard_size, **({"images": AS_DOWNLOADED} if as_downloaded else {})}
+        (tmp / "index.json").write_text(json.dumps(info) + "\n")
     return count
 
 
@@ -64,10 +105,11 @@ def shard_paths(shard_dir: str | Path) -> list[Path]:
     return paths
 
 
-def _decode_image(data: bytes, key: str, shard: Path) -> np.ndarray:
+def _decode_image(data: bytes, key: str, shard: Path, resize_to: int | None = None) -> np.ndarray:
+    """uint8 [H, W, 3] of an image member (``resize_to``: brought to that square by :func:`resize_center`)."""
     try:
         with Image.open(io.BytesIO(data)) as im:
-            return np.asarray(im.convert("RGB"))
+            return np.asarray(im.convert("RGB")) if resize_to is None else resize_center(im, resize_to)
     except Exception as exc:  # PIL raises many types for corrupt data
         raise UserError(f"{shard}: image of sample {key!r} cannot be decoded ({exc.__class__.__name__})",
                         fix="regenerate the shard (rerun its stage) or remove the sample") from None
@@ -176,9 +218,13 @@ def _stack(shard_dir, items: list[dict], image_size: int | None) -> dict:
     """Samples -> keys (list[str]), images (uint8 tensor [B, 3, H, W]), captions, meta, labels (int64 [B], -1
     where unlabelled)."""
     images = []
+    resize = image_size is not None and any(item["image"].shape[:2] != (image_size, image_size) for item in items) \
+        and stored_as_downloaded(shard_dir)
     for item in items:
         img = item["image"]
-        if image_size is not None and img.shape[:2] != (image_size, image_size):
+        if resize:
+            img = resize_center(Image.fromarray(img), image_size)
+        elif image_size is not None and img.shape[:2] != (image_size, image_size):
             raise UserError(f"{shard_dir}: sample {item['key']!r} is {img.shape[1]}x{img.shape[0]}, "
                             f"expected {image_size}x{image_size}",
                             fix="regenerate the data with data.image_size matching the model")

@@ -59,7 +59,7 @@ class BadNetRandom(Trigger):
         n, _, h, w = x.shape
         rows = rng.integers(0, h - p + 1, size=n)
         cols = rng.integers(0, w - p + 1, size=n)
-        noise = torch.from_numpy(rng.standard_normal((n, 3, p, p)).astype(np.float32))
+        noise = torch.from_numpy(rng.standard_normal((n, 3, p, p)).astype(np.float32)).to(x.device)
         mean = x.mean(dim=(2, 3), keepdim=True)  # [N, 3, 1, 1] per-image channel means
         for i in range(n):
             x[i, :, rows[i]:rows[i] + p, cols[i]:cols[i] + p] = mean[i] + noise[i]

@@ -29,6 +29,14 @@ class Trigger:
         """images uint8 [N, 3, H, W] -> (triggered uint8 [N, 3, H, W], per-image trigger parameters)."""
         raise NotImplementedError
 
+    def to(self, device) -> "Trigger":
+        """This trigger with its tensors and networks (pattern, warping grid, ISSBA's encoder) on ``device``, so
+        evaluation batches are triggered where the model runs, not on the host. Returns self."""
+        for name, value in vars(self).items():
+            if torch.is_tensor(value) or isinstance(value, torch.nn.Module):
+                setattr(self, name, value.to(device))
+        return self
+
     def prepare_poison(self, images: torch.Tensor, keys: list[str]) -> torch.Tensor:
         """Poisoning-time change to the selected images before the trigger (none by default)."""
         return images
