@@ -14,7 +14,8 @@ RSS(8N) / RSS(N) <= 1.25 for every stage: a stage that holds a whole split scale
 benchmarks/results/memory_scaling.json (the other labels' figures are kept beside the new ones).
 
 Stages: poison (a fixed number of poisoned pairs at every N: its time and bytes written should not grow with N),
-finetune (4 steps of batch 16: the data loading is what scales), decompose (clean and BadNet-triggered),
+finetune (4 steps of batch 16: the data loading is what scales), CleanCLIP and RoCLIP (a few steps: the same),
+BadCLIP's patch and ABD's generator (a few steps sampling from all pairs), decompose (clean and BadNet-triggered),
 prototypes, defend, mmd, detect (STRIP and SCALE-UP on a fixed number of images; TeCo's pure-Python glass blur
 is too slow at 224 px on this machine). ``--stages`` runs a subset (merged into the label's earlier figures).
 
@@ -104,7 +105,20 @@ def stage_params(n: int, paper_batches: bool = False) -> dict[str, str]:
     if paper_batches:  # the paper's own batch sizes (2 fine-tuning steps of its batch)
         finetune.update(steps=2, batch_size=get_dotted(full, "finetune.batch_size"))
         decompose_batch = get_dotted(full, "decompose.batch_size")
+    cleanclip = {**get_dotted(full, "cleanclip"), "synonyms": "builtin", "n_pairs": n,
+                 "optim": {**get_dotted(full, "cleanclip.optim"), "steps": 2, "batch_size": 16, "warmup_steps": 1,
+                           "ckpt_every": 0}}
+    roclip = {**get_dotted(full, "roclip"), "bank_size": 64,
+              "optim": {**get_dotted(full, "roclip.optim"), "steps": 4, "batch_size": 16, "warmup_steps": 1,
+                        "ckpt_every": 0}}
+    badclip = {**get_dotted(full, "attacks.badclip"), "steps": 3, "batch_size": 16}
+    generator = {**get_dotted(full, "abd.generator"), "steps": 3, "batch_size": 16}
     return {
+        "cleanclip": pick("cleanclip", cleanclip=cleanclip),
+        "roclip": pick("roclip", roclip=roclip),
+        "badclip_patch": pick("attacks.badclip", "poison.target", "zeroshot.templates", attacks__badclip=badclip,
+                              poison__target="class3", zeroshot__templates="embedded"),
+        "abd_generator": pick("abd.generator", "abd.n_pairs", abd__generator=generator, abd__n_pairs=n),
         "poison": pick("attacks.badnet", "poison.target", "poison.caption_templates", "data.image_size",
                        attacks__badnet={**badnet, "rate": N_POISONED / n}, poison__target="class3",
                        poison__caption_templates="embedded", data__image_size=IMAGE_SIZE),
@@ -146,6 +160,17 @@ def commands(work: Path, n: int, params: dict[str, str]) -> list[tuple[str, list
                           str(out / "defend.parquet")]),
         ("mmd", cli + ["mmd", "--params", params["mmd"], "--clean", str(clean), "--triggered", str(trig),
                        "--prototypes", str(protos), "--out", str(out / "mmd.csv")]),
+        ("cleanclip", cli + ["cleanclip", "--params", params["cleanclip"], "--run", TRIGGER, "--model", str(m),
+                             "--clean-dir", str(work / f"train_{n}" / "finetune"), "--out", str(out / "cleanclip"),
+                             "--threads", "2"]),
+        ("roclip", cli + ["roclip", "--params", params["roclip"], "--run", TRIGGER, "--model", str(m), "--train",
+                          str(out / "poisoned"), "--out", str(out / "roclip"), "--threads", "2"]),
+        ("badclip_patch", cli + ["badclip-patch", "--params", params["badclip_patch"], "--run", "badclip-s0",
+                                 "--model", str(m), "--finetune-dir", str(work / f"train_{n}" / "finetune"),
+                                 "--eval-dir", str(ev), "--out", str(out / "patch.safetensors"), "--threads", "2"]),
+        ("abd_generator", cli + ["abd-generator", "--params", params["abd_generator"], "--run", TRIGGER, "--model",
+                                 str(m), "--normal", str(m), "--clean-dir", str(work / f"train_{n}" / "finetune"),
+                                 "--out", str(out / "abd.safetensors"), "--threads", "2"]),
         ("detect", cli + ["detect", "--params", params["detect"], "--model", str(m), "--eval-dir", str(ev),
                           "--trigger", TRIGGER, "--prototypes", str(protos), "--classes", str(classes), "--out",
                           str(out / "detect.parquet"), "--threads", "2"]),

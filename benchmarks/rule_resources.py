@@ -1,5 +1,5 @@
 """Size every rule's ``mem_mb`` and ``runtime`` from measurements; writes configs/resources.yaml (what the rules
-read, through ``sized()`` in rules/common.smk), prints a table and writes benchmarks/results/rule_resources.json.
+read, through ``mem_mb()`` and ``runtime()`` in rules/common.smk), prints a table and writes benchmarks/results/rule_resources.json.
 
     python benchmarks/rule_resources.py [--embedded RUN/data] [--rehearsal JSON] [--paper-memory JSON]
 
@@ -8,11 +8,13 @@ Three tables, one per scale (rules/common.smk picks one: ``embedded`` for ``data
 
 - **embedded** / **rehearsal**: the largest peak RSS and wall time of each rule's jobs in a finished run (the
   Snakemake ``benchmark:`` files of ``make run``, read by collect_stage_metrics.py; the rehearsal's are in
-  benchmarks/results/rehearsal_cpu_stages.json). ``mem_mb`` = 1.5 x the peak, ``runtime`` = 3 x the wall time,
+  benchmarks/results/rehearsal_cpu_stages_e910d22.json). ``mem_mb`` = 1.5 x the peak, ``runtime`` = 3 x the wall time,
   at least 5 minutes.
 - **paper**: memory is O(batch) (issue 16), so a rule's host memory at 500K pairs is its peak at a few hundred
   images with the paper's model and batch sizes: ``benchmarks/memory_scaling.py --model ViT-B-32-quickgelu
-  --paper-batches --sizes 256 --label paper_vitb32`` measures it for the stages it runs (x 1.5). Stated
+  --paper-batches --sizes 256 --label paper_vitb32`` measures it for the stages it runs, plus what the rules
+  that keep O(rows) of something hold at the paper's sizes (``row_allowances``: detect, mmd, textspan, poison;
+  x 1.5 in all). Stated
   allowances on top (not measurable here): 3 GiB of host memory for the CUDA context of a GPU rule, 512 MiB per
   DataLoader worker (4) for a training rule. Rules that memory_scaling.py does not run take the rehearsal peak
   x 1.5 plus those allowances (training rules at least fine-tuning's figure). ``runtime``: the GPU hours per job
@@ -107,6 +109,32 @@ def work_ratios() -> dict[str, float]:
             "detect": ratio("detect.n_images"), "mmd": ratio("analysis.mmd_images")}
 
 
+def row_allowances() -> dict[str, tuple[float, str]]:
+    """MiB a rule holds at the paper's sizes on top of its measured peak, where it keeps O(rows) of something that
+    memory_scaling.py runs at reduced settings (detector images and STRIP's pool, MMD's and TEXTSPAN's
+    decomposition rows, poison's per-pair index and its poisoned images). ViT-B-32: 12 layers x 12 heads, d 512."""
+    from clipbackdoor.config import get_dotted, load_yaml
+
+    paper = load_yaml(ROOT / "configs" / "paper.yaml")
+    g = lambda key: get_dotted(paper, key)  # noqa: E731
+    mib, image = 2.0 ** 20, 3 * 224 * 224  # uint8 bytes of one image
+    layers, heads, d = 12, 12, 512
+    val = g("prototypes.val_fraction") * EVAL_IMAGES["paper"]
+    scored = g("detect.n_images") + val
+    term_row = (layers * heads + layers) * d * 4  # every head and MLP term of one image, float32
+    test = (1 - g("prototypes.val_fraction")) * EVAL_IMAGES["paper"]
+    last_row = (heads + layers) * d * 4  # the last layer's heads and every MLP, float32
+    poisoned = g("attacks.badnet.rate") * g("data.webdataset.n_pairs")
+    return {
+        "detect": (4 * scored * image / mib, f"{scored:.0f} decoded images (scored + STRIP pool) x 4 copies"),
+        "mmd": (4 * g("analysis.mmd_images") * term_row / mib,
+                f"2 x {g('analysis.mmd_images')} rows of every term, and their float64 stack"),
+        "textspan": (4 * test * last_row / mib, f"clean + backdoored last-layer terms of {test:.0f} test rows, x 2"),
+        "poison": ((1500 * g("data.webdataset.n_pairs") + 3 * poisoned * image) / mib,
+                   f"~1.5 KB index + manifest per pair, {poisoned:.0f} poisoned images x 3"),
+    }
+
+
 def paper_table(rules: dict[str, bool], rehearsal: dict[str, dict], paper_mem: dict, cost: dict) -> dict[str, dict]:
     peaks: dict[str, float] = {}
     for stage, rule in MEASURED_STAGES.items():
@@ -120,7 +148,7 @@ def paper_table(rules: dict[str, bool], rehearsal: dict[str, dict], paper_mem: d
         if name in COST_ROWS:
             gpu_hours[COST_ROWS[name]] = row["gpu_hours"] / max(1, jobs.get(COST_ROWS[name], 1))
     startup = min(r["s"] for r in rehearsal.values())  # a stage's fixed cost: interpreter, imports, model load
-    ratios = work_ratios()
+    ratios, rows = work_ratios(), row_allowances()
     table = {}
     for rule, gpu in rules.items():
         extra = (CUDA_CONTEXT_MIB if gpu else 0) + (LOADER_MIB * LOADER_WORKERS if rule in TRAINING else 0)
@@ -133,6 +161,9 @@ def paper_table(rules: dict[str, bool], rehearsal: dict[str, dict], paper_mem: d
             base, src = rehearsal[rule]["rss"], f"rehearsal peak {rehearsal[rule]['rss']:.0f} MiB"
         else:
             base, src = max(peaks.values()), f"not measured: the largest ViT-B-32 peak, {max(peaks.values()):.0f} MiB"
+        if rule in rows:
+            base += rows[rule][0]
+            src += f" + {rows[rule][0]:.0f} MiB for {rows[rule][1]}"
         mem = round_mem(1.5 * base + extra)
         if rule in gpu_hours:
             minutes, rsrc = 2 * 60 * gpu_hours[rule], f"paper_cost.py {gpu_hours[rule]:.3f} GPU h/job x 2"
@@ -150,7 +181,9 @@ def paper_table(rules: dict[str, bool], rehearsal: dict[str, dict], paper_mem: d
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--embedded", default=str(ROOT / "data"), help="a finished `make run`'s data/ folder")
-    ap.add_argument("--rehearsal", default=str(ROOT / "benchmarks/results/rehearsal_cpu_stages.json"))
+    # `make rehearsal` of commit e910d22 (collect_stage_metrics.py), while benchmarks shared the machine: its
+    # times are upper bounds (about 2x the quiet run of benchmarks/results/rehearsal_cpu_stages.json)
+    ap.add_argument("--rehearsal", default=str(ROOT / "benchmarks/results/rehearsal_cpu_stages_e910d22.json"))
     ap.add_argument("--paper-memory", default=str(ROOT / "benchmarks/results/memory_scaling.json"))
     ap.add_argument("--paper-label", default="paper_vitb32")
     ap.add_argument("--cost", default=str(ROOT / "benchmarks/results/paper_cost.json"))
@@ -173,7 +206,7 @@ def main() -> None:
     for rule, gpu in rules.items():
         cells = [f"{tables[t][rule]['mem_mb']:6d} MB {tables[t][rule]['runtime']:4d} m" for t in tables]
         print(f"{rule:16s} {'yes' if gpu else '':>3s} | " + " | ".join(cells))
-    header = ("# Per-rule mem_mb (MB) and runtime (minutes) for each scale, read by rules/common.smk (sized()).\n"
+    header = ("# Per-rule mem_mb (MB) and runtime (minutes) for each scale, read by rules/common.smk (mem_mb(), runtime()).\n"
               "# Written by benchmarks/rule_resources.py from measurements (see its docstring; each entry's\n"
               "# `source` says which): do not edit by hand, rerun the script. Override one job at run time with\n"
               "# snakemake --set-resources RULE:mem_mb=N.\n")

@@ -119,7 +119,7 @@ rule finetune:
     threads: JOB_THREADS
     resources:
         gpu=config["finetune"].get("devices", 1),  # one per data-parallel worker
-        mem_mb=mem_mb("finetune"),
+        mem_mb=mem_mb("finetune", config["finetune"].get("devices", 1)),
         runtime=runtime("finetune"),
     log:
         log_path("finetune_{run}"),

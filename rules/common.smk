@@ -109,20 +109,21 @@ def eval_args(names=None):
 
 # Per-rule memory and wall time, measured (benchmarks/rule_resources.py writes configs/resources.yaml): the
 # table of this profile's scale -- the embedded world, the rehearsal's narrow 224-px models, or an open_clip
-# model at the paper's sizes. Snakemake runs jobs side by side only while their mem_mb fit the machine; on a
-# retry (profiles/slurm) a job asks for half as much again.
+# model at the paper's sizes. Snakemake runs jobs side by side only while their mem_mb fit `--resources
+# mem_mb=N`; on a retry (profiles/slurm) a job asks for half as much memory again. (Its time limit stays: a
+# cluster refuses jobs past the partition's limit; raise it with --set-resources RULE:runtime=MIN.)
 RESOURCES_TABLE = "embedded" if EMBEDDED else "rehearsal" if config["model"]["name"].startswith("clipbackdoor-") else "paper"
 RESOURCES = load_yaml(os.path.join(workflow.basedir, "configs", "resources.yaml"))[RESOURCES_TABLE]
 
 
-def mem_mb(rule):
-    base = RESOURCES[rule]["mem_mb"]
+def mem_mb(rule, processes=1):
+    """``processes``: a job that runs several copies of the stage (data-parallel fine-tuning) needs each one's."""
+    base = RESOURCES[rule]["mem_mb"] * processes
     return lambda wildcards, attempt: base + (attempt - 1) * base // 2
 
 
 def runtime(rule):
-    base = RESOURCES[rule]["runtime"]
-    return lambda wildcards, attempt: base + (attempt - 1) * base // 2
+    return RESOURCES[rule]["runtime"]
 
 
 def log_path(name):

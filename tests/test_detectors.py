@@ -38,6 +38,25 @@ def test_every_corruption_runs_on_small_images():
         assert out.shape == x.shape, name
 
 
+def test_fast_glass_blur_equals_the_library_and_leaves_the_same_random_state():
+    """TeCo's glass blur runs our fast walk; for every severity it gives the library's exact output (its copy-not-swap
+    included) and consumes the same NumPy random draws, so the corruptions after it are unchanged too."""
+    from PIL import Image
+    from imagecorruptions import corruptions
+
+    ic = import_imagecorruptions()
+    assert ic.corruption_dict["glass_blur"] is not corruptions.glass_blur
+    assert "glass_blur" in ic.get_corruption_names("common")
+    img = np.random.default_rng(0).integers(0, 256, (40, 36, 3), dtype=np.uint8)  # not square
+    for severity in range(1, 6):
+        np.random.seed(severity)
+        library, after_library = corruptions.glass_blur(Image.fromarray(img), severity), np.random.randint(2**31)
+        np.random.seed(severity)
+        ours, after_ours = ic.corruption_dict["glass_blur"](Image.fromarray(img), severity), np.random.randint(2**31)
+        assert np.array_equal(ours, library) and after_ours == after_library, severity
+        assert not np.array_equal(np.uint8(ours), img)
+
+
 def test_strip_gives_a_backdoor_low_entropy():
     clean, trig, pool = images(20, 0, False), images(20, 1, True), images(30, 2, False)
     s_clean, s_trig = strip_scores(toy_proba, clean, pool, 8, 0), strip_scores(toy_proba, trig, pool, 8, 0)

@@ -31,6 +31,10 @@ def test_shard_pairs_read_what_the_whole_split_holds(world_dirs):
     assert torch.equal(pairs[2:9:3], split["images"][2:9:3]) and torch.equal(pairs[:], split["images"])
     assert pairs.shape == tuple(split["images"].shape)
     assert len(ShardPairs(folder, 32, limit=7)) == 7
+    mask = torch.zeros(len(pairs), dtype=torch.bool)
+    mask[[1, 4]] = True  # a boolean mask selects, as on a tensor (not positions 0/1)
+    assert torch.equal(pairs[mask], split["images"][mask]) and pairs.select(mask.numpy()).keys == [pairs.keys[1],
+                                                                                                   pairs.keys[4]]
     view = pairs.select([9, 2, 2, 0])  # the attack stages' "non-target images": a view, decoded when indexed
     assert view.keys == [split["keys"][i] for i in (9, 2, 2, 0)] and len(view) == 4 and len(pairs) > 4
     assert torch.equal(view[:], split["images"][[9, 2, 2, 0]]) and torch.equal(view[[3, 0]], split["images"][[0, 9]])
@@ -93,6 +97,12 @@ def test_a_corpus_kept_as_downloaded_is_resized_on_reading_and_poisoned_as_an_ov
     assert len(idx) and torch.equal(merged[:], poisoned["images"]) and merged.captions == poisoned["captions"]
     with tarfile.open(tmp_path / "run" / "shard-000000.tar") as tar:
         assert {m.name.partition(".")[2] for m in tar} == {"png", "txt", "json"}
+    with pytest.raises(UserError, match="kept as downloaded .* no image size was given"):
+        ShardPairs(tmp_path / "base")
+    with pytest.raises(UserError, match="different sizes .* no image size was given"):
+        load_split(tmp_path / "base")
+    with pytest.raises(UserError, match="is 32x32, expected 40x40"):  # the overlay's own images are held to size
+        ShardPairs(tmp_path / "run", 40)[idx]
     with pytest.raises(UserError, match="is 40x36, expected 32x32"):  # a folder not marked keeps exact sizes
         write_shards(tmp_path / "plain", samples[:1], shard_size=10)
         ShardPairs(tmp_path / "plain", 32)[[0]]

@@ -267,7 +267,7 @@ def test_every_rule_declares_its_measured_memory_and_time():
             m = re.match(r"\s*rule (\w+):", block)
             if m and "shell:" in block:
                 names.append(m.group(1))
-                assert f'mem_mb=mem_mb("{m.group(1)}")' in block and f'runtime=runtime("{m.group(1)}")' in block, \
+                assert f'mem_mb=mem_mb("{m.group(1)}"' in block and f'runtime=runtime("{m.group(1)}")' in block, \
                     f"{smk.name}: rule {m.group(1)} does not declare its own mem_mb and runtime"
     assert len(names) >= 25
     for name, table in tables.items():

@@ -55,7 +55,7 @@ from clipbackdoor.io import load_safetensors, save_safetensors
 from clipbackdoor.models import LoadedModel, load_artifact, normalize
 from clipbackdoor.pairs import ShardPairs
 from clipbackdoor.runtime import pick_device
-from clipbackdoor.train import batch_indices
+from clipbackdoor.train import step_loader
 
 KINDS = ("patch", "bounded")
 VARIANTS = ("uap", "uap_lbd")
@@ -204,9 +204,11 @@ def train_perturbation(poisoned: LoadedModel, normal: LoadedModel | None, images
     opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=(0.5, 0.999)) if disc else None
     rng = np.random.default_rng([seed, 29])
     history = []
-    for step in range(cfg.steps):
-        idx = batch_indices(len(images), cfg.batch_size, step, seed)
-        x = images[idx].to(device).float() / 255
+    # batches are decoded ahead in DataLoader workers when the images are shards (ShardPairs): 312,500 steps of
+    # the paper profile would otherwise decode serially on the critical path; batch s is still batch_indices(s)
+    for step, (idx, batch) in zip(range(cfg.steps), step_loader(images, cfg.batch_size, seed, 0, cfg.steps, 0, 1,
+                                                                 device)):
+        x = batch.to(device).float() / 255
         delta = gen()
         x_adv = apply_perturbation(x, delta, kind, patch_origins(1, size, side, cfg.location, rng))
         with torch.no_grad():  # frozen encoders: the clean image's and the caption's features are constants

@@ -62,6 +62,8 @@ def run_badclip_patch(model_dir: str | Path, train_dir: str | Path, eval_dir: st
             labels.append(batch["labels"].numpy())
             if preview is None:
                 preview = (batch["images"][:4], patched[:4])
+    if not preds:
+        raise UserError(f"{eval_dir}: the evaluation set holds no images", fix="rerun the stage that writes it")
     asr, _ = attack_success(np.concatenate(preds), np.concatenate(labels), target_idx)
     metrics = {"clean_model_asr": asr, "final_text_cos": history[-1]["text_cos"],
                "final_image_cos": history[-1]["image_cos"], "steps": len(history),

@@ -112,7 +112,44 @@ def import_imagecorruptions():
         corruptions.sk = _SeededSkimage(corruptions.sk)
     import imagecorruptions
 
+    if imagecorruptions.corruption_dict["glass_blur"] is corruptions.glass_blur:  # (once)
+        fast = _glass_blur(corruptions)
+        imagecorruptions.corruption_dict["glass_blur"] = fast
+        imagecorruptions.corruption_tuple = tuple(fast if f is corruptions.glass_blur else f
+                                                  for f in imagecorruptions.corruption_tuple)
     return imagecorruptions
+
+
+GLASS_BLUR = [(0.7, 1, 2), (0.9, 2, 1), (1, 2, 3), (1.1, 3, 2), (1.5, 4, 2)]  # (sigma, max shift, iterations)
+
+
+def _glass_blur(corruptions):
+    """imagecorruptions' glass blur with the same output for the same NumPy random state, ~50x faster.
+
+    The library walks every pixel in Python and "swaps" it with a random neighbour through NumPy row views --
+    which copies the neighbour onto the pixel and leaves the neighbour as it was (the second assignment reads the
+    already-overwritten view). TeCo spent most of its time there (seconds per 224-px image). This does the same
+    walk, in the same order, with the same moves drawn in one call per iteration (``randint`` draws the same
+    stream in one call as in many), on pixels packed into Python ints."""
+    import numpy as np
+
+    def glass_blur(x, severity=1):
+        sigma, delta, iterations = GLASS_BLUR[severity - 1]
+        x = np.uint8(corruptions.gaussian(np.array(x) / 255., sigma=sigma, multichannel=True) * 255)  # [H, W, 3]
+        height, width = x.shape[:2]
+        rows, cols = range(height - delta, delta, -1), range(width - delta, delta, -1)
+        packed = ((x[..., 0].astype(np.int64) << 16) | (x[..., 1].astype(np.int64) << 8) | x[..., 2]).ravel().tolist()
+        for _ in range(iterations):
+            moves = iter(np.random.randint(-delta, delta, size=(len(rows) * len(cols), 2)).tolist())  # (dx, dy)
+            for h in rows:
+                for w in cols:
+                    dx, dy = next(moves)
+                    packed[h * width + w] = packed[(h + dy) * width + w + dx]
+        p = np.asarray(packed, dtype=np.int64).reshape(height, width)
+        x = np.stack([(p >> 16) & 255, (p >> 8) & 255, p & 255], axis=-1).astype(np.uint8)
+        return np.clip(corruptions.gaussian(x / 255., sigma=sigma, multichannel=True), 0, 1) * 255
+
+    return glass_blur
 
 
 class _SeededSkimage:

@@ -105,7 +105,7 @@ class ShardPairs:
             if absent:
                 raise UserError(f"{self.folder}: overlay key {absent[0]!r} is not in its base {base}",
                                 fix="the base folder changed after poisoning: rerun the poison stage")
-            offset = len(files)
+            offset = n_base = len(files)
             files = files + o_files
             for k, (f_id, off, size), cap in zip(o_keys, o_where, o_captions):
                 i = position[k]
@@ -113,8 +113,14 @@ class ShardPairs:
         else:
             base = self.folder
             files, keys, where, captions = _index_shards(self.folder)
-        # images stored as downloaded (the cc3m stage) are resized to the model's size here, in the loader workers
-        self.resize = image_size is not None and stored_as_downloaded(base)
+            n_base = len(files)
+        # images the base keeps as downloaded (the cc3m stage) are resized to the model's size here, in the loader
+        # workers; an overlay's own images were written at the model's size and stay held to it (a stale overlay
+        # is refused, not rescaled)
+        self.resize_files = n_base if stored_as_downloaded(base) else 0  # files [0, resize_files) are the base's
+        if self.resize_files and image_size is None:
+            raise UserError(f"{base}: its images are kept as downloaded (any size) and no image size was given",
+                            fix="read it with the model's image size (the stages pass it)")
         if limit is not None:
             keys, where, captions = keys[:limit], where[:limit], captions[:limit]
         self.files = files
@@ -144,7 +150,7 @@ class ShardPairs:
         """uint8 [H, W, 3] of pair i (resized when its folder keeps images as downloaded)."""
         f_id, offset, size = (int(v) for v in self.where[i])
         arr = _decode_image(os.pread(self._fd(f_id), size, offset), self.keys[i], self.files[f_id],
-                            self.image_size if self.resize else None)
+                            self.image_size if f_id < self.resize_files else None)
         if self.image_size is not None and arr.shape[:2] != (self.image_size, self.image_size):
             raise UserError(f"{self.folder}: sample {self.keys[i]!r} is {arr.shape[1]}x{arr.shape[0]}, expected "
                             f"{self.image_size}x{self.image_size}",
@@ -155,10 +161,19 @@ class ShardPairs:
         """uint8 [3, H, W] of pair i, decoded from its shard."""
         return torch.from_numpy(self._decode(i).copy()).permute(2, 0, 1)
 
-    def __getitem__(self, idx) -> torch.Tensor:
+    def _positions(self, idx) -> list[int]:
+        """Positions from a slice, a sequence / array / tensor of ints, or a boolean mask over the pairs."""
         if isinstance(idx, slice):
-            idx = range(*idx.indices(len(self)))
-        idx = [int(i) for i in (idx.tolist() if hasattr(idx, "tolist") else idx)]
+            return list(range(*idx.indices(len(self))))
+        arr = np.asarray(idx.cpu() if torch.is_tensor(idx) else idx)
+        if arr.dtype == bool:
+            if arr.shape != (len(self),):
+                raise IndexError(f"a boolean mask of {arr.shape} over {len(self)} pairs")
+            return np.flatnonzero(arr).tolist()
+        return [int(i) for i in arr.reshape(-1)]
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        idx = self._positions(idx)
         if self.image_size is None:
             if not idx:
                 return torch.zeros((0, 3, 0, 0), dtype=torch.uint8)
@@ -174,7 +189,7 @@ class ShardPairs:
     def select(self, index) -> "ShardPairs":
         """The pairs at ``index`` (positions, in that order) as a view over the same shards: nothing is decoded,
         so a stage can hand "the non-target images" of 500K pairs to a per-step sampler."""
-        index = np.asarray(index, dtype=np.int64).reshape(-1)
+        index = np.asarray(self._positions(index), dtype=np.int64)
         view = copy.copy(self)
         view.keys, view.captions = [self.keys[i] for i in index], [self.captions[i] for i in index]
         view.where, view._fds, view._pid = self.where[index], {}, None
@@ -195,8 +210,8 @@ class ShardPairs:
             except Exception as exc:  # PIL raises many types for corrupt data
                 raise UserError(f"{self.files[f_id]}: image of sample {key!r} cannot be read "
                                 f"({exc.__class__.__name__})", fix="regenerate the shard (rerun its stage)") from None
-            if self.image_size is not None and not self.resize and (width, height) != (self.image_size,
-                                                                                          self.image_size):
+            if self.image_size is not None and f_id >= self.resize_files and (width, height) != (self.image_size,
+                                                                                                   self.image_size):
                 raise UserError(f"{self.folder}: sample {key!r} is {width}x{height}, expected "
                                 f"{self.image_size}x{self.image_size}",
                                 fix="regenerate the data with data.image_size matching the model")

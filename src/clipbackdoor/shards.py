@@ -218,7 +218,11 @@ def _stack(shard_dir, items: list[dict], image_size: int | None) -> dict:
     """Samples -> keys (list[str]), images (uint8 tensor [B, 3, H, W]), captions, meta, labels (int64 [B], -1
     where unlabelled)."""
     images = []
-    resize = image_size is not None and any(item["image"].shape[:2] != (image_size, image_size) for item in items) \
+    shapes = {item["image"].shape for item in items}
+    if image_size is None and len(shapes) > 1:
+        raise UserError(f"{shard_dir}: its images have different sizes (e.g. {sorted(shapes)[:2]}) and no image "
+                        "size was given", fix="read it with the model's image size (the stages pass it)")
+    resize = image_size is not None and any(s[:2] != (image_size, image_size) for s in shapes) \
         and stored_as_downloaded(shard_dir)
     for item in items:
         img = item["image"]

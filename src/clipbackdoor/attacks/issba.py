@@ -156,4 +156,4 @@ class ISSBA(Trigger):
             out.append(to_uint8(encode(self.encoder, x, self.secret.expand(len(x), -1))))
         triggered = torch.cat(out) if out else images.clone()
         diff = (triggered.float() - images.float()).abs().flatten(1).mean(dim=1)
-        return triggered, [{"mean_abs_residual": round(float(d), 3)} for d in diff]
+        return triggered, [{"mean_abs_residual": round(d, 3)} for d in diff.tolist()]  # (one device sync)
