@@ -38,11 +38,10 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "corruption_speed.json"))
     args = ap.parse_args()
-    from imagecorruptions import corruptions
-
     from clipbackdoor.compat import import_imagecorruptions
 
-    ic = import_imagecorruptions()
+    ic = import_imagecorruptions()  # (first: it shims what the library needs to import)
+    from imagecorruptions import corruptions
     rng = np.random.default_rng(0)
     # a smooth field plus noise: real-image-like local structure (the blurs' cost does not depend on content)
     base = np.kron(rng.integers(0, 256, (args.size // 16, args.size // 16, 3)), np.ones((16, 16, 1)))
