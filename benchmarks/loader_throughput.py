@@ -74,6 +74,42 @@ def loader(folder: Path, batch: int, workers: int, normalise: bool = True) -> tu
     return n, time.perf_counter() - start
 
 
+def components(folder: Path, n: int = 256) -> dict[str, float]:
+    """Milliseconds per image on one core (one thread) of the loader's parts: decode, decode + CLIP's resize and
+    centre crop (what a worker does), normalise (what the training process or the device does)."""
+    import torch
+
+    from clipbackdoor.models import normalize
+    from clipbackdoor.shards import resize_center
+
+    from PIL import Image
+
+    torch.set_num_threads(1)
+    blobs = []
+    for shard in sorted(folder.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            blobs += [tar.extractfile(m).read() for m in tar if m.name.endswith((".png", ".jpg"))]
+    blobs = blobs[:n]
+
+    def per_image(fn) -> float:
+        start = time.perf_counter()
+        for b in blobs:
+            with Image.open(io.BytesIO(b)) as im:
+                fn(im)
+        return round((time.perf_counter() - start) / len(blobs) * 1000, 3)
+
+    out = {"decode_ms": per_image(lambda im: np.asarray(im.convert("RGB"))),
+           "decode_resize_ms": per_image(lambda im: resize_center(im, 224))}
+    batch = torch.zeros((64, 3, 224, 224), dtype=torch.uint8)
+    start = time.perf_counter()
+    for _ in range(8):
+        normalize(batch, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    out["normalise_ms"] = round((time.perf_counter() - start) / (8 * 64) * 1000, 3)
+    out["decode_share"] = round(out["decode_ms"] / (out["decode_resize_ms"] + out["normalise_ms"]), 3)
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    return out
+
+
 def write_jpeg_corpus(folder: Path, n: int, seed: int = 0) -> None:
     """n web-like JPEG pairs kept as downloaded (the cc3m stage's layout): sizes vary, no resize at writing."""
     from clipbackdoor import rehearsal
@@ -123,11 +159,15 @@ def main() -> None:
         for r in rows.values():
             r["x_bare"] = round(r["images_per_s"] / rows["bare_pil"]["images_per_s"], 3)
         best = max(v["x_bare"] for k, v in rows.items() if k.startswith("loader") and not k.endswith("uint8"))
-        results[corpus] = {"rows": rows, "ratio": best}
+        parts = components(folder)
+        results[corpus] = {"rows": rows, "ratio": best, "per_image_one_core": parts}
         for name, r in rows.items():
             print(f"{corpus:19s} {name:24s} {r['images']:7d} {r['seconds']:7.2f} {r['images_per_s']:9.1f} "
                   f"{r['x_bare']:7.2f}")
         print(f"{corpus}: loader (normalised) / bare PIL decode: {best:.2f}x (target >= 0.8)")
+        print(f"{corpus}: one core, per image: decode {parts['decode_ms']} ms, decode + resize/crop "
+              f"{parts['decode_resize_ms']} ms, normalise {parts['normalise_ms']} ms: decode alone is "
+              f"{parts['decode_share']:.2f}x of the loader's work (its bound against the bare loop)")
     out = Path(args.out)
     out.write_text(json.dumps({"n": args.n, "batch": args.batch, "workers": args.workers, "corpora": results,
                                "command": " ".join(["python", *sys.argv]),

@@ -16,8 +16,8 @@ benchmarks/results/memory_scaling.json (the other labels' figures are kept besid
 Stages: poison (a fixed number of poisoned pairs at every N: its time and bytes written should not grow with N),
 finetune (4 steps of batch 16: the data loading is what scales), CleanCLIP and RoCLIP (a few steps: the same),
 BadCLIP's patch and ABD's generator (a few steps sampling from all pairs), decompose (clean and BadNet-triggered),
-prototypes, defend, mmd, detect (STRIP and SCALE-UP on a fixed number of images; TeCo's pure-Python glass blur
-is too slow at 224 px on this machine). ``--stages`` runs a subset (merged into the label's earlier figures).
+prototypes, defend, mmd, detect (STRIP and SCALE-UP on a fixed number of images; TeCo is left out: its corruptions
+take ~0.9 s per 224-px image here, benchmarks/corruption_speed.py). ``--stages`` runs a subset (merged into the label's earlier figures).
 
 Sizing the rules (``benchmarks/rule_resources.py``): ``--model ViT-B-32-quickgelu --paper-batches --sizes 256``
 runs the same stages with the paper's model (its full geometry, random weights) at the paper profile's batch sizes

@@ -45,6 +45,8 @@ sys.path.insert(0, str(ROOT / "src"))
 CUDA_CONTEXT_MIB = 3072  # host memory of torch's CUDA context (allowance, not measured: no GPU here)
 LOADER_MIB, LOADER_WORKERS = 512, 4  # per DataLoader worker (allowance), workers of an 8-core GPU job
 TRAINING = {"finetune", "cleanclip", "roclip", "abd_finetune", "pretrain", "t2i_pretrain", "t2i_backdoor"}
+STABLE_DIFFUSION = {"t2i_pretrain", "t2i_backdoor", "b2_audit"}  # the rehearsal's tiny random UNet says nothing
+CLIP_TRAINING = TRAINING - STABLE_DIFFUSION
 # memory_scaling.py stage -> rule
 MEASURED_STAGES = {"poison": "poison", "finetune": "finetune", "decompose_clean": "decompose",
                    "decompose_triggered": "decompose", "class_embeddings": "class_embeddings",
@@ -93,10 +95,10 @@ def measured_table(measured: dict[str, dict], rules: dict[str, bool], what: str)
         r = measured.get(rule)
         if r is None:  # not in that profile's graph: the largest measured job's memory, half an hour
             table[rule] = {"mem_mb": round_mem(1.5 * largest["rss"]), "runtime": 30,
-                           "source": f"not in the {what} run: its largest peak x 1.5, 30 min"}
+                           "source": f"not measured (not in {what}): its largest peak x 1.5, 30 min"}
         else:
             table[rule] = {"mem_mb": round_mem(1.5 * r["rss"]), "runtime": max(5, math.ceil(3 * r["s"] / 60)),
-                           "source": f"{what} run, {r['jobs']} job(s): peak {r['rss']:.0f} MiB, {r['s']:.1f} s"}
+                           "source": f"{what}, {r['jobs']} job(s): peak {r['rss']:.0f} MiB, {r['s']:.1f} s"}
     return table
 
 
@@ -154,10 +156,10 @@ def paper_table(rules: dict[str, bool], rehearsal: dict[str, dict], paper_mem: d
         extra = (CUDA_CONTEXT_MIB if gpu else 0) + (LOADER_MIB * LOADER_WORKERS if rule in TRAINING else 0)
         if rule in peaks:
             base, src = peaks[rule], f"ViT-B-32 at the paper's batch: peak {peaks[rule]:.0f} MiB"
-        elif rule in TRAINING and "finetune" in peaks:
+        elif rule in CLIP_TRAINING and "finetune" in peaks:
             base = max(peaks["finetune"], rehearsal.get(rule, {}).get("rss", 0.0))
-            src = f"as fine-tuning (same model and batch): {base:.0f} MiB"
-        elif rule in rehearsal:
+            src = f"as fine-tuning (the same model, a batch no larger): {base:.0f} MiB"
+        elif rule in rehearsal and rule not in STABLE_DIFFUSION:
             base, src = rehearsal[rule]["rss"], f"rehearsal peak {rehearsal[rule]['rss']:.0f} MiB"
         else:
             base, src = max(peaks.values()), f"not measured: the largest ViT-B-32 peak, {max(peaks.values()):.0f} MiB"
@@ -184,6 +186,8 @@ def main() -> None:
     # `make rehearsal` of commit e910d22 (collect_stage_metrics.py), while benchmarks shared the machine: its
     # times are upper bounds (about 2x the quiet run of benchmarks/results/rehearsal_cpu_stages.json)
     ap.add_argument("--rehearsal", default=str(ROOT / "benchmarks/results/rehearsal_cpu_stages_e910d22.json"))
+    ap.add_argument("--embedded-run", default="`make run` of dc3a333", help="what --embedded is (for the sources)")
+    ap.add_argument("--rehearsal-run", default="`make rehearsal` of e910d22")
     ap.add_argument("--paper-memory", default=str(ROOT / "benchmarks/results/memory_scaling.json"))
     ap.add_argument("--paper-label", default="paper_vitb32")
     ap.add_argument("--cost", default=str(ROOT / "benchmarks/results/paper_cost.json"))
@@ -199,8 +203,8 @@ def main() -> None:
     rehearsal = per_rule(json.loads(Path(args.rehearsal).read_text())["jobs"])
     rehearsal.update({rule: rehearsal[like] for rule, like in ALIKE.items() if rule not in rehearsal})
     paper_mem = json.loads(Path(args.paper_memory).read_text())[args.paper_label]
-    tables = {"embedded": measured_table(per_rule(embedded_jobs), rules, "make run"),
-              "rehearsal": measured_table(rehearsal, rules, "rehearsal"),
+    tables = {"embedded": measured_table(per_rule(embedded_jobs), rules, args.embedded_run),
+              "rehearsal": measured_table(rehearsal, rules, args.rehearsal_run),
               "paper": paper_table(rules, rehearsal, paper_mem, json.loads(Path(args.cost).read_text()))}
     print(f"{'rule':16s} {'gpu':>3s} | {'embedded':>14s} | {'rehearsal':>14s} | {'paper':>15s}")
     for rule, gpu in rules.items():

@@ -1,5 +1,6 @@
 """The Snakemake DAG (dry runs) and the generated dvc.yaml."""
 
+import re
 import subprocess
 import sys
 
@@ -220,6 +221,15 @@ def _dry_run_jobs(*args) -> dict[str, dict]:
     return jobs
 
 
+def _rule_block(rule: str) -> str:
+    """The text of ``rule NAME:`` in rules/*.smk."""
+    for smk in sorted((ROOT / "rules").glob("*.smk")):
+        for block in re.split(r"\n(?=\s*rule )", smk.read_text()):
+            if re.match(rf"\s*rule {rule}:", block):
+                return block
+    raise KeyError(rule)
+
+
 def test_slurm_profile_submission_parameters(paper_textspan_pool):
     """The SLURM profile on the paper profile: the sbatch line the executor plugin would submit per rule."""
     from types import SimpleNamespace
@@ -240,7 +250,9 @@ def test_slurm_profile_submission_parameters(paper_textspan_pool):
                   "partition": "-p part", "workdir": "/w"}
         return get_submit_command(job, params) + set_gres_string(job)
 
-    for rule in ("finetune", "decompose", "clean_model", "class_embeddings"):  # GPU rules
+    gpu_rules = [r for r in jobs if r != "all" and re.search(r"^\s*gpu=", _rule_block(r), re.M)]
+    assert {"finetune", "decompose", "clean_model", "class_embeddings", "detect", "cleanclip"} <= set(gpu_rules)
+    for rule in gpu_rules:  # every GPU rule: one GPU and its cores per GPU
         line = sbatch(rule)
         assert "--gpus=1" in line and "--cpus-per-gpu=8" in line and "--cpus-per-task" not in line, line
     for rule in ("defend", "poison", "prototypes", "summary"):  # CPU rules
