@@ -67,13 +67,10 @@ ALIKE = {"abd_tables": "tables"}  # a rule not in the rehearsal graph that does 
 
 def workflow_rules() -> dict[str, bool]:
     """Every rule that runs a job (has a shell:), and whether it declares a GPU, from rules/*.smk."""
-    rules = {}
-    for smk in sorted((ROOT / "rules").glob("*.smk")):
-        for block in re.split(r"\n(?=\s*rule )", smk.read_text()):
-            m = re.match(r"\s*rule (\w+):", block)
-            if m and "shell:" in block:
-                rules[m.group(1)] = bool(re.search(r"^\s*gpu=", block, re.M))
-    return rules
+    from clipbackdoor.dvcgen import rule_blocks
+
+    return {name: bool(re.search(r"^\s*gpu=", block, re.M))
+            for name, block in rule_blocks(ROOT).items() if "shell:" in block}
 
 
 def round_mem(mib: float) -> int:

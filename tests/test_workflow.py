@@ -221,15 +221,6 @@ def _dry_run_jobs(*args) -> dict[str, dict]:
     return jobs
 
 
-def _rule_block(rule: str) -> str:
-    """The text of ``rule NAME:`` in rules/*.smk."""
-    for smk in sorted((ROOT / "rules").glob("*.smk")):
-        for block in re.split(r"\n(?=\s*rule )", smk.read_text()):
-            if re.match(rf"\s*rule {rule}:", block):
-                return block
-    raise KeyError(rule)
-
-
 def test_slurm_profile_submission_parameters(paper_textspan_pool):
     """The SLURM profile on the paper profile: the sbatch line the executor plugin would submit per rule."""
     from types import SimpleNamespace
@@ -250,7 +241,10 @@ def test_slurm_profile_submission_parameters(paper_textspan_pool):
                   "partition": "-p part", "workdir": "/w"}
         return get_submit_command(job, params) + set_gres_string(job)
 
-    gpu_rules = [r for r in jobs if r != "all" and re.search(r"^\s*gpu=", _rule_block(r), re.M)]
+    from clipbackdoor.dvcgen import rule_blocks
+
+    blocks = rule_blocks(ROOT)
+    gpu_rules = [r for r in jobs if r != "all" and re.search(r"^\s*gpu=", blocks[r], re.M)]
     assert {"finetune", "decompose", "clean_model", "class_embeddings", "detect", "cleanclip"} <= set(gpu_rules)
     for rule in gpu_rules:  # every GPU rule: one GPU and its cores per GPU
         line = sbatch(rule)
@@ -269,18 +263,15 @@ def test_slurm_profile_submission_parameters(paper_textspan_pool):
 def test_every_rule_declares_its_measured_memory_and_time():
     """Each rule that runs a job sizes itself from configs/resources.yaml under its own name, and the three
     tables (embedded, rehearsal, paper) size every such rule; the embedded dry run shows the embedded sizes."""
-    import re
+    from clipbackdoor.dvcgen import rule_blocks
 
     tables = yaml.safe_load((ROOT / "configs" / "resources.yaml").read_text())
     assert set(tables) == {"embedded", "rehearsal", "paper"}
-    names = []
-    for smk in sorted((ROOT / "rules").glob("*.smk")):
-        for block in re.split(r"\n(?=\s*rule )", smk.read_text()):
-            m = re.match(r"\s*rule (\w+):", block)
-            if m and "shell:" in block:
-                names.append(m.group(1))
-                assert f'mem_mb=mem_mb("{m.group(1)}"' in block and f'runtime=runtime("{m.group(1)}")' in block, \
-                    f"{smk.name}: rule {m.group(1)} does not declare its own mem_mb and runtime"
+    blocks = {name: block for name, block in rule_blocks(ROOT).items() if "shell:" in block}
+    names = list(blocks)
+    for name, block in blocks.items():
+        assert f'mem_mb=mem_mb("{name}"' in block and f'runtime=runtime("{name}")' in block, \
+            f"rule {name} does not declare its own mem_mb and runtime"
     assert len(names) >= 25
     for name, table in tables.items():
         assert set(table) == set(names), name

@@ -39,6 +39,19 @@ SHAPE_KEYS = ("data.source", "data.eval_sets", "model.pretrained", "poison.attac
 SHAPE_PREFIX = "# stage graph of: "
 
 
+def rule_blocks(root: Path) -> dict[str, str]:
+    """{rule name: its text} of every ``rule NAME:`` in ``root``/rules/*.smk (the source, as written)."""
+    import re
+
+    blocks = {}
+    for smk in sorted((Path(root) / "rules").glob("*.smk")):
+        for block in re.split(r"\n(?=\s*rule )", smk.read_text()):
+            m = re.match(r"\s*rule (\w+):", block)
+            if m:
+                blocks[m.group(1)] = block
+    return blocks
+
+
 def _get(params: dict, key: str):
     node = params
     for part in key.split("."):
