@@ -16,7 +16,7 @@ benchmarks/results/memory_scaling.json (the other labels' figures are kept besid
 Stages: poison (a fixed number of poisoned pairs at every N: its time and bytes written should not grow with N),
 finetune (4 steps of batch 16: the data loading is what scales), CleanCLIP and RoCLIP (a few steps: the same),
 BadCLIP's patch and ABD's generator (a few steps sampling from all pairs), decompose (clean and BadNet-triggered),
-prototypes, defend, mmd, detect (STRIP and SCALE-UP on a fixed number of images; TeCo is left out: its corruptions
+prototypes, defend, mmd, textspan, detect (STRIP and SCALE-UP on a fixed number of images; TeCo is left out: its corruptions
 take ~0.9 s per 224-px image here, benchmarks/corruption_speed.py). ``--stages`` runs a subset (merged into the label's earlier figures).
 
 Sizing the rules (``benchmarks/rule_resources.py``): ``--model ViT-B-32-quickgelu --paper-batches --sizes 256``
@@ -73,6 +73,7 @@ def build_inputs(work: Path, sizes: list[int], model: str = MODEL) -> None:
 
         torch.manual_seed(0)
         save_artifact(create(model), work / "model")
+    (work / "descriptions.txt").write_text("".join(f"a photo with feature {i} of kind {i % 7}\n" for i in range(500)))
     for n in sizes:
         if not (work / f"train_{n}" / "finetune" / "index.json").is_file():
             write_shards(work / f"train_{n}" / "finetune", train_pairs(n), shard_size=512)
@@ -86,7 +87,7 @@ def build_inputs(work: Path, sizes: list[int], model: str = MODEL) -> None:
 N_POISONED = 32  # poisoned pairs at every N: the poison stage's cost should not depend on N
 
 
-def stage_params(n: int, paper_batches: bool = False) -> dict[str, str]:
+def stage_params(n: int, work: Path, paper_batches: bool = False) -> dict[str, str]:
     """--params JSON per stage, from configs/paper.yaml (the real-scale values) with the benchmark's sizes."""
     sys.path.insert(0, str(ROOT / "src"))
     from clipbackdoor.config import get_dotted, load_yaml
@@ -129,6 +130,8 @@ def stage_params(n: int, paper_batches: bool = False) -> dict[str, str]:
         "prototypes": pick("prototypes"),
         "defend": pick("defend", "poison.target", poison__target="class3"),
         "mmd": pick("analysis", analysis__mmd_images=64),
+        # a pool file of 500 descriptions (the paper's 3,498 add O(texts x d), not O(rows))
+        "textspan": pick("analysis", analysis__textspan_pool=str(work / "descriptions.txt")),
         "detect": pick("detect", "attacks.badnet", "poison.target", detect=detect, attacks__badnet=badnet,
                        poison__target="class3"),
     }
@@ -160,6 +163,10 @@ def commands(work: Path, n: int, params: dict[str, str]) -> list[tuple[str, list
                           str(out / "defend.parquet")]),
         ("mmd", cli + ["mmd", "--params", params["mmd"], "--clean", str(clean), "--triggered", str(trig),
                        "--prototypes", str(protos), "--out", str(out / "mmd.csv")]),
+        ("textspan", cli + ["textspan", "--params", params["textspan"], "--clean-model", str(m), "--model", str(m),
+                            "--clean-decomps", str(clean), str(trig), "--decomps", str(clean), str(trig),
+                            "--prototypes", str(protos), "--csv", str(out / "textspan.csv"), "--md",
+                            str(out / "textspan.md")]),
         ("cleanclip", cli + ["cleanclip", "--params", params["cleanclip"], "--run", TRIGGER, "--model", str(m),
                              "--clean-dir", str(work / f"train_{n}" / "finetune"), "--out", str(out / "cleanclip"),
                              "--threads", "2"]),
@@ -207,7 +214,7 @@ def main() -> None:
     sizes = [int(v) for v in args.sizes.split(",")] if args.sizes else [args.n, 8 * args.n]
     if args.prepare:  # builds the inputs and prints each size's stage parameters
         build_inputs(work, sizes, args.model)
-        print(json.dumps({str(n): stage_params(n, args.paper_batches) for n in sizes}))
+        print(json.dumps({str(n): stage_params(n, work, args.paper_batches) for n in sizes}))
         return
     # Inputs and parameters come from a subprocess: this process forks the stages, and Linux carries a parent's
     # RSS high-water mark into a forked child's ru_maxrss (even across exec), so a parent that had imported torch
@@ -221,6 +228,7 @@ def main() -> None:
     print(f"(this process: {floor:.0f} MiB peak, the floor of every figure below)")
     env = {**os.environ, "PYTHONPATH": str(Path(args.src).resolve()), "OMP_NUM_THREADS": "2"}
     only = set(filter(None, args.stages.split(",")))
+    command = " ".join(["python", "benchmarks/memory_scaling.py", *sys.argv[1:]])
     rows: dict[str, dict] = {}
     for n in sizes:
         for name, argv in commands(work, n, params[str(n)]):
@@ -228,6 +236,7 @@ def main() -> None:
                 continue
             rss, wall = run_measured(argv, env)
             rows.setdefault(name, {})[str(n)] = {"peak_rss_mib": round(rss, 1), "wall_s": round(wall, 2)}
+            rows[name]["measured_by"] = f"{command} ({time.strftime('%Y-%m-%d')})"  # partial reruns keep theirs
             if name == "poison":  # what the stage wrote: a copy of every pair, or only the poisoned ones
                 written = sum(f.stat().st_size for f in (work / f"out_{n}" / "poisoned").rglob("*") if f.is_file())
                 rows[name][str(n)]["bytes_written"] = written
@@ -254,7 +263,7 @@ def main() -> None:
         rows = {**doc[args.label]["stages"], **rows}
     doc[args.label] = {"n": sizes, "image_size": IMAGE_SIZE, "model": args.model, "src": args.src,
                        "paper_batches": args.paper_batches, "parent_rss_mib": round(floor, 1),
-                       "command": " ".join(["python", "benchmarks/memory_scaling.py", *sys.argv[1:]]),
+                       "command": command,
                        "date": time.strftime("%Y-%m-%d"), "stages": rows}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")

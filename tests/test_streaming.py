@@ -159,3 +159,46 @@ def test_zero_shot_accuracy_streams_the_evaluation_set(world_dirs, micro_model):
     in_memory = float((predict(image_embeddings(loaded, split["images"], 16), cls) == split["labels"]).float().mean())
     streamed = evaluate_zeroshot(loaded, {"world": ev}, ZeroShotConfig(templates="embedded", batch_size=16))
     assert streamed == {"zeroshot_top1/world": in_memory}
+
+
+def svd_textspan(outputs: np.ndarray, texts: np.ndarray, m: int, rank: int) -> list[tuple[int, float]]:
+    """TEXTSPAN as written in the paper / clip_text_span, on the whole output matrix (SVD, explicit centring and
+    deflation): the specification the streamed moments must reproduce."""
+    c = outputs.astype(np.float64)
+    basis = np.linalg.svd(c, full_matrices=False)[2][:rank]
+    t = texts.astype(np.float64) @ basis.T @ basis
+    c = c - c.mean(axis=0)
+    picked = []
+    for _ in range(m):
+        units = t / np.linalg.norm(t, axis=1, keepdims=True)
+        var = (c @ units.T).var(axis=0)
+        var[[j for j, _ in picked]] = -1
+        j = int(np.argmax(var))
+        picked.append((j, float(var[j])))
+        c, t = c - np.outer(c @ units[j], units[j]), t - np.outer(t @ units[j], units[j])
+    return picked
+
+
+def test_textspan_from_streamed_moments_equals_the_whole_matrix_svd(caches):
+    from clipbackdoor.textspan import component_outputs, stream_moments, textspan_from_moments
+
+    rng = np.random.default_rng(3)
+    texts = rng.normal(size=(40, D))
+    rows = np.arange(5, N, 3)  # a subset spanning all three row groups
+    moments = stream_moments([caches / "clean.parquet", caches / "trig.parquet"], rows)
+    whole = {name: np.concatenate([component_outputs(read_decomposition(caches / f"{f}.parquet", rows=rows))[name]
+                                   for f in ("clean", "trig")]) for name in moments.sums}
+    assert set(whole) == {f"L{L - 1}H{h}" for h in range(H)} | {f"L{l}_mlp" for l in range(L)}
+    assert moments.n == 2 * len(rows)
+    for name, outputs in whole.items():
+        # a truncated span and the full one; m < rank: once a span's last direction is left, every text points
+        # along it and the pick is a tie broken by rounding
+        for rank, m in ((4, 3), (D, 5)):
+            got = textspan_from_moments(moments.n, moments.sums[name], moments.grams[name], texts, m, rank)
+            want = svd_textspan(outputs, texts, m, rank)
+            assert [j for j, _ in got] == [j for j, _ in want], (name, rank)
+            assert np.allclose([v for _, v in got], [v for _, v in want], rtol=1e-9, atol=1e-12), (name, rank)
+    # the planted trigger direction (L1H2 += 2 e_3 on triggered images) carries the most variance of L1H2
+    planted = textspan_from_moments(moments.n, moments.sums[f"L{L - 1}H2"], moments.grams[f"L{L - 1}H2"],
+                                    np.eye(D), 1, D)
+    assert planted[0][0] == 3 and planted[0][1] > 0.9  # var of a 0/2 shift on half the images = 1

@@ -41,6 +41,19 @@ def image_embeddings(loaded: LoadedModel, images: torch.Tensor, batch_size: int 
     return torch.cat(out)
 
 
+@torch.no_grad()
+def text_embeddings(loaded: LoadedModel, texts: list[str], batch_size: int = 256) -> torch.Tensor:
+    """Texts -> unit-norm text embeddings [len(texts), d] on the host, ``batch_size`` texts at a time (a pool of
+    thousands of descriptions in one batch would hold every layer's activations of all of them)."""
+    device = next(loaded.model.parameters()).device
+    out = []
+    for i in range(0, len(texts), batch_size):
+        with autocast(device):
+            out.append(F.normalize(loaded.model.encode_text(loaded.tokenizer(texts[i:i + batch_size]).to(device))
+                                   .float(), dim=-1).cpu())
+    return torch.cat(out)
+
+
 def predict(image_emb: torch.Tensor, class_emb: torch.Tensor) -> torch.Tensor:
     """[N, d] x [C, d] -> predicted class indices [N]."""
     return (image_emb @ class_emb.T).argmax(dim=-1)
