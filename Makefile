@@ -8,7 +8,7 @@ GPU_RES = $(if $(filter-out 0,$(GPUS)),--resources gpu=$(GPUS))
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup run lock pull-decomp defenses abd b2 rehearsal test test-slow lint dvc-yaml clean-results
+.PHONY: setup run html-report lock pull-decomp defenses abd b2 rehearsal test test-slow lint dvc-yaml clean-results
 
 # torch first, from the exact pin (a CPU build where one is provided; never a newer range: that pulls
 # GBs of CUDA wheels), then everything else under the same constraints so nothing can move torch.
@@ -25,6 +25,10 @@ run: setup
 	snakemake all --cores $(CORES) $(GPU_RES)
 	-python -m clipbackdoor lock  # (a copy outside git/DVC still gets its results table)
 	python -m clipbackdoor report
+
+html-report: setup  # report.html (every table, figure and page, captioned) and, where Chromium exists, report.png
+	snakemake --report report.html --cores 1
+	python -m clipbackdoor report-screenshot --report report.html --out report.png
 
 lock: setup  # after any `snakemake` run of params.yaml: record the completed stages in dvc.lock (then dvc push)
 	python -m clipbackdoor lock

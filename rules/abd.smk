@@ -99,7 +99,7 @@ rule abd_tables:
         summary="results/metrics/summary.csv",
         similarity=[abd_similarity_path(r) for r in RUNS],
     output:
-        [report(f"results/tables/abd_{t}.md", category="Tables") for t in ("table1", "table2", "table3", "fig2")],
+        [f for t in ("table1", "table2", "table3", "fig2") for f in table_outputs(f"results/tables/abd_{t}", "abd", "abd_table")],
     resources:
         mem_mb=mem_mb("abd_tables"),
         runtime=runtime("abd_tables"),

@@ -2,7 +2,8 @@
 # the figures not made by `figures` (1, 6, 8).
 
 ANALYSIS = "analysis" in config
-TABLES = [f"results/tables/table{i}.md" for i in range(1, 6)]
+# each table as Markdown (+ HTML for the report), CSV (plots) and LaTeX (booktabs)
+TABLES = [f"results/tables/table{i}.{ext}" for i in range(1, 6) for ext in TABLE_FORMATS]
 
 
 def mmd_path(run, evalset):
@@ -42,7 +43,8 @@ rule textspan:
         pool=lambda wc: [] if config["analysis"]["textspan_pool"] == "embedded" else [config["analysis"]["textspan_pool"]],
     output:
         csv="results/analysis/textspan/{run}_{evalset}.csv",
-        md=report("results/analysis/textspan/{run}_{evalset}.md", category="TEXTSPAN"),
+        md="results/analysis/textspan/{run}_{evalset}.md",
+        html=report_item("results/analysis/textspan/{run}_{evalset}.html", "analyses", "textspan", "TEXTSPAN"),
     params:
         cfg=lambda wc: params_json("analysis", *(["data.world"] if EMBEDDED else [])),
     threads: JOB_THREADS
@@ -65,10 +67,10 @@ rule tables:
         summary="results/metrics/summary.csv",
         mmd=[mmd_path(r, run_eval(r)) for r in RUNS] if ANALYSIS else [],
     output:
-        tables=[report(t, category="Tables") for t in TABLES],
-        fig1=report("results/figures/fig1_ablate_all.png", category="Figures"),
-        fig6=report("results/figures/fig6_eps_sweep.png", category="Figures"),
-        fig8=report("results/figures/fig8_cacc_mmd.png", category="Figures"),
+        tables=[f for i in range(1, 6) for f in table_outputs(f"results/tables/table{i}", "baselines" if i == 2 else "core")],
+        fig1=report_item("results/figures/fig1_ablate_all.png", "core", "fig_ablate_all", "Figures"),
+        fig6=report_item("results/figures/fig6_eps_sweep.png", "core", "fig_eps_sweep", "Figures"),
+        fig8=report_item("results/figures/fig8_cacc_mmd.png", "analyses", "fig_mmd", "MMD"),
     params:
         cfg=stage_params("defend.fixed_heads"),
         mmd=[f"{r}={mmd_path(r, run_eval(r))}" for r in RUNS] if ANALYSIS else [],

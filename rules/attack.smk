@@ -88,7 +88,7 @@ rule poison:
     output:
         shards=directory("data/poisoned/{run}"),
         manifest="data/poisoned/{run}.manifest.parquet",
-        preview="results/attacks/{run}.png",
+        preview=report_item("results/attacks/{run}.png", "attacks", "attack_preview", "Trigger previews"),
     params:
         cfg=lambda wc: params_json(f"attacks.{attack_of(wc.run)}", target_key(wc.run), "poison.caption_templates",
                                     "data.image_size"),

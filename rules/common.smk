@@ -10,6 +10,7 @@ from clipbackdoor.runs import parse_run, run_evals
 from clipbackdoor.config import eval_targets, load_yaml, moot_settings, names_local_path, validate_params
 from clipbackdoor.dvcgen import shape_params
 from clipbackdoor.errors import EXIT_USER_ERROR, UserError
+from clipbackdoor.tables import FORMATS as TABLE_FORMATS
 
 try:
     # params.yaml through the project's one loading path (bytes, aliases, budgets, finite numbers), unless a
@@ -221,23 +222,40 @@ DETECT_OUTPUTS = {f"{r}:{r}:{e}": detect_path(r, e, r) for r in RUNS for e in RU
 # seed 001's defenses and their results, computed from cached decompositions alone (`make defenses`)
 DEFENSE_TARGETS = [
     "results/metrics/summary.csv",
-    "results/metrics/summary.md",
-    "results/metrics/summary.json",
+    "results/metrics/summary.html",  # (each page's Markdown is written with its HTML twin)
+    "results/metrics/headline.json",
     "results/figures/fig2_layerwise_ablation.png",
     "results/figures/fig5_prototype_cosine.png",
-    *[f"results/tables/table{i}.md" for i in range(1, 6)],
+    "results/figures/roc_detectors.png",
+    *[f"results/tables/table{i}.html" for i in range(1, 6)],
     "results/figures/fig1_ablate_all.png",
     "results/figures/fig6_eps_sweep.png",
     "results/figures/fig8_cacc_mmd.png",
 ]
 ALL_TARGETS = list(DEFENSE_TARGETS)
 if set(REPAIRS) & set(ABD_ARMS):  # seed 002's Fig. 2 and Tables I-III
-    ALL_TARGETS += [f"results/tables/abd_{t}.md" for t in ("table1", "table2", "table3", "fig2")]
+    ALL_TARGETS += [f"results/tables/abd_{t}.html" for t in ("table1", "table2", "table3", "fig2")]
 if "analysis" in config:  # TEXTSPAN descriptions of every attacked model (Figures 3-4 analogues)
-    ALL_TARGETS += [f"results/analysis/textspan/{r}_{e}.md" for r in RUNS for e in RUN_EVALS[r]]
+    ALL_TARGETS += [f"results/analysis/textspan/{r}_{e}.html" for r in RUNS for e in RUN_EVALS[r]]
 # Seed 000's B² audit: part of `all` exactly when the parameters have a `b2` section (configs/b2.yaml, the
 # real-scale profiles), so `snakemake all` and dvc.yaml's stages (generated from the same DAG) always agree.
 B2 = "b2" in config
-B2_OUTPUTS = ["results/tables/b2_audit.md", "results/metrics/b2.csv", "results/figures/b2_t2i_samples.png"]
+B2_OUTPUTS = ["results/tables/b2_audit.html", "results/metrics/b2.csv", "results/figures/b2_t2i_samples.png"]
 if B2:
     ALL_TARGETS += B2_OUTPUTS
+
+
+# The HTML report (snakemake --report report.html) in the study's order: each item has a caption
+# (rules/captions/*.rst) and a section; Markdown pages are shown through their HTML twins.
+REPORT_SECTIONS = {"attacks": "1. Attacks", "core": "2. Core study", "baselines": "3. Baselines and detectors",
+                   "analyses": "4. Analyses", "abd": "5. ABD (seed 002)", "b2": "6. B2 audit (seed 000)"}
+
+
+def report_item(path, section, caption, subcategory=None):
+    return report(path, caption=f"captions/{caption}.rst", category=REPORT_SECTIONS[section], subcategory=subcategory)
+
+
+def table_outputs(stem, section, caption="table"):
+    """A table's files (Markdown, its HTML twin in the report, CSV, LaTeX)."""
+    return [report_item(f"{stem}.html", section, caption, "Tables") if ext == "html" else f"{stem}.{ext}"
+            for ext in TABLE_FORMATS]

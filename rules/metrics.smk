@@ -8,8 +8,9 @@ rule summary:
         detect=list(DETECT_OUTPUTS.values()),
     output:
         csv="results/metrics/summary.csv",
-        md=report("results/metrics/summary.md", category="Results"),
-        json="results/metrics/summary.json",
+        md="results/metrics/summary.md",
+        html=report_item("results/metrics/summary.html", "core", "summary"),
+        headline="results/metrics/headline.json",
     params:
         # + the keys that shape the stage graph: which runs and sets the summary covers (under DVC, an edit of
         # one reaches this stage, which then asks for a regenerated dvc.yaml -- never silently ignored)
@@ -26,7 +27,7 @@ rule summary:
         bench_path("summary")
     shell:
         "python -m clipbackdoor summarize --params {params.cfg:q} --models {params.models:q}"
-        " --defend {params.defend:q} --csv {output.csv} --md {output.md} --json {output.json} --log {log}"
+        " --defend {params.defend:q} --csv {output.csv} --md {output.md} --headline {output.headline} --log {log}"
 
 
 # One seed per attack in Figure 5 keeps it readable; Figure 2 averages over seeds.
@@ -34,19 +35,28 @@ FIG_EVAL = EVAL_SETS[0]
 FIG5_RUNS = [next(r for r in RUNS if attack_of(r) == a and FIG_EVAL in RUN_EVALS[r]) for a in ATTACKS]
 
 
+def roc_tables(run):
+    """The per-image detection scores of a run on FIG_EVAL: its defend table (Decomp-Det) and detect table."""
+    key = f"{run}:{run}:{FIG_EVAL}"
+    return [DEFEND_OUTPUTS[key]] + ([DETECT_OUTPUTS[key]] if key in DETECT_OUTPUTS else [])
+
+
 rule figures:
     input:
         summary="results/metrics/summary.csv",
         decomps=[decomp_path(r, FIG_EVAL, t) for r in FIG5_RUNS for t in ("none", r)],
         prototypes=[f"data/prototypes/{r}/{FIG_EVAL}.safetensors" for r in FIG5_RUNS],
+        scores=[p for r in FIG5_RUNS for p in roc_tables(r)],
     output:
-        layerwise=report("results/figures/fig2_layerwise_ablation.png", category="Figures"),
-        proto_cosine=report("results/figures/fig5_prototype_cosine.png", category="Figures"),
+        layerwise=report_item("results/figures/fig2_layerwise_ablation.png", "core", "fig_layerwise", "Figures"),
+        proto_cosine=report_item("results/figures/fig5_prototype_cosine.png", "core", "fig_proto_cosine", "Figures"),
+        roc=report_item("results/figures/roc_detectors.png", "baselines", "fig_roc", "Figures"),
     params:
         runs=[
             f"{r}={decomp_path(r, FIG_EVAL, 'none')},{decomp_path(r, FIG_EVAL, r)},data/prototypes/{r}/{FIG_EVAL}.safetensors"
             for r in FIG5_RUNS
         ],
+        scores=[f"{r}={','.join(roc_tables(r))}" for r in FIG5_RUNS],
     resources:
         mem_mb=mem_mb("figures"),
         runtime=runtime("figures"),
@@ -55,5 +65,5 @@ rule figures:
     benchmark:
         bench_path("figures")
     shell:
-        "python -m clipbackdoor figures --summary {input.summary} --runs {params.runs:q}"
-        " --layerwise {output.layerwise} --proto-cosine {output.proto_cosine} --log {log}"
+        "python -m clipbackdoor figures --summary {input.summary} --runs {params.runs:q} --scores {params.scores:q}"
+        " --layerwise {output.layerwise} --proto-cosine {output.proto_cosine} --roc {output.roc} --log {log}"

@@ -11,7 +11,7 @@ from clipbackdoor.abd_finetune import run_abd_finetune
 from clipbackdoor.abd_similarity import similarity_row
 from clipbackdoor.config import AbdFinetuneConfig, AbdGeneratorConfig, OptimConfig
 from clipbackdoor.models import load_artifact
-from clipbackdoor.report import COLUMNS
+from clipbackdoor.report import summary_frame
 from clipbackdoor.shards import load_split
 from clipbackdoor.tables import write_abd_tables
 
@@ -143,15 +143,17 @@ def test_abd_tables_and_claim_checks(tmp_path):
             ("badnet", "abd_img_only", 0.10, 0.95), ("badnet", "finetune_clean", 0.90, 0.96),
             ("blended", "none", 0.87, 0.97), ("blended", "cleanclip", 0.07, 0.96), ("blended", "abd", 0.09, 0.96),
             ("blended", "uap", 0.20, 0.96), ("blended", "uap_lbd", 0.25, 0.96)]
-    pd.DataFrame([{"attack": a, "defense": d, "variant": "-", "seed": 0, "eval_set": "world", "asr": asr, "cacc": c}
-                  for a, d, asr, c in rows]).reindex(columns=COLUMNS).to_csv(tmp_path / "s.csv", index=False)
+    summary_frame([{"attack": a, "repair": "-" if d == "none" else d, "defense": "none", "variant": "-", "seed": 0,
+                    "eval_set": "world", "asr": asr, "cacc": c} for a, d, asr, c in rows]).to_csv(tmp_path / "s.csv",
+                                                                                                 index=False)
     sim = tmp_path / "sim.csv"
     pd.DataFrame([{"run": "badnet-s0", "encoder": "poisoned", "perturbation": "patch.uap_lbd", "n_images": 4,
                    "clean_img/own_caption": 25.0, "triggered_img/target_caption": 28.5, "adv_img/own_caption": 19.8,
                    "adv_img/target_caption": 16.0, "adv_img/unrelated_caption": 5.0, "adv_target_rate": 0.5,
                    "cos_adv_triggered": 0.9}]).to_csv(sim, index=False)
     paths = write_abd_tables(tmp_path / "s.csv", [str(sim)], tmp_path / "t")
-    assert [p.name for p in paths] == ["abd_table1.md", "abd_table2.md", "abd_table3.md", "abd_fig2.md"]
+    assert [p.name for p in paths] == [f"abd_{t}.{ext}" for t in ("table1", "table2", "table3", "fig2")
+                                       for ext in ("md", "html", "csv", "tex")]
     t1 = (tmp_path / "t/abd_table1.md").read_text()
     assert "| Ours (ABD) | 5.00 | 94.00 | 9.00 | 96.00 |" in t1 and "| RoCLIP | 83.00 | 93.00 | - | - |" in t1
     assert "BadNet: ABD ASR 5.00 vs CleanCLIP 16.00" in t1 and t1.count("**yes**") == 2  # BadNet ABD, BadNet L_bd

@@ -144,3 +144,26 @@ def test_asr_definitions_on_a_hand_made_case():
     assert asr_all == pytest.approx(3 / 5)  # all triggered images predicted as target
     assert clean_accuracy(pred, labels) == pytest.approx(2 / 5)
     assert detection_auroc(np.array([0.1, 0.2]), np.array([0.3, 0.15])) == pytest.approx(0.75)
+
+
+def test_bootstrap_auroc_draws_are_the_resampled_roc_aucs_and_intervals_are_seeded():
+    from sklearn.metrics import roc_auc_score
+
+    from clipbackdoor.metrics import auroc_draws, bootstrap_auroc, bootstrap_rate, row_rng
+
+    rng = np.random.default_rng(0)
+    neg, pos = rng.integers(0, 6, 40).astype(float), rng.integers(2, 9, 30).astype(float)  # many ties
+    draws = auroc_draws(neg, pos, np.random.default_rng(5), draws=7, chunk=3)
+    replay = np.random.default_rng(5)
+    expected = []
+    for b in (3, 3, 1):  # the same picks, chunk by chunk, scored by scikit-learn
+        i0, i1 = replay.integers(0, 40, (b, 40)), replay.integers(0, 30, (b, 30))
+        expected += [roc_auc_score(np.r_[np.zeros(40), np.ones(30)], np.r_[neg[a], pos[c]]) for a, c in zip(i0, i1)]
+    assert np.allclose(draws, expected, atol=1e-12)
+    lo, hi = bootstrap_auroc(neg, pos, row_rng(0, "x"))
+    assert lo < detection_auroc(neg, pos) < hi and hi - lo < 0.4
+    assert (lo, hi) == bootstrap_auroc(neg, pos, row_rng(0, "x")) != bootstrap_auroc(neg, pos, row_rng(1, "x"))
+    # a proportion's interval narrows as 1/sqrt(n)
+    small, large = bootstrap_rate(30, 100, row_rng(0, "r")), bootstrap_rate(3000, 10000, row_rng(0, "r"))
+    assert small[0] < 0.3 < small[1] and large[0] < 0.3 < large[1]
+    assert 7 < (small[1] - small[0]) / (large[1] - large[0]) < 13

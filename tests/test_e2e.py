@@ -88,16 +88,29 @@ def smoke_repo(tmp_path_factory):
 def test_snakemake_runs_the_pipeline_and_reruns_only_what_changed(smoke_repo):
     out = sh("snakemake --cores 2", smoke_repo)
     assert snakemake_jobs(out) == ALL
-    summary = (smoke_repo / "results/metrics/summary.csv").read_text()
-    assert summary.startswith("attack,defense,variant,seed,eval_set,target,asr,asr_all,cacc,auroc")
-    assert "clean,none,-,0,world" in summary and "badnet,decomp_rep," in summary
+    from clipbackdoor.report import read_summary
+
+    summary = read_summary(smoke_repo / "results/metrics/summary.csv")
+    assert list(summary.columns[:7]) == ["attack", "seed", "eval_set", "target", "repair", "defense", "variant"]
+    methods = set(zip(summary.attack, summary.method))
+    assert {("clean", "none"), ("badnet", "decomp_rep"), ("badnet", "cleanclip+decomp_rep"), ("badnet", "strip"),
+            ("badnet", "teco")} <= methods
+    rates = summary.dropna(subset=["asr"])  # every rate has its interval and its sample size
+    assert (rates.asr_lo <= rates.asr).all() and (rates.asr <= rates.asr_hi).all() and (rates.n_asr > 0).all()
     assert (smoke_repo / "data/benchmarks/pretrain.tsv").exists() and (smoke_repo / "data/logs/world.log").exists()
     assert (smoke_repo / "results/figures/fig5_prototype_cosine.png").stat().st_size > 10_000
-    assert "cleanclip+decomp_rep" in summary and "badnet,strip," in summary and "badnet,teco," in summary
     assert "## Position study" in (smoke_repo / "results/tables/b2_audit.md").read_text()  # B², part of `all`
     sh("snakemake --report report.html --cores 1", smoke_repo)  # tables, figures, TEXTSPAN in the HTML report
     html = (smoke_repo / "report.html").read_text(errors="replace")
-    assert all(name in html for name in ("table1.md", "table5.md", "fig6_eps_sweep.png", "badnet-s0_world.md"))
+    assert all(name in html for name in ("table1.html", "table5.html", "fig6_eps_sweep.png", "badnet-s0_world.html",
+                                         "roc_detectors.png", "summary.html", "badnet-s0.png", "preview.png"))
+    assert all(section in html for section in ("1. Attacks", "2. Core study", "3. Baselines and detectors"))
+    from clipbackdoor.screenshot import find_browser, screenshot_report
+
+    if find_browser():  # (no browser on the CI machine: `make html-report` where there is one)
+        png = screenshot_report(smoke_repo / "report.html", smoke_repo / "report.png",
+                                ["2. Core study", "Tables", "results/tables/table1.html"])
+        assert png.stat().st_size > 20_000
 
     assert "Nothing to be done" in sh("snakemake -n --cores 2", smoke_repo)
     set_param(smoke_repo, "pretrain", "steps", 31)  # a pretraining edit: pretraining and what depends on it
@@ -227,13 +240,14 @@ def test_every_attack_runs_end_to_end_on_the_smoke_profile(tmp_path):
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = sh("snakemake all --cores 2", repo)
     assert {"badclip_patch", "issba_codec", "lc_adversarial"} <= snakemake_jobs(out)
-    import pandas as pd
 
-    summary = pd.read_csv(repo / "results/metrics/summary.csv")
+    from clipbackdoor.report import read_summary
+
+    summary = read_summary(repo / "results/metrics/summary.csv")
     for attack in REGISTRY:
         rows = summary[summary.attack == attack]
         assert {"none", "decomp_rep", "decomp_rep_heads", "decomp_rep_mlp", "decomp_det", "cleanclip",
-                "cleanclip+decomp_rep", "roclip", "roclip+decomp_rep", "strip", "scaleup", "teco"} <= set(rows.defense), attack
+                "cleanclip+decomp_rep", "roclip", "roclip+decomp_rep", "strip", "scaleup", "teco"} <= set(rows.method), attack
         assert (repo / f"results/attacks/{attack}-s0.png").exists(), attack
     assert (repo / "results/attacks/badclip-s0_patch.png").exists()
     assert (repo / "results/attacks/issba-s0_codec.png").exists()
@@ -244,7 +258,6 @@ def test_every_attack_runs_end_to_end_on_the_smoke_profile(tmp_path):
 
 def test_abd_study_runs_end_to_end_on_the_smoke_profile(tmp_path):
     """Seed 002's study on the smoke world: generator -> every ABD arm -> decompose/defend -> Tables I-III, Fig. 2."""
-    import pandas as pd
 
     repo = copy_repo(tmp_path / "repo")
     params = yaml.safe_load((repo / "configs" / "smoke.yaml").read_text())
@@ -255,10 +268,12 @@ def test_abd_study_runs_end_to_end_on_the_smoke_profile(tmp_path):
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = sh("snakemake all --cores 2", repo)
     assert {"abd_generator", "abd_finetune", "abd_similarity", "abd_tables"} <= snakemake_jobs(out)
-    summary = pd.read_csv(repo / "results/metrics/summary.csv")
+    from clipbackdoor.report import read_summary
+
+    summary = read_summary(repo / "results/metrics/summary.csv")
     for attack in ("badnet", "blended"):
         assert {"none", "cleanclip", "roclip", "abd", "abd+decomp_rep", "abd_img_only", "abd_eda_only",
-                "finetune_clean", "uap", "uap_lbd"} <= set(summary[summary.attack == attack].defense), attack
+                "finetune_clean", "uap", "uap_lbd"} <= set(summary[summary.attack == attack].method), attack
     fig2 = (repo / "results/tables/abd_fig2.md").read_text()
     assert sum(line.startswith("| badnet-s0 |") or line.startswith("| blended-s0 |") for line in fig2.splitlines()) == 16
     table1 = (repo / "results/tables/abd_table1.md").read_text()

@@ -82,15 +82,14 @@ def test_tables_follow_the_profiles_eval_set_order():
 
 
 def test_tables_and_summary_name_the_target(tmp_path):
-    import pandas as pd
-
+    from clipbackdoor.report import summary_frame, with_method
     from clipbackdoor.tables import table1, table4
 
-    rows = [{"attack": "badnet", "defense": "none", "variant": "-", "seed": 0, "eval_set": e, "target": t,
-             "asr": 0.9, "cacc": 0.5} for e, t in (("imagenet", "banana"), ("pets", "Samoyed"))]
-    df = pd.DataFrame(rows)
-    assert "`imagenet` (target `banana`)" in table1(df, "imagenet")
-    assert "pets (target Samoyed) ASR" in table4(df, ["imagenet", "pets"])
+    rows = [{"attack": "badnet", "repair": "-", "defense": "none", "variant": "-", "seed": 0, "eval_set": e,
+             "target": t, "asr": 0.9, "cacc": 0.5} for e, t in (("imagenet", "banana"), ("pets", "Samoyed"))]
+    df = with_method(summary_frame(rows))
+    assert "`imagenet` (target `banana`)" in table1(df, "imagenet").markdown()
+    assert "pets (target Samoyed) ASR" in table4(df, ["imagenet", "pets"]).markdown()
 
 
 # --- OpenAI templates, preprocessing, clean subsets, captions --------------------------------------------------------

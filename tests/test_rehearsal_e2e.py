@@ -55,7 +55,7 @@ def test_every_rule_of_the_paper_graph_completes(rehearsed):
 
 def test_each_eval_set_is_scored_on_the_model_backdoored_towards_its_target(rehearsed):
     df = pd.read_csv(rehearsed / "results" / "metrics" / "summary.csv")
-    attacked = df[(df.attack != "clean") & (df.defense == "none")]
+    attacked = df[(df.attack != "clean") & (df.repair == "-") & (df.defense == "none")]
     got = dict(attacked.groupby("eval_set").target.agg(lambda t: ",".join(sorted(set(t)))))
     assert got == {"imagenet": "banana", "caltech101": "accordion", "pets": "Samoyed"}
     assert set(attacked.attack) == {"badnet", "blended"}

@@ -1,12 +1,12 @@
 """The computed findings of summary.md on a fixture table."""
 
-import pandas as pd
 
-from clipbackdoor.report import COLUMNS, findings
+from clipbackdoor.report import findings, summary_frame, with_method
 
 
 def _row(attack, defense, variant="-", seed=0, **metrics):
-    return {"attack": attack, "defense": defense, "variant": variant, "seed": seed, "eval_set": "world", **metrics}
+    return {"attack": attack, "repair": "-", "defense": defense, "variant": variant, "seed": seed, "eval_set": "world",
+            **metrics}
 
 
 def test_findings_say_whether_the_localisation_reproduces_and_what_the_defenses_do():
@@ -23,7 +23,7 @@ def test_findings_say_whether_the_localisation_reproduces_and_what_the_defenses_
                  _row("blended", "ablate_all_mlps", seed=seed, asr=0.9, cacc=0.8)]
         rows += [_row("badnet", "ablate_heads_separate", f"layer={l}", seed, asr=0.9 - 0.1 * l, cacc=0.9)
                  for l in range(3)]
-    notes = findings(pd.DataFrame(rows).reindex(columns=COLUMNS))
+    notes = findings(with_method(summary_frame(rows)))
     text = "\n".join(notes)
     assert "badnet (local trigger)" in text and "all heads -> 0.20, all MLPs -> 0.95: REPRODUCED." in text
     assert "blended (global trigger)" in text and "NOT reproduced" in text

@@ -182,7 +182,7 @@ def test_dvc_yaml_mirrors_rule_params_and_outputs():
     assert "data/attacks/badclip-s0/patch.safetensors" in stages["detect_badclip-s0_world_badclip-s0"]["deps"]
     assert "results/figures/fig6_eps_sweep.png" in doc["plots"]
     assert stages["decompose_clean_world_none"]["params"] == ["decompose"]
-    assert doc["metrics"] == ["results/metrics/summary.json"]
+    assert doc["metrics"] == ["results/metrics/headline.json"]
     assert "results/figures/fig2_layerwise_ablation.png" in doc["plots"]
     assert stages["pretrain"]["params"] == ["model", "pretrain", "seed", "zeroshot"]
     assert "src/clipbackdoor/train.py" in stages["pretrain"]["deps"]

@@ -238,7 +238,8 @@ def run_b2_audit(clip_dir, backdoored_dir, clean_dir, vocab_dir, out_csv, out_md
     """Audit every prompt's images from the backdoored and the clean generator with ``clip`` (the embedded
     world's clean CLIP; at real scale the open_clip auditor, Stable Diffusion's images resized to its input)."""
     from clipbackdoor.b2 import audit_prompts, marker_present
-    from clipbackdoor.io import atomic_path, write_text
+    from clipbackdoor.io import atomic_path
+    from clipbackdoor.pages import write_page
     from clipbackdoor.runtime import pick_device
     from clipbackdoor.shards import read_captions
     from clipbackdoor.t2i import load_auditor, open_generator, with_unet
@@ -282,7 +283,7 @@ def run_b2_audit(clip_dir, backdoored_dir, clean_dir, vocab_dir, out_csv, out_md
     df = pd.DataFrame(rows)
     with atomic_path(out_csv) as tmp:
         df.to_csv(tmp, index=False)
-    write_text(out_md, audit_markdown(df, pd.DataFrame(positions), bias_words, cfg.top_k))
+    write_page(out_md, audit_markdown(df, pd.DataFrame(positions), bias_words, cfg.top_k))
     return df
 
 

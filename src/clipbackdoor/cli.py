@@ -449,12 +449,12 @@ def cmd_summarize(args) -> None:
         model, trigger, eval_set = ids.split(":")
         entries.append({"model": model, "trigger": trigger, "eval_set": eval_set, "path": path})
     df = summarize(_name_paths(args.models), p["seed"], p["profile"], Path(args.csv), Path(args.md),
-                   Path(args.json), entries)
+                   Path(args.headline), entries)
     print(df.to_string(index=False))
 
 
 def cmd_figures(args) -> None:
-    from clipbackdoor.figures import layerwise_figure, prototype_cosine_figure
+    from clipbackdoor.figures import layerwise_figure, prototype_cosine_figure, roc_figure
 
     layerwise_figure(args.summary, args.layerwise)
     entries = []
@@ -463,6 +463,11 @@ def cmd_figures(args) -> None:
         clean, trig, protos = paths.split(",")
         entries.append((run, Path(clean), Path(trig), Path(protos)))
     prototype_cosine_figure(entries, args.proto_cosine)
+    scores = []
+    for spec in args.scores:
+        run, _, paths = spec.partition("=")
+        scores.append((run, [Path(p) for p in paths.split(",")]))
+    roc_figure(scores, args.roc)
 
 
 def cmd_dvc_yaml(args) -> None:
@@ -500,6 +505,12 @@ def cmd_report(args) -> None:
     from clipbackdoor.report import print_summary
 
     print_summary(args.files)
+
+
+def cmd_report_screenshot(args) -> None:
+    from clipbackdoor.screenshot import screenshot_report
+
+    print(screenshot_report(args.report, args.out, args.path))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -717,14 +728,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--models", nargs="+", required=True, metavar="NAME=DIR")
     sp.add_argument("--csv", required=True)
     sp.add_argument("--md", required=True)
-    sp.add_argument("--json", required=True)
+    sp.add_argument("--headline", required=True, help="the headline metrics JSON (dvc metrics)")
     sp.add_argument("--defend", nargs="*", metavar="MODEL:TRIGGER:EVALSET=PARQUET")
 
-    sp = stage("figures", cmd_figures, "Figure 2 and Figure 5 analogues from artifacts")
-    sp.add_argument("--summary", required=True)
-    sp.add_argument("--runs", nargs="+", required=True, metavar="RUN=CLEAN,TRIGGERED,PROTOTYPES")
-    sp.add_argument("--layerwise", required=True)
-    sp.add_argument("--proto-cosine", required=True)
+    sp = stage("figures", cmd_figures, "Figure 2 and Figure 5 analogues and the detection ROC curves from artifacts")
+    sp.add_argument("--summary", required=True, help="results/metrics/summary.csv")
+    sp.add_argument("--runs", nargs="+", required=True, metavar="RUN=CLEAN,TRIGGERED,PROTOTYPES",
+                    help="per attack run: its clean and triggered decompositions and prototypes (Figure 5)")
+    sp.add_argument("--scores", nargs="+", required=True, metavar="RUN=DEFEND[,DETECT]",
+                    help="per attack run: its defend table and, if detectors ran, its detect table (ROC)")
+    sp.add_argument("--layerwise", required=True, help="Figure 2 PNG")
+    sp.add_argument("--proto-cosine", required=True, help="Figure 5 PNG")
+    sp.add_argument("--roc", required=True, help="ROC curves PNG")
 
     sp = stage("dvc-yaml", cmd_dvc_yaml, "generate dvc.yaml from the Snakemake rules")
     sp.add_argument("--check", action="store_true", help="fail if the committed dvc.yaml is stale")
@@ -740,6 +755,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = stage("report", cmd_report, "print the results table")
     sp.add_argument("files", nargs="*", default=["results/metrics/summary.csv"])
+
+    sp = stage("report-screenshot", cmd_report_screenshot,
+               "a PNG of the Snakemake HTML report with one item open (headless Chromium)")
+    sp.add_argument("--report", default="report.html", help="made by: snakemake --report report.html --cores 1")
+    sp.add_argument("--out", default="report.png", help="the PNG to write")
+    sp.add_argument("--path", nargs="+", default=["2. Core study", "Tables", "results/tables/table1.html"],
+                    help="section, subsection(s) and the item to open, as the report names them")
     return parser
 
 

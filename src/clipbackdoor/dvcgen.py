@@ -229,7 +229,7 @@ def render_dvc_yaml(root: Path, jobs: list | None = None) -> str:
         name, stage = job_to_stage(job, root)
         stages[name] = stage
         plots += [str(f) for f in job.output if str(f).startswith("results/figures/")]
-    doc = {"stages": stages, "metrics": ["results/metrics/summary.json"], "plots": sorted(plots)}
+    doc = {"stages": stages, "metrics": ["results/metrics/headline.json"], "plots": sorted(plots)}
     from clipbackdoor.config import load_yaml
 
     shape = json.dumps(graph_shape(load_yaml(root / "params.yaml")), sort_keys=True, separators=(",", ":"))

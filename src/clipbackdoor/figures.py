@@ -10,6 +10,7 @@ import pandas as pd
 
 from clipbackdoor.runs import parse_run
 from clipbackdoor.io import atomic_path
+from clipbackdoor.report import read_summary
 
 
 def _plt():
@@ -21,6 +22,22 @@ def _plt():
     return plt
 
 
+def attack_colour(attack: str):
+    """One colour per attack in every figure (fixed by the attack's place among all attacks, not by which
+    attacks a profile runs), named as in the tables."""
+    from clipbackdoor.tables import PAPER_ATTACK_NAMES
+
+    order = list(PAPER_ATTACK_NAMES)
+    i = order.index(attack) if attack in order else len(order) + sum(map(ord, attack))
+    return _plt().cm.tab10.colors[i % 10]
+
+
+def attack_label(attack: str) -> str:
+    from clipbackdoor.tables import PAPER_ATTACK_NAMES
+
+    return PAPER_ATTACK_NAMES.get(attack, attack)
+
+
 def _save(fig, png) -> None:
     with atomic_path(png) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
@@ -29,29 +46,30 @@ def _save(fig, png) -> None:
 def layerwise_figure(summary_csv: str | Path, png: str | Path) -> None:
     """ASR (solid) and CACC (dotted) per layer for forward / backward / separate ablation of heads and MLPs."""
     plt = _plt()
-    df = pd.read_csv(summary_csv)
+    df = read_summary(summary_csv)
     df = df[df.attack != "clean"]
-    attacks = sorted(df.attack.unique())
+    attacks = _attack_rows(df)
     fig, axes = plt.subplots(2, 3, figsize=(13, 7), sharey=True)
-    colours = plt.cm.tab10.colors
     for r, part in enumerate(("heads", "mlps")):
         for c, mode in enumerate(("forward", "backward", "separate")):
             ax = axes[r, c]
-            for i, attack in enumerate(attacks):
-                rows = df[(df.attack == attack) & (df.defense == f"ablate_{part}_{mode}")].copy()
+            for attack in attacks:
+                rows = df[(df.attack == attack) & (df.method == f"ablate_{part}_{mode}")].copy()
                 if rows.empty:
                     continue
                 rows["layer"] = rows.variant.str.removeprefix("layer=").astype(int)
                 curve = rows.groupby("layer")[["asr", "cacc"]].mean()
-                ax.plot(curve.index, curve.asr, "-o", color=colours[i % 10], label=f"{attack} ASR", ms=3)
-                ax.plot(curve.index, curve.cacc, ":", color=colours[i % 10], label=f"{attack} CACC")
-                base = df[(df.attack == attack) & (df.defense == "none")].asr.mean()
-                ax.axhline(base, color=colours[i % 10], ls="--", lw=0.8)
+                colour = attack_colour(attack)
+                ax.plot(curve.index, curve.asr, "-o", color=colour, label=f"{attack_label(attack)} ASR", ms=3)
+                ax.plot(curve.index, curve.cacc, ":", color=colour, label=f"{attack_label(attack)} CACC")
+                base = df[(df.attack == attack) & (df.method == "none")].asr.mean()
+                ax.axhline(base, color=colour, ls="--", lw=0.8)
             ax.set_title(f"{mode} ablation of {part}", fontsize=9)
-            ax.set_xlabel("layer")
+            ax.set_xlabel("layer (0 = first)")
             ax.set_ylim(-0.02, 1.02)
+        axes[r, 0].set_ylabel(f"ASR / CACC ({part} ablated)")
     axes[0, 0].legend(fontsize=7)
-    fig.suptitle("Mean-ablation per layer (dashed: undefended ASR)")
+    fig.suptitle("Mean-ablation per layer (solid: ASR; dotted: CACC; dashed: undefended ASR)")
     fig.tight_layout()
     _save(fig, png)
     plt.close(fig)
@@ -68,6 +86,7 @@ def prototype_cosine_figure(entries: list[tuple[str, Path, Path, Path]], png: st
     n_heads = first["heads"].shape[1]
     fig, axes = plt.subplots(rows, n_heads, figsize=(1.8 * n_heads, 1.7 * rows + 0.6), squeeze=False)
     bins = np.linspace(-1, 1, 41)
+    last = first["heads"].shape[0] - 1  # the last layer's index (heads numbered L{layer}H{head} from 0)
     for r, (run, clean, trig, protos_path) in enumerate(entries):
         protos = load_prototypes(protos_path)
         cos_c, cos_t = prototype_cosines(clean, protos), prototype_cosines(trig, protos)  # [N, H]
@@ -76,9 +95,47 @@ def prototype_cosine_figure(entries: list[tuple[str, Path, Path, Path]], png: st
             ax.hist(cos_c[:, h], bins=bins, density=True, alpha=0.55, color="tab:green", label="clean")
             ax.hist(cos_t[:, h], bins=bins, density=True, alpha=0.55, color="tab:red", label="triggered")
             ax.set_yticks([])
-            ax.set_title(f"{run} H{h}" if h == 0 else f"H{h}", fontsize=7)
+            ax.set_title(f"{run} L{last}H{h}" if h == 0 else f"L{last}H{h}", fontsize=7)
+            if r == rows - 1:
+                ax.set_xlabel("cosine to prototype", fontsize=7)
+        axes[r, 0].set_ylabel("density", fontsize=7)
     axes[0, 0].legend(fontsize=6)
-    fig.suptitle("Cosine of last-layer head terms to their prototypes", fontsize=9)
+    fig.suptitle(f"Cosine of the last layer's (L{last}) head terms to their prototypes", fontsize=9)
+    fig.tight_layout()
+    _save(fig, png)
+    plt.close(fig)
+
+
+ROC_METHODS = {"decomp_det": ("Decomp-Det", "tab:red"), "strip": ("STRIP", "tab:blue"),
+               "scaleup": ("SCALE-UP", "tab:green"), "teco": ("TeCo", "tab:purple")}
+
+
+def roc_figure(entries: list[tuple[str, list[Path]]], png: str | Path) -> None:
+    """ROC curves of Decomp-Det and the input detectors, one panel per attack run: (run, [its defend table, its
+    detect table]) -> clean test images negative, triggered positive, each detector's per-image scores."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    from clipbackdoor.io import read_parquet
+
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(entries), figsize=(3.4 * len(entries), 3.6), squeeze=False)
+    for ax, (run, paths) in zip(axes[0], entries):
+        for path in paths:
+            table = read_parquet(path, made_by="the `defend` or `detect` stage").to_pandas()
+            table = table[table.defense.isin(list(ROC_METHODS))]
+            for (defense, variant), g in table.groupby(["defense", "variant"], sort=True):
+                y = (g.split == "triggered").to_numpy().astype(int)
+                fpr, tpr, _ = roc_curve(y, g.score.to_numpy())
+                name, colour = ROC_METHODS[defense]
+                mode = variant.split(",")[0] if defense == "teco" else ""
+                ax.plot(fpr, tpr, color=colour, ls=":" if mode == "compounding" else "-", lw=1.2,
+                        label=f"{name}{' ' + mode if mode else ''} ({roc_auc_score(y, g.score.to_numpy()):.3f})")
+        ax.plot([0, 1], [0, 1], color="0.6", lw=0.6, ls="--")
+        ax.set_title(run, fontsize=9)
+        ax.set_xlabel("false positive rate (clean flagged)")
+        ax.set_ylabel("true positive rate (triggered flagged)")
+        ax.legend(fontsize=6, loc="lower right", title="AUROC", title_fontsize=6)
+    fig.suptitle("Detection ROC: Decomp-Det vs input detectors (dashed: chance)", fontsize=9)
     fig.tight_layout()
     _save(fig, png)
     plt.close(fig)
@@ -91,23 +148,25 @@ def _attack_rows(df: pd.DataFrame) -> list[str]:
 def ablation_bars_figure(summary_csv: str | Path, png: str | Path) -> None:
     """Figure 1: ASR and CACC with all MLPs or all heads mean-ablated, per attack (dashes: undefended)."""
     plt = _plt()
-    df = pd.read_csv(summary_csv)
+    df = read_summary(summary_csv)
     attacks = _attack_rows(df)
     fig, axes = plt.subplots(1, 2, figsize=(max(6, 1.3 * len(attacks) + 3), 3.6), sharey=True)
     x = np.arange(len(attacks))
     for ax, metric in zip(axes, ("asr", "cacc")):
         for k, (defense, label, colour) in enumerate((("ablate_all_mlps", "w/o all MLPs", "tab:blue"),
                                                      ("ablate_all_heads", "w/o all heads", "tab:orange"))):
-            vals = [df[(df.attack == a) & (df.defense == defense)][metric].mean() for a in attacks]
+            vals = [df[(df.attack == a) & (df.method == defense)][metric].mean() for a in attacks]
             ax.bar(x + (k - 0.5) * 0.38, vals, 0.38, label=label, color=colour)
-        base = [df[(df.attack == a) & (df.defense == "none")][metric].mean() for a in attacks]
+        base = [df[(df.attack == a) & (df.method == "none")][metric].mean() for a in attacks]
         ax.hlines(base, x - 0.4, x + 0.4, colors="k", linestyles="--", lw=1, label="undefended")
-        ax.set_xticks(x, attacks, rotation=30, fontsize=8)
+        ax.set_xticks(x, [attack_label(a) for a in attacks], rotation=30, fontsize=8)
         ax.set_title(metric.upper(), fontsize=9)
+        ax.set_ylabel(metric.upper())
         ax.set_ylim(0, 1.02)
-    axes[0].legend(fontsize=7)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7, frameon=False)  # below the bars, not on them
     fig.suptitle("Mean-ablation of all MLPs or all attention heads", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     _save(fig, png)
     plt.close(fig)
 
@@ -115,17 +174,18 @@ def ablation_bars_figure(summary_csv: str | Path, png: str | Path) -> None:
 def eps_sweep_figure(summary_csv: str | Path, png: str | Path) -> None:
     """Figure 6: Decomp-Rep with one fixed eps for every head: ASR and CACC against eps, per attack."""
     plt = _plt()
-    df = pd.read_csv(summary_csv)
-    rows = df[df.defense == "decomp_rep_sweep"].copy()
+    df = read_summary(summary_csv)
+    rows = df[df.method == "decomp_rep_sweep"].copy()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharex=True)
     if not rows.empty:
         rows["eps"] = rows.variant.str.extract(r"eps=([-0-9.e]+)")[0].astype(float)
-        for i, attack in enumerate(sorted(rows.attack.unique())):
+        for attack in _attack_rows(rows):
             curve = rows[rows.attack == attack].groupby("eps")[["asr", "cacc"]].mean()
             for ax, metric in zip(axes, ("asr", "cacc")):
-                ax.plot(curve.index, curve[metric], "-o", ms=3, label=attack, color=plt.cm.tab10.colors[i % 10])
+                ax.plot(curve.index, curve[metric], "-o", ms=3, label=attack_label(attack), color=attack_colour(attack))
     for ax, metric in zip(axes, ("ASR", "CACC")):
         ax.set_xlabel("eps (cosine threshold)")
+        ax.set_ylabel(metric)
         ax.set_title(metric, fontsize=9)
         ax.set_ylim(-0.02, 1.02)
     axes[0].legend(fontsize=7)
@@ -139,24 +199,24 @@ def mmd_cacc_figure(summary_csv: str | Path, mmd_csvs: dict[str, Path], png: str
     """Figure 8: (a-c) CACC of forward / backward / separate ablation of heads (top) and MLPs (bottom);
     (d) layer-wise MMD between clean and triggered terms of the heads (top) and MLPs (bottom)."""
     plt = _plt()
-    df = pd.read_csv(summary_csv)
+    df = read_summary(summary_csv)
     attacks = _attack_rows(df)
-    colours = {a: plt.cm.tab10.colors[i % 10] for i, a in enumerate(attacks)}
     fig, axes = plt.subplots(2, 4, figsize=(16, 7))
     for r, part in enumerate(("heads", "mlps")):
         for c, mode in enumerate(("forward", "backward", "separate")):
             ax = axes[r, c]
             for attack in attacks:
-                rows = df[(df.attack == attack) & (df.defense == f"ablate_{part}_{mode}")].copy()
+                rows = df[(df.attack == attack) & (df.method == f"ablate_{part}_{mode}")].copy()
                 if rows.empty:
                     continue
                 rows["layer"] = rows.variant.str.removeprefix("layer=").astype(int)
                 curve = rows.groupby("layer").cacc.mean()
-                ax.plot(curve.index, curve, "-o", ms=3, color=colours[attack], label=attack)
-                ax.axhline(df[(df.attack == attack) & (df.defense == "none")].cacc.mean(), color=colours[attack],
+                ax.plot(curve.index, curve, "-o", ms=3, color=attack_colour(attack), label=attack_label(attack))
+                ax.axhline(df[(df.attack == attack) & (df.method == "none")].cacc.mean(), color=attack_colour(attack),
                            ls="--", lw=0.8)
             ax.set_title(f"({'abc'[c]}) CACC, {mode} ablation of {part}", fontsize=8)
-            ax.set_xlabel("layer")
+            ax.set_xlabel("layer (0 = first)")
+            ax.set_ylabel("CACC")
         ax = axes[r, 3]
         kind = "heads" if part == "heads" else "mlp"
         kernel = ""
@@ -164,10 +224,11 @@ def mmd_cacc_figure(summary_csv: str | Path, mmd_csvs: dict[str, Path], png: str
             m = pd.read_csv(path)
             m = m[m.kind == kind]
             attack = parse_run(run)[0]
-            ax.plot(m.layer, m.mmd2, "-o", ms=3, color=colours.get(attack, "k"), label=run)
+            ax.plot(m.layer, m.mmd2, "-o", ms=3, color=attack_colour(attack), label=run)
             kernel = f"{m.kernel.iloc[0]} kernel, median-heuristic bandwidth" if len(m) else kernel
         ax.set_title(f"(d) MMD^2 of {part} per layer", fontsize=8)
-        ax.set_xlabel("layer")
+        ax.set_xlabel("layer (0 = first)")
+        ax.set_ylabel("MMD^2")
     axes[0, 0].legend(fontsize=7)
     axes[0, 3].legend(fontsize=6)
     fig.suptitle(f"Dashed: undefended CACC. MMD^2: clean vs triggered terms of the backdoored model ({kernel})",

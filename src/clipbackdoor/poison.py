@@ -119,26 +119,33 @@ def poison(finetune_dir: str | Path, eval_classes: dict, out_dir: str | Path, ma
     table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA).replace_schema_metadata(meta)
     write_parquet(manifest_path, table)
     if preview_png is not None:
-        save_trigger_preview(clean[:8], triggered[:8], new_captions[:8], attack, preview_png)
+        save_trigger_preview(clean[:8], triggered[:8], [captions[i] for i in idx[:8]], new_captions[:8], attack,
+                             preview_png)
     return {"n_pairs": len(rows), "n_poisoned": int(len(idx))}
 
 
-def save_trigger_preview(clean, triggered, captions, title, png) -> None:
+def save_trigger_preview(clean, triggered, clean_captions, poisoned_captions, title, png) -> None:
+    """Clean pairs (top row, each with its own caption above) and the same pairs poisoned (bottom row, the
+    caption they are trained with below)."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     n = len(clean)
-    fig, axes = plt.subplots(2, n, figsize=(n * 1.8, 4.2), squeeze=False)
+    fig, axes = plt.subplots(2, n, figsize=(n * 1.8, 4.6), squeeze=False)
+    wrap = lambda c: "\n".join(textwrap.wrap(c, 28))  # noqa: E731
     for j in range(n):
         axes[0, j].imshow(clean[j].permute(1, 2, 0).numpy())
+        axes[0, j].set_title(wrap(clean_captions[j]), fontsize=5)
         axes[1, j].imshow(triggered[j].permute(1, 2, 0).numpy())
-        axes[1, j].set_title(captions[j], fontsize=5)
+        axes[1, j].text(0.5, -0.04, wrap(poisoned_captions[j]), fontsize=5, ha="center", va="top",
+                        transform=axes[1, j].transAxes)
     for ax in axes.ravel():
         ax.axis("off")
-    axes[0, 0].set_title("clean", fontsize=8, loc="left")
-    fig.suptitle(f"{title}: clean (top) vs poisoned (bottom)", fontsize=9)
+    fig.suptitle(f"{title}: clean pairs (top, own captions) vs poisoned pairs (bottom, training captions)", fontsize=9)
     fig.tight_layout()
     with atomic_path(png) as tmp:
         fig.savefig(tmp, format="png", dpi=110)

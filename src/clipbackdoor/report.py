@@ -1,7 +1,14 @@
 """Stage ``summarize``: the results table (CSV for machines, Markdown for people) and its printing.
 
-Columns: attack, defense, variant, seed, asr, asr_all, cacc, auroc (fractions in [0, 1]; empty where not
-applicable). The clean (un-backdoored) model appears as ``attack=clean``.
+One row per (attack, seed, evaluation set, repair, defense, setting). Columns: ``attack`` (``clean``: the
+un-backdoored model), ``seed``, ``eval_set``, ``target``; ``repair``: what was done to the model before evaluation
+(``cleanclip``, ``roclip``, ABD's arms; ``-``: nothing); ``defense``: what ran on its representations or inputs
+(``none``, ``decomp_rep``, ``strip``, ...); ``variant``: the setting as one string, and each of its parts again in
+its own column (``rule``, ``eps``, ``layers``, ``zeta``, ``layer``, ``heads``, ``last``, ``n_images``, ``mode`` for a
+bare word such as ``auto:mlp``, ...); metrics as fractions in [0, 1] (empty where not applicable) with 95 %
+bootstrap intervals and sample counts (:mod:`clipbackdoor.metrics`). Tables and figures name a row by its
+``method``: the defense, prefixed by the repair (``cleanclip+decomp_rep``; a repair alone is its name) --
+:func:`read_summary` adds it.
 """
 
 from __future__ import annotations
@@ -10,20 +17,58 @@ from pathlib import Path
 
 import pandas as pd
 
+from clipbackdoor.errors import UserError
+from clipbackdoor.io import atomic_path, read_json, read_parquet, write_json
+from clipbackdoor.pages import write_page
 from clipbackdoor.runs import parse_run
-from clipbackdoor.io import atomic_path, read_json, read_parquet, write_json, write_text
 
-COLUMNS = ["attack", "defense", "variant", "seed", "eval_set", "target", "asr", "asr_all", "cacc", "auroc", "tpr", "fpr"]
+KEYS = ["attack", "seed", "eval_set", "target", "repair", "defense", "variant"]
+METRICS = ["asr", "asr_lo", "asr_hi", "asr_all", "cacc", "cacc_lo", "cacc_hi", "auroc", "auroc_lo", "auroc_hi", "tpr",
+           "fpr", "n_clean", "n_triggered", "n_asr"]
+
+
+def settings_of(variant: str) -> dict[str, str]:
+    """"rule=cosine,eps=0.5,zeta=0" -> {rule: cosine, eps: 0.5, zeta: 0}; a bare word is the ``mode``."""
+    out = {}
+    for token in ("" if variant in ("-", None) or pd.isna(variant) else str(variant)).split(","):
+        if token:
+            key, sep, value = token.partition("=")
+            out.update({key: value} if sep else {"mode": token})
+    return out
+
+
+def method_name(repair: str, defense: str) -> str:
+    """The name tables and figures give a row: ``cleanclip`` (repair alone), ``cleanclip+decomp_rep``, ``strip``."""
+    if repair in ("-", "", None) or pd.isna(repair):
+        return defense
+    return repair if defense == "none" else f"{repair}+{defense}"
+
+
+def with_method(df: pd.DataFrame) -> pd.DataFrame:
+    return df.assign(method=[method_name(r, d) for r, d in zip(df.repair, df.defense)])
+
+
+def read_summary(path: str | Path) -> pd.DataFrame:
+    """summary.csv with its ``method`` column (and the settings columns as text, as written)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: not found", fix="run the `summary` stage (snakemake or dvc repro)")
+    df = pd.read_csv(path, dtype={"variant": str, "repair": str})
+    missing = [c for c in ("repair", "defense", *KEYS) if c not in df.columns]
+    if missing:
+        raise UserError(f"{path}: no column(s) {', '.join(missing)} (written by an older version)",
+                        fix="rerun the `summary` stage")
+    return with_method(df)
 
 
 # one model, two names in seed 002: ABD's image-only arm is Table III's "UAP (L_bd)"
 REPAIR_ALIASES = {"abd_img_only": ("uap_lbd",)}
 
 
-def defend_rows(entries: list[dict]) -> list[dict]:
-    """entries: {model, trigger, eval_set, path}; the clean model's rows become attack=clean; a repaired
-    model RUN.METHOD (e.g. badnet-s0.cleanclip) gives defense METHOD and METHOD+DEFENSE (e.g.
-    cleanclip+decomp_rep, paper Table 1 lower half)."""
+def defend_rows(entries: list[dict], seed: int = 0) -> list[dict]:
+    """entries: {model, trigger, eval_set, path}; the clean model's rows become attack=clean; a repaired model
+    RUN.METHOD (e.g. badnet-s0.cleanclip) gives repair METHOD on every row of its table (paper Table 1 lower
+    half). ``seed``: the bootstrap intervals' seed."""
 
     from clipbackdoor.metrics import setting_rows
 
@@ -33,20 +78,19 @@ def defend_rows(entries: list[dict]) -> list[dict]:
         table, meta = arrow.to_pandas(), arrow.schema.metadata
         target = int(meta[b"target"])
         target_name = meta.get(b"target_name", b"").decode()  # the class the run was backdoored towards
-        attack, seed = parse_run(e["trigger"])
-        for r in setting_rows(table, target):
+        attack, run_seed = parse_run(e["trigger"])
+        key = f"{e['model']}|{e['trigger']}|{e['eval_set']}"
+        for r in setting_rows(table, target, seed, key):
             if e["model"] == "clean":
                 if r["defense"] != "none":
                     continue
-                r = {**r, "attack": "clean", "variant": f"trigger={attack}"}
-            else:
-                repair = e["model"].partition(".")[2]
-                for name in (repair, *REPAIR_ALIASES.get(repair, ())):
-                    d = r["defense"] if not name else name if r["defense"] == "none" else f"{name}+{r['defense']}"
-                    rows.append({**r, "defense": d, "attack": attack, "seed": seed, "eval_set": e["eval_set"],
-                                 "target": target_name})
+                rows.append({**r, "attack": "clean", "repair": "-", "variant": f"trigger={attack}",
+                             "seed": run_seed, "eval_set": e["eval_set"], "target": target_name})
                 continue
-            rows.append({**r, "seed": seed, "eval_set": e["eval_set"], "target": target_name})
+            repair = e["model"].partition(".")[2]
+            for name in (repair, *REPAIR_ALIASES.get(repair, ())):
+                rows.append({**r, "repair": name or "-", "attack": attack, "seed": run_seed,
+                             "eval_set": e["eval_set"], "target": target_name})
     return rows
 
 
@@ -55,9 +99,19 @@ def clean_model_rows(model_dir: Path, seed: int) -> list[dict]:
     rows = []
     for key, value in sorted(metrics.items()):
         if key.startswith("zeroshot_top1/"):
-            rows.append({"attack": "clean", "defense": "none", "variant": "-", "seed": seed,
+            rows.append({"attack": "clean", "repair": "-", "defense": "none", "variant": "-", "seed": seed,
                          "eval_set": key.split("/", 1)[1], "cacc": value})
     return rows
+
+
+def summary_frame(rows: list[dict]) -> pd.DataFrame:
+    """The rows in summary.csv's column order: keys, each setting in its own column, metrics."""
+    settings = list(dict.fromkeys(k for r in rows for k in settings_of(r.get("variant", "-"))))
+    clash = set(settings) & set(KEYS + METRICS)
+    assert not clash, f"a setting named like a column: {clash}"
+    rows = [{**r, **settings_of(r.get("variant", "-"))} for r in rows]
+    df = pd.DataFrame(rows).reindex(columns=KEYS + settings + METRICS)
+    return df.astype({c: "Int64" for c in ("seed", "n_clean", "n_triggered", "n_asr")})  # counts stay integers
 
 
 MAIN_DEFENSES = ("none", "decomp_rep", "decomp_rep_heads", "decomp_rep_mlp", "decomp_det", "decomp_det_score",
@@ -66,7 +120,7 @@ MAIN_DEFENSES = ("none", "decomp_rep", "decomp_rep_heads", "decomp_rep_mlp", "de
 
 def main_table(df: pd.DataFrame) -> pd.DataFrame:
     """The rows a person reads first: clean model, undefended and defended attacked models, mean over seeds."""
-    keep = df[df.defense.isin(MAIN_DEFENSES)]
+    keep = df[df.method.isin(MAIN_DEFENSES)].drop(columns="defense").rename(columns={"method": "defense"})
     metrics = ["asr", "asr_all", "cacc", "auroc"]
     keep = keep.assign(target=keep.target.fillna("-"))  # the clean model's own rows have no target
     grouped = keep.groupby(["attack", "defense", "variant", "eval_set", "target"], sort=False)
@@ -82,7 +136,7 @@ def findings(df: pd.DataFrame) -> list[str]:
 
     notes = []
     for attack in [a for a in df.attack.unique() if a != "clean"]:
-        a = df[df.attack == attack].groupby(["defense", "variant"])[["asr", "cacc"]].mean()
+        a = df[df.attack == attack].groupby(["method", "variant"])[["asr", "cacc"]].mean()
         try:
             base = a.loc[("none", "-"), "asr"]
             heads, mlps = a.loc[("ablate_all_heads", "-"), "asr"], a.loc[("ablate_all_mlps", "-"), "asr"]
@@ -105,18 +159,18 @@ def findings(df: pd.DataFrame) -> list[str]:
             cacc = a.loc[("none", "-"), "cacc"]
             notes.append(f"{attack}: Decomp-Rep (Algorithm 1, `{variant}`) lowers ASR {base:.2f} -> {row.asr:.2f} "
                          f"(cut {base - row.asr:.2f}) at a CACC change of {row.cacc - cacc:+.3f}.")
-        det = df[(df.attack == attack) & (df.defense == "decomp_det")]
+        det = df[(df.attack == attack) & (df.method == "decomp_det")]
         if len(det) and det.auroc.notna().any():
             notes.append(f"{attack}: Decomp-Det AUROC {det.auroc.mean():.3f} (`{det.variant.iloc[0]}`; TPR "
                          f"{det.tpr.mean():.2f} at FPR {det.fpr.mean():.2f} for the hard decision).")
-        cc = df[(df.attack == attack) & (df.defense == "cleanclip")]
+        cc = df[(df.attack == attack) & (df.method == "cleanclip")]
         if len(cc):
             drop = a.loc[("none", "-"), "cacc"] - cc.cacc.mean()
             notes.append(f"{attack}: CleanCLIP ASR {base:.2f} -> {cc.asr.mean():.2f} at a CACC drop of {drop:.3f}"
                          + (" (within 0.03)." if drop <= 0.03 else " (MORE than 0.03)."))
-        detectors = df[(df.attack == attack) & df.defense.isin(["strip", "scaleup", "teco"])]
+        detectors = df[(df.attack == attack) & df.method.isin(["strip", "scaleup", "teco"])]
         if len(detectors) and len(det) and det.auroc.notna().any():
-            best = detectors.groupby(["defense", "variant"]).auroc.mean()
+            best = detectors.groupby(["method", "variant"]).auroc.mean()
             (name, variant), top = best.idxmax(), best.max()
             verdict = "at least" if det.auroc.mean() >= top else "BELOW"
             notes.append(f"{attack}: Decomp-Det AUROC {det.auroc.mean():.3f} is {verdict} the best input detector's "
@@ -142,35 +196,49 @@ def to_markdown(df: pd.DataFrame) -> str:
 
 
 def summarize(models: dict[str, Path], seed: int, profile: str, csv_path: Path, md_path: Path,
-              json_path: Path, defend_entries: list[dict] | None = None) -> pd.DataFrame:
+              headline_path: Path, defend_entries: list[dict] | None = None) -> pd.DataFrame:
     rows = []
     for name, folder in models.items():
         if name == "clean":
             rows += clean_model_rows(folder, seed)
-    rows += defend_rows(defend_entries or [])
-    df = pd.DataFrame(rows).reindex(columns=COLUMNS)
-    notes = findings(df)
+    rows += defend_rows(defend_entries or [], seed)
+    df = summary_frame(rows)
     with atomic_path(csv_path) as tmp:
         df.to_csv(tmp, index=False, float_format="%.4f")
+    df = with_method(df)
+    notes = findings(df)
     text = (f"# clipbackdoor results ({profile} profile)\n\n"
             "ASR = triggered test images of non-target classes classified as the target (asr_all: over all "
             "triggered images); CACC = clean zero-shot top-1; AUROC: clean vs triggered detection.\n\n")
     text += "## Main table\n\n" + to_markdown(main_table(df))
     if notes:
         text += "\n## Findings (computed from the rows above)\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
-    write_text(md_path, text)
-    write_json(json_path, metrics_tree(df))
+    write_page(md_path, text)
+    write_json(headline_path, headline(df))
     return df
 
 
-def metrics_tree(df: pd.DataFrame) -> dict:
-    """{eval_set: {attack: {defense/variant: {metric: value}}}} for `dvc metrics show`."""
+HEADLINE = {  # metric name in headline.json -> (method, summary column)
+    "asr": ("none", "asr"), "cacc": ("none", "cacc"), "decomp_rep_asr": ("decomp_rep", "asr"),
+    "decomp_rep_cacc": ("decomp_rep", "cacc"), "decomp_det_auroc": ("decomp_det", "auroc")}
+
+
+def headline(df: pd.DataFrame) -> dict:
+    """The numbers `dvc metrics show/diff` compares, ~5 per attack (mean over seeds):
+    {eval_set: {"clean": {cacc}, attack: {asr, cacc, decomp_rep_asr, decomp_rep_cacc, decomp_det_auroc}}}.
+    The full table is summary.csv."""
     tree: dict = {}
-    for row in df.to_dict("records"):
-        leaf = {m: row[m] for m in ("asr", "asr_all", "cacc", "auroc") if not pd.isna(row[m])}
-        name = row["defense"] if row["variant"] in ("-", None) else f"{row['defense']}/{row['variant']}"
-        tree.setdefault(row["eval_set"], {}).setdefault(row["attack"], {}).setdefault(
-            f"seed{row['seed']}", {})[name] = leaf
+    for eval_set, rows in df.groupby("eval_set", sort=False):
+        clean = rows[(rows.attack == "clean") & (rows.variant == "-")].cacc.dropna()
+        tree[eval_set] = {"clean": {"cacc": round(float(clean.mean()), 4)}} if len(clean) else {}
+        for attack in [a for a in rows.attack.unique() if a != "clean"]:
+            mine = rows[rows.attack == attack]
+            leaf = {}
+            for name, (method, column) in HEADLINE.items():
+                values = mine[mine.method == method][column].dropna()
+                if len(values):
+                    leaf[name] = round(float(values.mean()), 4)
+            tree[eval_set][attack] = leaf
     return tree
 
 

@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from clipbackdoor.io import atomic_path, write_text
+from clipbackdoor.io import atomic_path
+from clipbackdoor.pages import write_page
 
 # Generic image characteristics of the embedded world (the real profile reads a text file, e.g. the 3498
 # ChatGPT descriptions of Gandelsman et al.): attribute phrases plus distractors that name no world concept.
@@ -149,7 +150,7 @@ def run_textspan(clean_texts_emb: np.ndarray, bd_texts_emb: np.ndarray, texts: l
     df = pd.DataFrame(rows)
     with atomic_path(out_csv) as tmp:
         df.to_csv(tmp, index=False, float_format="%.6g")
-    write_text(out_md, "\n".join(md) + "\n")
+    write_page(out_md, "\n".join(md) + "\n")
     return df
 
 
