@@ -50,7 +50,8 @@ CLIP_TRAINING = TRAINING - STABLE_DIFFUSION
 # memory_scaling.py stage -> rule
 MEASURED_STAGES = {"poison": "poison", "finetune": "finetune", "decompose_clean": "decompose",
                    "decompose_triggered": "decompose", "class_embeddings": "class_embeddings",
-                   "prototypes": "prototypes", "defend": "defend", "mmd": "mmd", "detect": "detect"}
+                   "prototypes": "prototypes", "defend": "defend", "mmd": "mmd", "detect": "detect",
+                   "textspan": "textspan"}
 # benchmarks/paper_cost.py rows -> rule (GPU hours of all jobs of the rule)
 COST_ROWS = {"finetune": "finetune", "cleanclip": "cleanclip", "decompose": "decompose",
              "clean_model": "clean_model"}
@@ -58,7 +59,7 @@ COST_ROWS = {"finetune": "finetune", "cleanclip": "cleanclip", "decompose": "dec
 # profiles' values, read from configs/): pairs, evaluation images, detector images, MMD subsample. Rules that
 # grow otherwise (steps, pools, models) and were not measured at paper scale get a day.
 GROWS = {"cc3m": "pairs", "poison": "pairs", "eval_data": "eval", "prototypes": "eval", "defend": "eval",
-         "detect": "detect", "mmd": "mmd"}
+         "detect": "detect", "mmd": "mmd", "textspan": "eval"}
 FIXED = {"summary", "tables", "figures", "abd_tables"}  # one row per job: the same work at every scale
 EVAL_IMAGES = {"paper": 50_000, "rehearsal": 48}  # ImageNet-1K val; the rehearsal's 8 classes x 6 images
 UNMEASURED_MIN = 1440
@@ -111,7 +112,8 @@ def work_ratios() -> dict[str, float]:
 def row_allowances() -> dict[str, tuple[float, str]]:
     """MiB a rule holds at the paper's sizes on top of its measured peak, where it keeps O(rows) of something that
     memory_scaling.py runs at reduced settings (detector images and STRIP's pool, MMD's and TEXTSPAN's
-    decomposition rows, poison's per-pair index and its poisoned images). ViT-B-32: 12 layers x 12 heads, d 512."""
+    decomposition rows, poison's per-pair index and its poisoned images; TEXTSPAN's moments, O(d^2) not O(rows)).
+    ViT-B-32: 12 layers x 12 heads, d 512."""
     from clipbackdoor.config import get_dotted, load_yaml
 
     paper = load_yaml(ROOT / "configs" / "paper.yaml")
@@ -128,7 +130,9 @@ def row_allowances() -> dict[str, tuple[float, str]]:
         "detect": (4 * scored * image / mib, f"{scored:.0f} decoded images (scored + STRIP pool) x 4 copies"),
         "mmd": (4 * g("analysis.mmd_images") * term_row / mib,
                 f"2 x {g('analysis.mmd_images')} rows of every term, and their float64 stack"),
-        "textspan": (4 * test * last_row / mib, f"clean + backdoored last-layer terms of {test:.0f} test rows, x 2"),
+        # streamed into moments: two models' count/sum/Gram per component (float64), and the pool's embeddings
+        "textspan": ((2 * (heads + layers) * d * d * 8 + 4 * 3498 * d * 8) / mib,
+                     "2 models' per-component Gram matrices + 3,498 pool texts' working copies"),
         "poison": ((1500 * g("data.webdataset.n_pairs") + 3 * poisoned * image) / mib,
                    f"~1.5 KB index + manifest per pair, {poisoned:.0f} poisoned images x 3"),
     }
@@ -183,7 +187,7 @@ def main() -> None:
     # `make rehearsal` of commit e910d22 (collect_stage_metrics.py), while benchmarks shared the machine: its
     # times are upper bounds (about 2x the quiet run of benchmarks/results/rehearsal_cpu_stages.json)
     ap.add_argument("--rehearsal", default=str(ROOT / "benchmarks/results/rehearsal_cpu_stages_e910d22.json"))
-    ap.add_argument("--embedded-run", default="`make run` of a610ef3", help="what --embedded is (for the sources)")
+    ap.add_argument("--embedded-run", default="`make run` of 18669df", help="what --embedded is (for the sources)")
     ap.add_argument("--rehearsal-run", default="`make rehearsal` of e910d22")
     ap.add_argument("--paper-memory", default=str(ROOT / "benchmarks/results/memory_scaling.json"))
     ap.add_argument("--paper-label", default="paper_vitb32")
