@@ -71,7 +71,7 @@ def test_finetune_killed_by_sigkill_resumes_to_identical_weights(world_dirs, mic
     args = [sys.executable, "-m", "clipbackdoor", *map(str, _finetune_args(world_dirs, micro_model, run))]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.time() + 120
+    deadline = time.time() + 600  # generous: a loaded machine (CI beside other jobs) starts slowly
     while _checkpoint_step(run / "ckpt" / "last.safetensors") < 8 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
     assert proc.poll() is None, "the run finished before it could be killed: raise FT['steps']"
