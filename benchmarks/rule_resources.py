@@ -123,8 +123,6 @@ def row_allowances() -> dict[str, tuple[float, str]]:
     val = g("prototypes.val_fraction") * EVAL_IMAGES["paper"]
     scored = g("detect.n_images") + val
     term_row = (layers * heads + layers) * d * 4  # every head and MLP term of one image, float32
-    test = (1 - g("prototypes.val_fraction")) * EVAL_IMAGES["paper"]
-    last_row = (heads + layers) * d * 4  # the last layer's heads and every MLP, float32
     poisoned = g("attacks.badnet.rate") * g("data.webdataset.n_pairs")
     return {
         "detect": (4 * scored * image / mib, f"{scored:.0f} decoded images (scored + STRIP pool) x 4 copies"),

@@ -167,3 +167,20 @@ def test_bootstrap_auroc_draws_are_the_resampled_roc_aucs_and_intervals_are_seed
     small, large = bootstrap_rate(30, 100, row_rng(0, "r")), bootstrap_rate(3000, 10000, row_rng(0, "r"))
     assert small[0] < 0.3 < small[1] and large[0] < 0.3 < large[1]
     assert 7 < (small[1] - small[0]) / (large[1] - large[0]) < 13
+
+
+def test_official_split_is_the_official_codes_shuffle():
+    import random
+
+    from clipbackdoor.prototypes import split_indices
+
+    n = 103
+    idx = list(range(n))
+    random.seed(123)
+    random.shuffle(idx)  # the official code, verbatim in spirit: seed, shuffle, the first int(0.2 n)
+    val, test = split_indices(n, 0.2, 123, "official")
+    assert val.tolist() == sorted(idx[:int(0.2 * n)]) and test.tolist() == sorted(idx[int(0.2 * n):])
+    seeded_val, _ = split_indices(n, 0.2, 123)
+    assert len(seeded_val) == round(0.2 * n) == 21 != len(val) == 20  # the two procedures differ, by design
+    with pytest.raises(ValueError, match="unknown split procedure"):
+        split_indices(n, 0.2, 123, "other")

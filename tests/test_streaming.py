@@ -89,7 +89,7 @@ def test_chunked_defend_equals_the_whole_array_defend(caches, tmp_path, threshol
                                                               kind="stable").reset_index(drop=True)
     assert pq.ParquetFile(tmp_path / "defend_37.parquet").metadata.num_row_groups > 1
     pd.testing.assert_frame_equal(tables[N], tables[37])  # incl. the seeded random heads / prototypes
-    assert {"random_heads", "random_prototypes", "decomp_reverse"} <= set(tables[37].defense)
+    assert {"random_heads", "random_prototypes", "random_prototypes_official", "decomp_reverse"} <= set(tables[37].defense)
     cos = prototype_cosines(caches / "trig.parquet", protos)
     assert cos.shape == (len(protos["test_index"]), H) and (cos[:, 2] < cos[:, 0]).mean() > 0.9
 

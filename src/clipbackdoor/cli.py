@@ -229,7 +229,7 @@ def cmd_prototypes(args) -> None:
     from clipbackdoor.prototypes import build_prototypes
 
     p = parse_params(args.params)["prototypes"]
-    print(build_prototypes(args.decomp, args.out, p["val_fraction"], p["split_seed"]))
+    print(build_prototypes(args.decomp, args.out, p["val_fraction"], p["split_seed"], p.get("split", "seeded")))
 
 
 def cmd_defend(args) -> None:

@@ -441,6 +441,7 @@ class DecomposeConfig:
 class PrototypeConfig:
     val_fraction: float
     split_seed: int
+    split: str = "seeded"  # "seeded": numpy permutation | "official": the official code's random.shuffle
 
 
 @dataclass(frozen=True)

@@ -79,9 +79,10 @@ def random_prototypes(protos: dict, cfg: DefendConfig, rng: np.random.Generator)
 
 
 def _settings(split: TestSplit, protos: dict, cfg: DefendConfig, kind: str, class_emb: np.ndarray,
-              rng: np.random.Generator, random_protos: np.ndarray):
+              rng: np.random.Generator, random_protos: np.ndarray, official_rng: np.random.Generator):
     """Yield (defense, variant, pred [N], score [N] or None) for every setting on one chunk of a split. ``rng``
-    is the split's stream, carried from chunk to chunk (random heads are drawn image after image)."""
+    is the split's stream, carried from chunk to chunk (random heads are drawn image after image);
+    ``official_rng`` another one, for the official random prototypes (drawn image after image too)."""
     n_layers, n_heads = split.heads.shape[1:3]
     p_heads, p_mlps = protos["heads"], protos["mlps"]  # [L, H, d], [L, d]
     p_head_sum = p_heads.sum(axis=1)  # [L, d]
@@ -121,6 +122,9 @@ def _settings(split: TestSplit, protos: dict, cfg: DefendConfig, kind: str, clas
     # Tables 3 and 5: what replaces the infected heads, and which heads
     yield "abandon", tag, replace(infected, np.zeros_like(protos_k)[None]), None
     yield "random_prototypes", tag, replace(infected, random_protos[None]), None
+    # the paper's and the official code's: a fresh standard normal vector per image and head
+    fresh = official_rng.standard_normal(heads_k.shape).astype(np.float32)  # [N, k, H, d]
+    yield "random_prototypes_official", tag, replace(infected, fresh), None
     random_mask = np.zeros_like(infected)
     flat = random_mask.reshape(len(count), -1)
     for i, c in enumerate(count):
@@ -163,6 +167,8 @@ def run_defend(clean_path: str | Path, triggered_path: str | Path, protos: dict,
     test_index = np.asarray(protos["test_index"])
     rngs = {name: np.random.default_rng([cfg.seed, i]) for i, name in enumerate(("clean", "triggered"))}
     randoms = {name: random_prototypes(protos, cfg, rng) for name, rng in rngs.items()}
+    # (a stream of its own: the other settings' draws stay what they were)
+    official_rngs = {name: np.random.default_rng([cfg.seed, i, 1]) for i, name in enumerate(("clean", "triggered"))}
     read_meta(clean_path)  # both files are refused up front (missing, foreign) before any work
     trig_meta = read_meta(triggered_path)
     meta = {"target": str(target), "target_name": target_name, "kind": kind, "rule": cfg.rule, "eps": str(cfg.eps),
@@ -179,7 +185,7 @@ def run_defend(clean_path: str | Path, triggered_path: str | Path, protos: dict,
             rows = _Rows()
             for name, split in splits.items():
                 for defense, variant, pred, score in _settings(split, protos, cfg, kind, class_emb, rngs[name],
-                                                               randoms[name]):
+                                                               randoms[name], official_rngs[name]):
                     rows.add(defense, variant, name, split, pred, score)
             tag, reverse = decomp_reverse(splits["clean"], splits["triggered"], protos, cfg, class_emb)
             rows.add("decomp_reverse", tag, "clean", splits["clean"], reverse, None)

@@ -21,10 +21,23 @@ def head_similarity(heads: np.ndarray, protos: np.ndarray, rule: str) -> np.ndar
     return dot / np.maximum(denom, 1e-12)
 
 
-def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(validation, test) indices: a seeded permutation, the first ``val_fraction`` for validation."""
-    perm = np.random.default_rng(seed).permutation(n)
-    n_val = int(round(val_fraction * n))
+SPLITS = ("seeded", "official")
+
+
+def split_indices(n: int, val_fraction: float, seed: int, procedure: str = "seeded") -> tuple[np.ndarray, np.ndarray]:
+    """(validation, test) indices. ``seeded``: a numpy permutation from ``seed``, the first round(val_fraction n)
+    for validation. ``official``: the official code's procedure -- ``random.seed(seed)``, ``random.shuffle`` of
+    range(n), the first int(val_fraction n) -- which draws different images from the same seed."""
+    if procedure == "official":
+        import random
+
+        perm = list(range(n))
+        random.Random(seed).shuffle(perm)  # = random.seed(seed); random.shuffle(perm), without the global state
+        perm, n_val = np.asarray(perm), int(val_fraction * n)
+    elif procedure == "seeded":
+        perm, n_val = np.random.default_rng(seed).permutation(n), int(round(val_fraction * n))
+    else:
+        raise ValueError(f"unknown split procedure {procedure!r} (one of {SPLITS})")
     return np.sort(perm[:n_val]), np.sort(perm[n_val:])
 
 
@@ -49,12 +62,13 @@ class RunningSum:
         return self.total / np.float32(self.count)
 
 
-def build_prototypes(clean_decomp_path: str | Path, out_path: str | Path, val_fraction: float, seed: int) -> dict:
+def build_prototypes(clean_decomp_path: str | Path, out_path: str | Path, val_fraction: float, seed: int,
+                     split: str = "seeded") -> dict:
     """Two streaming passes over the clean-validation rows (memory O(row group)): the running means, then each
     validation head term's similarity to its prototype."""
     source_meta = read_meta(clean_decomp_path)  # refuses a missing or foreign file in one line
     n = int(pq.ParquetFile(clean_decomp_path).metadata.num_rows)
-    val, test = split_indices(n, val_fraction, seed)
+    val, test = split_indices(n, val_fraction, seed, split)
     sums = {name: RunningSum() for name in ("heads", "mlps", "embed", "bias")}
     for _, chunk in iter_decomposition(clean_decomp_path, rows=val):
         for name, acc in sums.items():
@@ -70,7 +84,7 @@ def build_prototypes(clean_decomp_path: str | Path, out_path: str | Path, val_fr
               "embed": sums["embed"].mean(), "bias": sums["bias"].mean(),
               "val_index": val.astype(np.int64), "test_index": test.astype(np.int64),
               "val_cosine": np.concatenate(val_sims["cosine"]), "val_dot": np.concatenate(val_sims["dot"])}
-    meta = {"val_fraction": str(val_fraction), "split_seed": str(seed), "source": str(clean_decomp_path),
+    meta = {"val_fraction": str(val_fraction), "split_seed": str(seed), "split": split, "source": str(clean_decomp_path),
             "checkpoint_sha256": source_meta.get("checkpoint_sha256", ""), "n_val": str(len(val)),
             "n_test": str(len(test))}
     save_safetensors(out_path, arrays, meta)

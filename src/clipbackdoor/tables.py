@@ -24,7 +24,9 @@ TABLE1_ROWS = [("No Defense", "none"), ("+ Base-Decomp", "base_decomp"), ("+ Dec
                ("CleanCLIP", "cleanclip"), ("+ Base-Decomp", "cleanclip+base_decomp"),
                ("+ Decomp-Rep", "cleanclip+decomp_rep")]
 TABLE5_ROWS = [("w/o All AHs", "ablate_all_heads"), ("w/o All MLPs", "ablate_all_mlps"), ("w Abandon", "abandon"),
-               ("w Random Prototypes", "random_prototypes"), ("Decomp-Rep", "decomp_rep")]
+               ("w Random Prototypes (one draw x prototype std)", "random_prototypes"),
+               ("w Random Prototypes (official: N(0, 1) per image and head)", "random_prototypes_official"),
+               ("Decomp-Rep", "decomp_rep")]
 DETECTOR_ROWS = [("STRIP", "strip", None), ("SCALE-UP", "scaleup", None), ("TeCo (independent)", "teco", "independent"),
                  ("TeCo (compounding, public code)", "teco", "compounding"), ("Decomp-Det", "decomp_det", None)]
 
@@ -220,7 +222,9 @@ def table4(df, eval_sets: list[str]) -> Table:
 
 def table5(df, eval_set) -> Table:
     return _asr_cacc_table(df, TABLE5_ROWS, _attacks(df), eval_set, f"Table 5. Ablation study on {_on(df, eval_set)}",
-                           "w Abandon: selected heads set to zero; w Random Prototypes: replaced by random vectors.")
+                           "w Abandon: selected heads set to zero; w Random Prototypes: replaced by random vectors -- "
+                           "one seeded draw per split scaled by each prototype's std, or, as the paper and the "
+                           "official code do, a fresh standard normal vector per image and head.")
 
 
 def _kind(attack: str) -> str:
