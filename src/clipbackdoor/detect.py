@@ -22,6 +22,7 @@ from clipbackdoor.decompose_stage import load_class_embeddings
 from clipbackdoor.defend import OUTPUT_SCHEMA
 from clipbackdoor.detectors import scaleup_scores, strip_scores, teco_scores
 from clipbackdoor.io import write_parquet
+from clipbackdoor.logs import progress
 from clipbackdoor.models import load_artifact, normalize
 from clipbackdoor.prototypes import load_prototypes
 from clipbackdoor.runtime import pick_device
@@ -65,24 +66,23 @@ def run_detect(model_dir: str | Path, eval_dir: str | Path, prototypes_path: str
     pool = pick(val)  # uint8: strip_scores converts the partners it draws
     labels = split["labels"][[at[int(i)] for i in index]]
     rows: dict[str, list] = {name: [] for name in OUTPUT_SCHEMA.names}
-    for split_name, x in images.items():
-        scores = {}
-        if "strip" in cfg.detectors:
-            scores[("strip", f"n={cfg.strip_n}")] = strip_scores(proba, x, pool, cfg.strip_n, cfg.seed)
-        if "scaleup" in cfg.detectors:
-            scores[("scaleup", "scales=2..11")] = scaleup_scores(proba, x)
-        if "teco" in cfg.detectors:
-            for variant in cfg.teco_variants:
-                scores[("teco", variant)] = teco_scores(proba, x, variant == "compounding", cfg.seed)[0]
-        for (detector, variant), s in scores.items():
-            n = len(s)
-            rows["defense"] += [detector] * n
-            rows["variant"] += [f"{variant},n_images={len(index)}"] * n
-            rows["split"] += [split_name] * n
-            rows["index"] += index.tolist()
-            rows["label"] += labels.tolist()
-            rows["pred"] += [-1] * n
-            rows["score"] += s.astype(np.float32).tolist()
+    settings = ([("strip", f"n={cfg.strip_n}")] if "strip" in cfg.detectors else []) + \
+        ([("scaleup", "scales=2..11")] if "scaleup" in cfg.detectors else []) + \
+        ([("teco", v) for v in cfg.teco_variants] if "teco" in cfg.detectors else [])
+    score = {"strip": lambda x, v: strip_scores(proba, x, pool, cfg.strip_n, cfg.seed),
+             "scaleup": lambda x, v: scaleup_scores(proba, x),
+             "teco": lambda x, v: teco_scores(proba, x, v == "compounding", cfg.seed)[0]}
+    jobs = [(split_name, detector, variant) for split_name in images for detector, variant in settings]
+    for split_name, detector, variant in progress(jobs, f"detect {len(index)} images x 2 splits"):
+        s = score[detector](images[split_name], variant)
+        n = len(s)
+        rows["defense"] += [detector] * n
+        rows["variant"] += [f"{variant},n_images={len(index)}"] * n
+        rows["split"] += [split_name] * n
+        rows["index"] += index.tolist()
+        rows["label"] += labels.tolist()
+        rows["pred"] += [-1] * n
+        rows["score"] += s.astype(np.float32).tolist()
     meta = {"target": str(target), "target_name": target_name, "trigger": trigger, "n_images": str(len(index)),
             "checkpoint_sha256": loaded.checkpoint_sha256 or ""}
     table = pa.Table.from_pydict(rows, schema=OUTPUT_SCHEMA).replace_schema_metadata(meta)

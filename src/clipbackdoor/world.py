@@ -16,6 +16,7 @@ import numpy as np
 
 from clipbackdoor.config import WorldConfig
 from clipbackdoor.io import read_json
+from clipbackdoor.logs import progress
 from clipbackdoor.shards import write_shards
 
 RGB = {
@@ -146,7 +147,7 @@ def generate_split(cfg: WorldConfig, split: str, image_size: int):
     """Yield (key, image [H, W, 3] uint8, caption, attributes dict) for one split, deterministically."""
     # An independent stream per split: growing one split never changes another.
     rng = np.random.default_rng([cfg.seed, SPLITS.index(split)])
-    for i in range(split_size(cfg, split)):
+    for i in progress(range(split_size(cfg, split)), f"world {split}"):
         sample = sample_attributes(cfg, rng)
         image = render(sample, image_size, cfg.noise_std, rng)
         meta = asdict(sample)

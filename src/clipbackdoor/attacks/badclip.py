@@ -19,6 +19,7 @@ from clipbackdoor.io import load_safetensors
 from clipbackdoor.attacks.badnet import BadNet, paste, patch_origin
 from clipbackdoor.attacks.base import Trigger, to_float
 from clipbackdoor.errors import UserError
+from clipbackdoor.logs import progress
 
 
 class BadCLIP(Trigger):
@@ -56,7 +57,7 @@ def optimise_patch(encode, images: torch.Tensor, target_text: torch.Tensor, targ
     augment = v2.Compose([v2.RandomResizedCrop(image_size, scale=(0.8, 1.0), antialias=True),
                           v2.RandomHorizontalFlip()])
     history = []
-    for step in range(int(cfg["steps"])):
+    for step in progress(range(int(cfg["steps"])), "badclip patch"):
         idx = torch.randint(len(images), (int(cfg["batch_size"]),), generator=gen)
         x = paste(to_float(images[idx]), torch.sigmoid(logits), origin)
         torch.manual_seed(seed * 100_003 + step)  # v2 transforms draw from the global generator
