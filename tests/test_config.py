@@ -59,7 +59,9 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 REHEARSAL_PATHS = {"data.webdataset.urls", "data.eval_sets.imagenet.root", "data.eval_sets.caltech101.root",
                    "data.eval_sets.pets.root", "model.pretrained", "b2.stable_diffusion.path",
                    "b2.stable_diffusion.auditor_pretrained", "analysis.textspan_pool"}
-REHEARSAL_MODEL = {"model.name", "b2.stable_diffusion.auditor", "cleanclip.synonyms", "abd.synonyms"}
+# (fixed heads are named by layer: the rehearsal's 6-layer model has its last heads in L5, ViT-B-32 in L11)
+REHEARSAL_MODEL = {"model.name", "b2.stable_diffusion.auditor", "cleanclip.synonyms", "abd.synonyms",
+                   "defend.fixed_heads"}
 SIZE_LEAVES = {"n_pairs", "shard_size", "batch_size", "steps", "warmup_steps", "ckpt_every", "bank_size",
                "fig2_images", "n_images", "strip_n", "mmd_images", "textspan_m", "textspan_rank", "n_poison",
                "n_clean", "eval_images", "n_prompts", "max_steps", "candidates", "rounds"}
@@ -135,6 +137,10 @@ def _mutated(path, value):
     (("data", "source"), "webdataset", "webdataset", None),
     (("data", "eval_sets"), {"world": {"kind": "imagefolder", "root": "/x", "classnames": "folders"}},
      "data.eval_sets.world.kind = 'imagefolder'", "embedded eval sets go with the embedded world"),
+    # heads are named as everywhere else (L{layer}H{head} from 0), and must be heads the rule inspects
+    (("defend", "fixed_heads"), [[1, 2, 3]], "defend.fixed_heads.0.", "expected string: a head named L{layer}H{head}"),
+    (("defend", "fixed_heads"), [["L4H0"]], "defend.fixed_heads names L4H0", "e.g. L5H0"),
+    (("defend", "fixed_heads"), [["L5H8"]], "L5H0..L5H7 in its last 1 layer(s)", "from 0"),
 ])
 def test_bad_params_name_the_key_and_the_fix(path, value, needle, fix):
     with pytest.raises(UserError) as info:

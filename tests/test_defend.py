@@ -54,7 +54,7 @@ def cached(tmp_path):
     return _cache(tmp_path)
 
 
-CFG = DefendConfig(rule="cosine", eps=0.5, head_layers=1, mlp_layers=1, zeta=0, fixed_heads=((1,), (4,)),
+CFG = DefendConfig(rule="cosine", eps=0.5, head_layers=1, mlp_layers=1, zeta=0, fixed_heads=(("L2H0",), ("L2H3",)),
                    eps_sweep=(0.2,), seed=0)
 
 
@@ -89,8 +89,8 @@ def test_planted_backdoor_is_repaired_and_detected(cached):
     assert r[("ablate_all_mlps", "-")]["asr"] == 1.0 and r[("ablate_all_heads", "-")]["asr"] < 0.5
     assert r[("ablate_heads_separate", "layer=2")]["asr"] == 0.0
     assert r[("ablate_heads_separate", "layer=0")]["asr"] == 1.0
-    # fixed heads: only the set containing head 4 (the planted one) helps
-    assert r[("fixed_heads", "heads=4")]["asr"] == 0.0 and r[("fixed_heads", "heads=1")]["asr"] == 1.0
+    # fixed heads: only the set containing L2H3 (the planted head) helps
+    assert r[("fixed_heads", "heads=L2H3")]["asr"] == 0.0 and r[("fixed_heads", "heads=L2H0")]["asr"] == 1.0
     # Decomp-Reverse: the flagged heads carry the backdoor into clean images
     assert r[("decomp_reverse", "rule=cosine,eps=0.5,layers=1")]["asr"] == 1.0
     # zero instead of prototype also removes this backdoor

@@ -77,7 +77,7 @@ def test_streamed_prototypes_equal_the_in_memory_means_bit_for_bit(caches):
 
 @pytest.mark.parametrize("threshold", ["fixed", "clean_quantile"])
 def test_chunked_defend_equals_the_whole_array_defend(caches, tmp_path, threshold):
-    cfg = DefendConfig(rule="cosine", eps=0.5, head_layers=1, mlp_layers=1, zeta=0, fixed_heads=((1,), (3,)),
+    cfg = DefendConfig(rule="cosine", eps=0.5, head_layers=1, mlp_layers=1, zeta=0, fixed_heads=(("L1H0",), ("L1H2",)),
                        eps_sweep=(0.2,), seed=0, threshold=threshold, quantile=0.05)
     protos = load_prototypes(caches / "protos.safetensors")
     tables = {}

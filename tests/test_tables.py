@@ -18,7 +18,7 @@ def fixture_summary(path):
         ("badnet", "strip", "n=16,n_images=64", None, None, 0.78),
         ("badnet", "teco", "independent,n_images=64", None, None, 0.63),
         ("badnet", "teco", "compounding,n_images=64", None, None, 0.48),
-        ("badnet", "fixed_heads", "heads=1-2-3", 0.90, 0.94, None),
+        ("badnet", "fixed_heads", "heads=L5H0-L5H1-L5H2", 0.90, 0.94, None),
         ("badnet", "decomp_reverse", "x", 0.40, 0.80, None),
         ("badnet", "ablate_all_heads", "-", 0.20, 0.60, None),
         ("blended", "none", "-", 0.87, 0.97, None),
@@ -42,7 +42,7 @@ def lines_of(text, start):
 
 def test_tables_have_the_paper_rows_and_this_runs_values(tmp_path):
     fixture_summary(tmp_path / "s.csv")
-    paths = write_tables(tmp_path / "s.csv", tmp_path / "tables", [[1, 2, 3]])
+    paths = write_tables(tmp_path / "s.csv", tmp_path / "tables", [["L5H0", "L5H1", "L5H2"]])
     assert [p.name for p in paths] == [f"table{i}.{ext}" for i in range(1, 6) for ext in ("md", "html", "csv", "tex")]
     t1 = (tmp_path / "tables" / "table1.md").read_text()
     assert lines_of(t1, "| Methods")[0] == ("| Methods | BadNet ASR (down) | BadNet CACC (up) | Blended ASR (down) | "
@@ -60,7 +60,7 @@ def test_tables_have_the_paper_rows_and_this_runs_values(tmp_path):
 
     t3 = (tmp_path / "tables" / "table3.md").read_text()  # local triggers only
     assert "Blended" not in lines_of(t3, "| Methods")[0]
-    assert "| + Fixed [1, 2, 3] | 90.00 | 94.00 |" in t3
+    assert "| + Fixed [L5H0, L5H1, L5H2] | 90.00 | 94.00 |" in t3
     assert "| Original Clean | - | 96.00 |" in t3 and "| + Decomp-Reverse | 40.00 | 80.00 |" in t3
 
     t5 = (tmp_path / "tables" / "table5.md").read_text()
@@ -134,7 +134,7 @@ def test_summary_keeps_repair_defense_and_each_setting_in_columns(tmp_path):
     assert row["mode"] == "auto:heads" and row.variant == "auto:heads"
     teco = raw[(raw.defense == "teco")].sort_values("mode")
     assert list(teco["mode"]) == ["compounding", "independent"] and list(teco.n_images) == [64, 64]
-    assert raw[raw.defense == "fixed_heads"].heads.iloc[0] == "1-2-3"
+    assert raw[raw.defense == "fixed_heads"].heads.iloc[0] == "L5H0-L5H1-L5H2"
     assert {"n_clean", "n_triggered", "n_asr", "asr_lo", "asr_hi", "auroc_lo", "auroc_hi"} <= set(raw.columns)
     methods = read_summary(tmp_path / "s.csv").method
     assert {"cleanclip", "cleanclip+decomp_rep", "none", "strip"} <= set(methods)
@@ -162,7 +162,7 @@ def test_every_markdown_page_has_an_html_twin_that_renders_its_table(tmp_path):
     from clipbackdoor.pages import markdown_to_html
 
     fixture_summary(tmp_path / "s.csv")
-    write_tables(tmp_path / "s.csv", tmp_path / "tables", [[1, 2, 3]])
+    write_tables(tmp_path / "s.csv", tmp_path / "tables", [["L5H0", "L5H1", "L5H2"]])
     page = (tmp_path / "tables" / "table2.html").read_text()
     assert page.startswith("<!DOCTYPE html>") and "<title>Table 2. AUROC (%) on world (target ?)</title>" in page
     assert "<th>Methods</th><th>BadNet</th><th>Blended</th><th>Average</th>" in page

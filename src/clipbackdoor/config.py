@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -133,9 +134,10 @@ def _format_error(err: jsonschema.ValidationError, source: str) -> UserError:
         return UserError(f"{source}: {key} lists {dup!r} twice", fix=f"list each value once in {key}")
     if err.validator == "required":
         return UserError(f"{source}: {err.message} (under {key})", fix="add the key; see params.yaml for an example")
-    if err.validator == "type":
+    if err.validator == "type":  # (the schema's description, where it has one, says what is expected)
         return UserError(f"{source}: {key} = {err.instance!r} has the wrong type",
-                         fix=f"expected {err.validator_value}")
+                         fix=f"expected {err.validator_value}" + (f": {schema['description']}" if "description" in schema
+                                                                  else ""))
     if err.validator in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
         bounds = {k: schema[k] for k in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum") if k in schema}
         text = ", ".join(f"{k} {v}" for k, v in bounds.items())
@@ -146,6 +148,14 @@ def _format_error(err: jsonschema.ValidationError, source: str) -> UserError:
 # repair method -> the parameter section its stage reads (ABD's ablation arms share one section)
 REPAIR_SECTIONS = {"cleanclip": "cleanclip", "roclip": "roclip", "abd": "abd", "abd_img_only": "abd",
                    "abd_eda_only": "abd", "finetune_clean": "abd", "uap": "abd"}
+
+
+def parse_head(name: str) -> tuple[int, int]:
+    """"L5H4" -> (5, 4): an attention head named as everywhere in the project (layer and head from 0)."""
+    match = re.fullmatch(r"L(\d+)H(\d+)", str(name))
+    if match is None:
+        raise UserError(f"head {name!r} is not named L{{layer}}H{{head}}", fix="e.g. L5H0: layer 5, head 0 (from 0)")
+    return int(match.group(1)), int(match.group(2))
 
 
 def moot_settings(params: dict) -> list[str]:
@@ -251,11 +261,15 @@ def _check_sizes(params: dict, source: str) -> None:
                             f"{geo['image_size']}-px images", fix=f"set data.image_size: {geo['image_size']}, or "
                             "pick a model of that input size")
         defend = params.get("defend", {})
+        inspected = range(geo["layers"] - min(defend.get("head_layers", 1), geo["layers"]), geo["layers"])
         for group in defend.get("fixed_heads", []):
-            bad = [h for h in group if not 1 <= h <= geo["heads"]]
-            if bad:
-                raise UserError(f"{source}: defend.fixed_heads names head {bad[0]}; the model has heads 1.."
-                                f"{geo['heads']} per layer", fix=f"use head numbers 1..{geo['heads']}")
+            for name in group:
+                layer, head = parse_head(name)
+                if layer not in inspected or head >= geo["heads"]:
+                    raise UserError(f"{source}: defend.fixed_heads names {name}, not a head the rule inspects: "
+                                    f"the model has heads L{inspected[0]}H0..L{inspected[-1]}H{geo['heads'] - 1} "
+                                    f"in its last {len(inspected)} layer(s) (defend.head_layers)",
+                                    fix=f"name heads L{{layer}}H{{head}} from 0, e.g. L{inspected[-1]}H0")
         for key in ("head_layers", "mlp_layers"):
             if defend.get(key, 0) > geo["layers"]:
                 raise UserError(f"{source}: defend.{key} = {defend[key]} but the model has {geo['layers']} layers",
@@ -451,7 +465,7 @@ class DefendConfig:
     head_layers: int  # the last k layers whose heads the rule inspects
     mlp_layers: int  # the last m layers whose MLPs are mean-ablated for global triggers
     zeta: int  # Decomp-Det: flag an image when more than zeta heads are infected
-    fixed_heads: tuple  # head sets (1-indexed, last layer) for the fixed-head ablation
+    fixed_heads: tuple  # head sets ("L5H0", ...: layer and head from 0) for the fixed-head ablation
     eps_sweep: tuple  # eps values of the Figure 6 sweep
     seed: int  # random-head and random-prototype ablations
     threshold: str = "fixed"  # "fixed": eps | "clean_quantile": per-head quantile of clean-validation similarity

@@ -200,7 +200,7 @@ def table3(df, eval_set, fixed_variants: list[str]) -> Table:
     rows += [("+ Random AHs", "random_heads")]
     table = _asr_cacc_table(df, rows, attacks, eval_set,
                             f"Table 3. Fixed, random and reverse head ablation on {_on(df, eval_set)} (local triggers)",
-                            "Fixed heads are 1-indexed in the last layer. Original Clean: the un-backdoored model; "
+                            "Heads are named L{layer}H{head}, both from 0. Original Clean: the un-backdoored model; "
                             "Decomp-Reverse: clean images carrying the triggered images' selected heads.")
     clean = df[(df.attack == "clean") & (df.method == "none") & (df.variant == "-") & (df.eval_set == eval_set)]
     cacc = _pct_value(clean.cacc.mean()) if len(clean) else None
@@ -233,7 +233,7 @@ def _kind(attack: str) -> str:
     return REGISTRY[attack].kind if attack in REGISTRY else "local"
 
 
-def write_tables(summary_csv: str | Path, out_dir: str | Path, fixed_heads: list[list[int]]) -> list[Path]:
+def write_tables(summary_csv: str | Path, out_dir: str | Path, fixed_heads: list[list[str]]) -> list[Path]:
     df = read_summary(summary_csv)
     eval_sets = eval_set_order(df)
     first = eval_sets[0]
@@ -241,7 +241,7 @@ def write_tables(summary_csv: str | Path, out_dir: str | Path, fixed_heads: list
     sizes = sorted({v.rpartition("n_images=")[2] for v in det.variant.astype(str) if "n_images=" in v})
     subsample = (f"a seeded subsample of {', '.join(sizes)} test images (each clean and triggered)" if sizes
                  else "no images (no detector configured)")
-    fixed = [f"heads={'-'.join(map(str, h))}" for h in fixed_heads]
+    fixed = [f"heads={'-'.join(h)}" for h in fixed_heads]
     out_dir = Path(out_dir)
     tables = {"table1": table1(df, first), "table2": table2(df, first, subsample), "table3": table3(df, first, fixed),
               "table4": table4(df, eval_sets), "table5": table5(df, first)}
