@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from clipbackdoor.attacks import REGISTRY, make_trigger, trigger_eval_images
+from clipbackdoor.attacks.base import Trigger, to_uint8
 from clipbackdoor.errors import UserError
 from clipbackdoor.poison import check_target, poison, poison_split, select_poison
 from clipbackdoor.shards import load_split
@@ -39,6 +40,14 @@ def test_badnet_random_is_mean_plus_noise_at_recorded_random_positions():
         assert not (changed & ~box).any()
     y2, _ = make_trigger("badnet_random", RANDOM, 32, seed=0).apply(x, np.random.default_rng(5))
     assert torch.equal(y, y2)
+    # the vectorised paste equals the image-by-image one it replaced (draws: rows, cols, then noise)
+    rng, xf, p = np.random.default_rng(5), x.float() / 255, RANDOM["patch_size"]
+    rows, cols = rng.integers(0, 32 - p + 1, size=20), rng.integers(0, 32 - p + 1, size=20)
+    noise = torch.from_numpy(rng.standard_normal((20, 3, p, p)).astype(np.float32))
+    loop = xf.clone()
+    for i in range(20):
+        loop[i, :, rows[i]:rows[i] + p, cols[i]:cols[i] + p] = xf[i].mean(dim=(1, 2))[:, None, None] + noise[i]
+    assert torch.equal(y, to_uint8(loop))
 
 
 def test_blended_ratio():
@@ -62,6 +71,9 @@ def test_eval_triggering_is_deterministic_and_batch_independent():
     subset = np.array([1, 5, 6])
     assert torch.equal(trigger_eval_images(trig, x[subset], subset, 3), whole[subset])
     assert not torch.equal(whole[0], whole[1])  # per-image positions differ (random patch location)
+    # one call for the batch, image by image from its own stream (the default, per-image path) alike
+    streams = lambda: [np.random.default_rng([3, 3, i]) for i in range(8)]  # noqa: E731
+    assert torch.equal(whole, Trigger.apply_streams(trig, x, streams()))
 
 
 def test_triggers_run_where_the_images_are(tmp_path):

@@ -47,9 +47,7 @@ def trigger_eval_images(trigger: Trigger, images, index, seed: int):
     stream ``[seed, 3, i]``, so a batch, a subset (the detectors' images) or the whole split give each image the
     same trigger."""
     import numpy as np
-    import torch
 
     if not trigger.uses_rng:
         return trigger.apply(images, np.random.default_rng([seed, 3]))[0]
-    return torch.cat([trigger.apply(images[j:j + 1], np.random.default_rng([seed, 3, int(i)]))[0]
-                      for j, i in enumerate(index)]) if len(images) else images
+    return trigger.apply_streams(images, [np.random.default_rng([seed, 3, int(i)]) for i in index])

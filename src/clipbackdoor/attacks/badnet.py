@@ -53,14 +53,33 @@ class BadNetRandom(Trigger):
     kind = "local"
     uses_rng = True
 
-    def apply(self, images, rng):
-        x = to_float(images).clone()
+    def _draw(self, rng, n: int, h: int, w: int):
+        """(rows [n], cols [n], noise [n, 3, p, p]) from one stream, in this order."""
         p = int(self.cfg["patch_size"])
-        n, _, h, w = x.shape
         rows = rng.integers(0, h - p + 1, size=n)
         cols = rng.integers(0, w - p + 1, size=n)
-        noise = torch.from_numpy(rng.standard_normal((n, 3, p, p)).astype(np.float32)).to(x.device)
+        return rows, cols, rng.standard_normal((n, 3, p, p)).astype(np.float32)
+
+    def _paste(self, images, rows, cols, noise) -> torch.Tensor:
+        """Each image's ``mean + noise`` patch at its own (row, col), all images at once (advanced indexing)."""
+        x = to_float(images).clone()
+        n, p = len(x), noise.shape[-1]
         mean = x.mean(dim=(2, 3), keepdim=True)  # [N, 3, 1, 1] per-image channel means
-        for i in range(n):
-            x[i, :, rows[i]:rows[i] + p, cols[i]:cols[i] + p] = mean[i] + noise[i]
-        return to_uint8(x), [{"row": int(r), "col": int(c)} for r, c in zip(rows, cols)]
+        r = torch.as_tensor(rows[:, None] + np.arange(p), device=x.device)  # [N, p] patch rows of each image
+        c = torch.as_tensor(cols[:, None] + np.arange(p), device=x.device)  # [N, p]
+        at = (torch.arange(n, device=x.device)[:, None, None, None], torch.arange(3, device=x.device)[None, :, None, None],
+              r[:, None, :, None], c[:, None, None, :])
+        x[at] = mean + torch.from_numpy(noise).to(x.device)
+        return to_uint8(x)
+
+    def apply(self, images, rng):
+        rows, cols, noise = self._draw(rng, len(images), *images.shape[-2:])
+        return self._paste(images, rows, cols, noise), [{"row": int(r), "col": int(c)} for r, c in zip(rows, cols)]
+
+    def apply_streams(self, images, rngs):
+        # image i's draws from its own stream, exactly as apply(images[i:i+1], rngs[i]) makes them; one paste
+        draws = [self._draw(rng, 1, *images.shape[-2:]) for rng in rngs]
+        if not draws:
+            return images
+        rows, cols, noise = (np.concatenate(parts) for parts in zip(*draws))
+        return self._paste(images, rows, cols, noise)

@@ -29,6 +29,14 @@ class Trigger:
         """images uint8 [N, 3, H, W] -> (triggered uint8 [N, 3, H, W], per-image trigger parameters)."""
         raise NotImplementedError
 
+    def apply_streams(self, images: torch.Tensor, rngs: list[np.random.Generator]) -> torch.Tensor:
+        """images uint8 [N, 3, H, W], image i's parameters drawn from ``rngs[i]`` -> triggered uint8: equal to
+        applying the trigger image by image, each with its own stream (a trigger that draws per-image parameters
+        overrides this to apply the batch at once)."""
+        if not len(images):
+            return images
+        return torch.cat([self.apply(images[i:i + 1], rng)[0] for i, rng in enumerate(rngs)])
+
     def to(self, device) -> "Trigger":
         """This trigger with its tensors and networks (pattern, warping grid, ISSBA's encoder) on ``device``, so
         evaluation batches are triggered where the model runs, not on the host. Returns self."""
