@@ -25,7 +25,8 @@ from PIL import Image
 
 from clipbackdoor.errors import UserError
 from clipbackdoor.io import read_json
-from clipbackdoor.shards import TAR_ERRORS, _decode_image, _text, corrupt_tar, shard_paths, stored_as_downloaded
+from clipbackdoor.shards import (TAR_ERRORS, _decode_image, _text, check_size, corrupt_tar, shard_paths,
+                                 stored_as_downloaded)
 
 OVERLAY_FILE = "overlay.json"
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
@@ -151,10 +152,7 @@ class ShardPairs:
         f_id, offset, size = (int(v) for v in self.where[i])
         arr = _decode_image(os.pread(self._fd(f_id), size, offset), self.keys[i], self.files[f_id],
                             self.image_size if f_id < self.resize_files else None)
-        if self.image_size is not None and arr.shape[:2] != (self.image_size, self.image_size):
-            raise UserError(f"{self.folder}: sample {self.keys[i]!r} is {arr.shape[1]}x{arr.shape[0]}, expected "
-                            f"{self.image_size}x{self.image_size}",
-                            fix="regenerate the data with data.image_size matching the model")
+        check_size(self.folder, self.keys[i], arr.shape[1], arr.shape[0], self.image_size)
         return arr
 
     def image(self, i: int) -> torch.Tensor:
@@ -210,11 +208,8 @@ class ShardPairs:
             except Exception as exc:  # PIL raises many types for corrupt data
                 raise UserError(f"{self.files[f_id]}: image of sample {key!r} cannot be read "
                                 f"({exc.__class__.__name__})", fix="regenerate the shard (rerun its stage)") from None
-            if self.image_size is not None and f_id >= self.resize_files and (width, height) != (self.image_size,
-                                                                                                   self.image_size):
-                raise UserError(f"{self.folder}: sample {key!r} is {width}x{height}, expected "
-                                f"{self.image_size}x{self.image_size}",
-                                fix="regenerate the data with data.image_size matching the model")
+            if f_id >= self.resize_files:  # (images kept as downloaded are resized by the readers)
+                check_size(self.folder, key, width, height, self.image_size)
         return h.hexdigest()[:16]
 
     def __getstate__(self):  # DataLoader workers (spawn) get the index, not the parent's descriptors

@@ -51,6 +51,13 @@ def resize_center(img: Image.Image, size: int) -> np.ndarray:
     return np.asarray(img.crop((left, top, left + size, top + size)))
 
 
+def check_size(folder, key: str, width: int, height: int, image_size: int | None) -> None:
+    """Refuse an image held to size (not "as downloaded") whose size is not the model's, naming it."""
+    if image_size is not None and (width, height) != (image_size, image_size):
+        raise UserError(f"{folder}: sample {key!r} is {width}x{height}, expected {image_size}x{image_size}",
+                        fix="regenerate the data with data.image_size matching the model")
+
+
 def stored_as_downloaded(shard_dir: str | Path) -> bool:
     """Whether a shard folder keeps its images as downloaded (any size; readers resize them), per index.json."""
     index = Path(shard_dir) / "index.json"
@@ -228,10 +235,8 @@ def _stack(shard_dir, items: list[dict], image_size: int | None) -> dict:
         img = item["image"]
         if resize:
             img = resize_center(Image.fromarray(img), image_size)
-        elif image_size is not None and img.shape[:2] != (image_size, image_size):
-            raise UserError(f"{shard_dir}: sample {item['key']!r} is {img.shape[1]}x{img.shape[0]}, "
-                            f"expected {image_size}x{image_size}",
-                            fix="regenerate the data with data.image_size matching the model")
+        else:
+            check_size(shard_dir, item["key"], img.shape[1], img.shape[0], image_size)
         images.append(torch.from_numpy(np.array(img)).permute(2, 0, 1))
     metas = [item["meta"] for item in items]
     return {"keys": [item["key"] for item in items],
