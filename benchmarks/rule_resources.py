@@ -185,7 +185,7 @@ def main() -> None:
     # `make rehearsal` of commit e910d22 (collect_stage_metrics.py), while benchmarks shared the machine: its
     # times are upper bounds (about 2x the quiet run of benchmarks/results/rehearsal_cpu_stages.json)
     ap.add_argument("--rehearsal", default=str(ROOT / "benchmarks/results/rehearsal_cpu_stages_e910d22.json"))
-    ap.add_argument("--embedded-run", default="`make run` of 18669df", help="what --embedded is (for the sources)")
+    ap.add_argument("--embedded-run", default="`make run` of a51df98", help="what --embedded is (for the sources)")
     ap.add_argument("--rehearsal-run", default="`make rehearsal` of e910d22")
     ap.add_argument("--paper-memory", default=str(ROOT / "benchmarks/results/memory_scaling.json"))
     ap.add_argument("--paper-label", default="paper_vitb32")
