@@ -57,7 +57,7 @@ def evaluate(params: dict, run: str, ft: dict, work: Path) -> dict:
                       dec["centering"], dec["normalize"], dec["batch_size"])
     run_class_embeddings(work / "model", evalset, work / "classes.safetensors", params["zeroshot"]["templates"])
     build_prototypes(work / "none.parquet", work / "protos.safetensors", params["prototypes"]["val_fraction"],
-                     params["prototypes"]["split_seed"])
+                     params["prototypes"]["split_seed"], params["prototypes"].get("split", "seeded"))
     emb, names = load_class_embeddings(work / "classes.safetensors")
     target = check_target(params["poison"]["target"], names)
     cfg = section(DefendConfig, params["defend"])

@@ -59,8 +59,8 @@ COST_ROWS = {"finetune": "finetune", "cleanclip": "cleanclip", "decompose": "dec
 # profiles' values, read from configs/): pairs, evaluation images, detector images, MMD subsample. Rules that
 # grow otherwise (steps, pools, models) and were not measured at paper scale get a day.
 GROWS = {"cc3m": "pairs", "poison": "pairs", "eval_data": "eval", "prototypes": "eval", "defend": "eval",
-         "detect": "detect", "mmd": "mmd", "textspan": "eval"}
-FIXED = {"summary", "tables", "figures", "abd_tables"}  # one row per job: the same work at every scale
+         "detect": "detect", "mmd": "mmd", "textspan": "eval", "summary": "eval"}
+FIXED = {"tables", "figures", "abd_tables"}  # one row per job: the same work at every scale
 EVAL_IMAGES = {"paper": 50_000, "rehearsal": 48}  # ImageNet-1K val; the rehearsal's 8 classes x 6 images
 UNMEASURED_MIN = 1440
 ALIKE = {"abd_tables": "tables"}  # a rule not in the rehearsal graph that does the same kind of work as one in it
@@ -123,6 +123,7 @@ def row_allowances() -> dict[str, tuple[float, str]]:
     val = g("prototypes.val_fraction") * EVAL_IMAGES["paper"]
     scored = g("detect.n_images") + val
     term_row = (layers * heads + layers) * d * 4  # every head and MLP term of one image, float32
+    test = (1 - g("prototypes.val_fraction")) * EVAL_IMAGES["paper"]
     poisoned = g("attacks.badnet.rate") * g("data.webdataset.n_pairs")
     return {
         "detect": (4 * scored * image / mib, f"{scored:.0f} decoded images (scored + STRIP pool) x 4 copies"),
@@ -131,6 +132,9 @@ def row_allowances() -> dict[str, tuple[float, str]]:
         # streamed into moments: two models' count/sum/Gram per component (float64), and the pool's embeddings
         "textspan": ((2 * (heads + layers) * d * d * 8 + 4 * 3498 * d * 8) / mib,
                      "2 models' per-component Gram matrices + 3,498 pool texts' working copies"),
+        # one defend table in pandas (2 splits x test rows x ~60 settings, ~150 B a row) + bootstrap chunks
+        "summary": ((2 * test * 60 * 150 + 4 * 100 * test * 8) / mib,
+                    f"a defend table of 2 x {test:.0f} test rows x ~60 settings in pandas, and bootstrap draws"),
         "poison": ((1500 * g("data.webdataset.n_pairs") + 3 * poisoned * image) / mib,
                    f"~1.5 KB index + manifest per pair, {poisoned:.0f} poisoned images x 3"),
     }

@@ -2,8 +2,6 @@
 # the figures not made by `figures` (1, 6, 8).
 
 ANALYSIS = "analysis" in config
-# each table as Markdown (+ HTML for the report), CSV (plots) and LaTeX (booktabs)
-TABLES = [f"results/tables/table{i}.{ext}" for i in range(1, 6) for ext in TABLE_FORMATS]
 
 
 def mmd_path(run, evalset):

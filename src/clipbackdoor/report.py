@@ -80,10 +80,10 @@ def defend_rows(entries: list[dict], seed: int = 0) -> list[dict]:
         target_name = meta.get(b"target_name", b"").decode()  # the class the run was backdoored towards
         attack, run_seed = parse_run(e["trigger"])
         key = f"{e['model']}|{e['trigger']}|{e['eval_set']}"
+        if e["model"] == "clean":  # the clean model is a control: its undefended rows only (no wasted intervals)
+            table = table[table.defense == "none"]
         for r in setting_rows(table, target, seed, key):
             if e["model"] == "clean":
-                if r["defense"] != "none":
-                    continue
                 rows.append({**r, "attack": "clean", "repair": "-", "variant": f"trigger={attack}",
                              "seed": run_seed, "eval_set": e["eval_set"], "target": target_name})
                 continue

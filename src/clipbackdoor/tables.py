@@ -136,8 +136,9 @@ def _pct_value(v: float | None) -> float | None:
 
 def _cell(df: pd.DataFrame, attack: str, defense: str, metric: str, eval_set: str, variant: str | None = None):
     rows = df[(df.attack == attack) & (df.method == defense) & (df.eval_set == eval_set)]
-    if variant is not None:
-        rows = rows[rows.variant.astype(str).str.startswith(variant)]
+    if variant is not None:  # the setting, or its first parts ("independent" of "independent,n_images=320")
+        rows = rows.loc[np.array([v == variant or v.startswith(variant + ",") for v in rows.variant.astype(str)],
+                                 dtype=bool)]
     vals = rows[metric].dropna()
     return float(vals.mean()) if len(vals) else None
 
