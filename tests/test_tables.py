@@ -69,8 +69,12 @@ def test_tables_have_the_paper_rows_and_this_runs_values(tmp_path):
 
     # the same numbers as CSV (for plots) and LaTeX (booktabs, for a paper)
     csv = pd.read_csv(tmp_path / "tables" / "table1.csv")
-    assert list(csv.columns) == ["Methods", "BadNet ASR (down)", "BadNet CACC (up)", "Blended ASR (down)",
+    assert list(csv.columns) == ["Methods", "method", "BadNet ASR (down)", "BadNet CACC (up)", "Blended ASR (down)",
                                  "Blended CACC (up)"]
+    # the paper's labels repeat ("+ Decomp-Rep" for the victim and for CleanCLIP): the summary's method tells them apart
+    assert list(csv.method) == ["none", "base_decomp", "decomp_rep", "cleanclip", "cleanclip+base_decomp",
+                                "cleanclip+decomp_rep"]
+    assert csv.set_index("method").loc["cleanclip+decomp_rep", "BadNet ASR (down)"] == 1.0
     assert csv.set_index("Methods").loc["CleanCLIP", "BadNet ASR (down)"] == 15.0
     assert pd.isna(csv.set_index("Methods").loc["CleanCLIP", "Blended ASR (down)"])
     tex = (tmp_path / "tables" / "table1.tex").read_text()

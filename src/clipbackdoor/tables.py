@@ -51,6 +51,7 @@ class Table:
     digits: int = 2
     bold_max: bool = False
     footer: str = ""  # Markdown only (e.g. a claim check under the table)
+    keys: list[str] | None = None  # per row, its summary.csv method (CSV only: labels such as "+ Decomp-Rep" repeat)
 
     def headers(self, words: dict[str, str]) -> list[str]:
         if not self.groups:
@@ -79,7 +80,10 @@ class Table:
 
     def frame(self) -> pd.DataFrame:
         cols = self.label_columns + self.headers(ARROWS)
-        return pd.DataFrame([[*labels, *values] for labels, values in self.rows], columns=cols)
+        df = pd.DataFrame([[*labels, *values] for labels, values in self.rows], columns=cols)
+        if self.keys is None:
+            return df
+        return df.assign(method=self.keys)[[*self.label_columns, "method", *cols[len(self.label_columns):]]]
 
     def latex(self) -> str:
         """A booktabs table: a caption, grouped headers (\\cmidrule under each group), bold maxima."""
@@ -172,7 +176,8 @@ def _asr_cacc_table(df, rows, attacks, eval_set, title, note="") -> Table:
         v = variant[0] if variant else None
         values.append(((label,), [_pct_value(_cell(df, a, method, m, eval_set, v)) for a in attacks
                                   for m in ("asr", "cacc")]))
-    return Table(title, note, [PAPER_ATTACK_NAMES.get(a, a) for a in attacks], ["ASR", "CACC"], values)
+    return Table(title, note, [PAPER_ATTACK_NAMES.get(a, a) for a in attacks], ["ASR", "CACC"], values,
+                 keys=[method if not variant else f"{method}/{variant[0]}" for _, method, *variant in rows])
 
 
 def table1(df, eval_set) -> Table:
@@ -191,7 +196,8 @@ def table2(df, eval_set, subsample: str) -> Table:
         rows.append(((label,), [*vals, float(np.mean(present)) if present else None]))
     return Table(f"Table 2. AUROC (%) on {_on(df, eval_set)}",
                  f"Input detectors score {subsample}; Decomp-Det scores every test image. Best per column in bold.",
-                 [PAPER_ATTACK_NAMES.get(a, a) for a in attacks] + ["Average"], ["AUROC"], rows, bold_max=True)
+                 [PAPER_ATTACK_NAMES.get(a, a) for a in attacks] + ["Average"], ["AUROC"], rows, bold_max=True,
+                 keys=[m if v is None else f"{m}/{v}" for _, m, v in DETECTOR_ROWS])
 
 
 def table3(df, eval_set, fixed_variants: list[str]) -> Table:
@@ -208,6 +214,7 @@ def table3(df, eval_set, fixed_variants: list[str]) -> Table:
     table.rows.append((("Original Clean",), [x for _ in attacks for x in (None, cacc)]))
     table.rows.append((("+ Decomp-Reverse",), [_pct_value(_cell(df, a, "decomp_reverse", m, eval_set))
                                                for a in attacks for m in ("asr", "cacc")]))
+    table.keys += ["clean model", "decomp_reverse"]
     return table
 
 
@@ -218,7 +225,8 @@ def table4(df, eval_sets: list[str]) -> Table:
     return Table(f"Table 4. ASR and CACC (%) of {PAPER_ATTACK_NAMES.get(attack, attack)} per evaluation set",
                  "The paper's Caltech-101 and Oxford Pets columns are the profile's evaluation sets"
                  + (" (this profile has one)." if len(eval_sets) == 1 else "."),
-                 [f"{e} (target {_target(df, e)})" for e in eval_sets], ["ASR", "CACC"], rows)
+                 [f"{e} (target {_target(df, e)})" for e in eval_sets], ["ASR", "CACC"], rows,
+                 keys=[method for _, method in TABLE1_ROWS])
 
 
 def table5(df, eval_set) -> Table:
