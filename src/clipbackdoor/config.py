@@ -158,6 +158,21 @@ def parse_head(name: str) -> tuple[int, int]:
     return int(match.group(1)), int(match.group(2))
 
 
+def fixed_head_positions(names, layers: list[int], n_heads: int, where: str = "") -> list[tuple[int, int]]:
+    """(position among the inspected ``layers``, head) of each head named in a ``defend.fixed_heads`` set; a head
+    outside the inspected layers is refused (at params validation where the model's shape is known, else by
+    ``defend``)."""
+    positions = []
+    for name in names:
+        layer, head = parse_head(name)
+        if layer not in layers or head >= n_heads:
+            raise UserError(f"{where}defend.fixed_heads names {name}, not a head the rule inspects: the model has "
+                            f"heads L{layers[0]}H0..L{layers[-1]}H{n_heads - 1} in its last {len(layers)} layer(s) "
+                            "(defend.head_layers)", fix=f"name heads L{{layer}}H{{head}} from 0, e.g. L{layers[-1]}H0")
+        positions.append((layers.index(layer), head))
+    return positions
+
+
 def moot_settings(params: dict) -> list[str]:
     """Notes on settings that have no effect under the chosen mode (valid, but a user editing them would expect a
     change that never comes)."""
@@ -263,13 +278,7 @@ def _check_sizes(params: dict, source: str) -> None:
         defend = params.get("defend", {})
         inspected = range(geo["layers"] - min(defend.get("head_layers", 1), geo["layers"]), geo["layers"])
         for group in defend.get("fixed_heads", []):
-            for name in group:
-                layer, head = parse_head(name)
-                if layer not in inspected or head >= geo["heads"]:
-                    raise UserError(f"{source}: defend.fixed_heads names {name}, not a head the rule inspects: "
-                                    f"the model has heads L{inspected[0]}H0..L{inspected[-1]}H{geo['heads'] - 1} "
-                                    f"in its last {len(inspected)} layer(s) (defend.head_layers)",
-                                    fix=f"name heads L{{layer}}H{{head}} from 0, e.g. L{inspected[-1]}H0")
+            fixed_head_positions(group, list(inspected), geo["heads"], f"{source}: ")
         for key in ("head_layers", "mlp_layers"):
             if defend.get(key, 0) > geo["layers"]:
                 raise UserError(f"{source}: defend.{key} = {defend[key]} but the model has {geo['layers']} layers",

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from clipbackdoor.config import DefendConfig, parse_head
+from clipbackdoor.config import DefendConfig, fixed_head_positions
 from clipbackdoor.decomp_cache import ROW_GROUP_SIZE, CachedDecomposition, iter_decomposition, read_meta
 from clipbackdoor.errors import UserError
 from clipbackdoor.io import parquet_stream
@@ -132,12 +132,8 @@ def _settings(split: TestSplit, protos: dict, cfg: DefendConfig, kind: str, clas
     yield "random_heads", tag, replace(random_mask, protos_k[None]), None
     for head_set in cfg.fixed_heads:
         mask = np.zeros_like(infected)  # [N, k, H] over the inspected layers
-        for layer, head in map(parse_head, head_set):
-            if layer not in layers or head >= n_heads:
-                raise UserError(f"defend.fixed_heads: L{layer}H{head} is not among the inspected heads "
-                                f"(L{layers[0]}H0..L{layers[-1]}H{n_heads - 1})",
-                                fix="name heads L{layer}H{head} from 0 within the last defend.head_layers layers")
-            mask[:, layers.index(layer), head] = True
+        for position, head in fixed_head_positions(head_set, layers, n_heads):
+            mask[:, position, head] = True
         yield "fixed_heads", "heads=" + "-".join(head_set), replace(mask, protos_k[None]), None
 
     # Figure 1: mean-ablate all heads / all MLPs; Figure 2: per-layer forward / backward / separate

@@ -106,10 +106,11 @@ def clean_model_rows(model_dir: Path, seed: int) -> list[dict]:
 
 def summary_frame(rows: list[dict]) -> pd.DataFrame:
     """The rows in summary.csv's column order: keys, each setting in its own column, metrics."""
-    settings = list(dict.fromkeys(k for r in rows for k in settings_of(r.get("variant", "-"))))
+    parsed = [settings_of(r.get("variant", "-")) for r in rows]
+    settings = list(dict.fromkeys(k for p in parsed for k in p))
     clash = set(settings) & set(KEYS + METRICS)
     assert not clash, f"a setting named like a column: {clash}"
-    rows = [{**r, **settings_of(r.get("variant", "-"))} for r in rows]
+    rows = [{**r, **p} for r, p in zip(rows, parsed)]
     df = pd.DataFrame(rows).reindex(columns=KEYS + settings + METRICS)
     return df.astype({c: "Int64" for c in ("seed", "n_clean", "n_triggered", "n_asr")})  # counts stay integers
 
