@@ -8,7 +8,7 @@ GPU_RES = $(if $(filter-out 0,$(GPUS)),--resources gpu=$(GPUS))
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup run html-report lock pull-decomp defenses abd b2 rehearsal test test-slow lint dvc-yaml clean-results
+.PHONY: setup run html-report lock pull-decomp defenses abd b2 rehearsal test test-slow lint dvc-yaml
 
 # torch first, from the exact pin (a CPU build where one is provided; never a newer range: that pulls
 # GBs of CUDA wheels), then everything else under the same constraints so nothing can move torch.
@@ -41,18 +41,18 @@ defenses: setup
 	snakemake defenses --cores $(CORES) --allowed-rules defenses defend mmd summary tables figures
 	python -m clipbackdoor report
 
-abd: setup  # seed 002's ABD study (configs/abd.yaml): results/tables/abd_*.md
+abd: setup  # seed 002's ABD study (configs/abd.yaml): results/abd/tables/abd_*.md
 	snakemake all --cores $(CORES) $(GPU_RES) --configfile configs/abd.yaml
-	cat results/tables/abd_table1.md
+	cat results/abd/tables/abd_table1.md
 
-b2: setup  # seed 000's B² audit (configs/b2.yaml = params.yaml + its `b2` section): results/tables/b2_audit.md
+b2: setup  # seed 000's B² audit (configs/b2.yaml = params.yaml + its `b2` section): results/b2/tables/b2_audit.md
 	snakemake b2 --cores $(CORES) $(GPU_RES) --configfile configs/b2.yaml
-	head -30 results/tables/b2_audit.md
+	head -30 results/b2/tables/b2_audit.md
 
 rehearsal: setup  # the paper profile's stage graph on generated real-format inputs (configs/rehearsal.yaml)
 	python -m clipbackdoor.rehearsal --out data/rehearsal
 	snakemake all --cores $(CORES) $(GPU_RES) --configfile configs/rehearsal.yaml  # B² included (its `b2` section)
-	python -m clipbackdoor report
+	python -m clipbackdoor report --results rehearsal
 
 test: setup
 	python -m pytest -q

@@ -7,7 +7,7 @@ ABD_NEEDS_PERTURBATION = {"abd", "abd_img_only", "uap"}
 
 def abd_similarity_path(run, evalset=None):
     """Fig. 2 on the run's first evaluation set (the one its attacker-side stages use)."""
-    return f"results/analysis/abd/{run}_{evalset or run_eval(run)}.csv"
+    return f"{RESULTS}/analysis/abd/{run}_{evalset or run_eval(run)}.csv"
 
 
 rule abd_generator:
@@ -96,10 +96,12 @@ rule abd_similarity:
 
 rule abd_tables:
     input:
-        summary="results/metrics/summary.csv",
+        summary=RESULTS + "/metrics/summary.csv",
         similarity=[abd_similarity_path(r) for r in RUNS],
     output:
-        [f for t in ("table1", "table2", "table3", "fig2") for f in table_outputs(f"results/tables/abd_{t}", "abd", "abd_table")],
+        [f for t in ("table1", "table2", "table3", "fig2") for f in table_outputs(f"{RESULTS}/tables/abd_{t}", "abd", "abd_table")],
+    params:
+        out_dir=RESULTS + "/tables",
     resources:
         mem_mb=mem_mb("abd_tables"),
         runtime=runtime("abd_tables"),
@@ -109,4 +111,4 @@ rule abd_tables:
         bench_path("abd_tables")
     shell:
         "python -m clipbackdoor abd-tables --summary {input.summary} --similarity {input.similarity}"
-        " --out-dir results/tables --log {log}"
+        " --out-dir {params.out_dir:q} --log {log}"

@@ -5,7 +5,7 @@ ANALYSIS = "analysis" in config
 
 
 def mmd_path(run, evalset):
-    return f"results/analysis/mmd/{run}_{evalset}.csv"
+    return f"{RESULTS}/analysis/mmd/{run}_{evalset}.csv"
 
 
 rule mmd:
@@ -40,9 +40,9 @@ rule textspan:
         # a pool file is an input: a missing file fails before any job, an edit reruns TEXTSPAN
         pool=lambda wc: [] if config["analysis"]["textspan_pool"] == "embedded" else [config["analysis"]["textspan_pool"]],
     output:
-        csv="results/analysis/textspan/{run}_{evalset}.csv",
-        md="results/analysis/textspan/{run}_{evalset}.md",
-        html=report_item("results/analysis/textspan/{run}_{evalset}.html", "analyses", "textspan", "TEXTSPAN"),
+        csv=RESULTS + "/analysis/textspan/{run}_{evalset}.csv",
+        md=RESULTS + "/analysis/textspan/{run}_{evalset}.md",
+        html=report_item(RESULTS + "/analysis/textspan/{run}_{evalset}.html", "analyses", "textspan", "TEXTSPAN"),
     params:
         cfg=lambda wc: params_json("analysis", *(["data.world"] if EMBEDDED else [])),
     threads: JOB_THREADS
@@ -62,16 +62,17 @@ rule textspan:
 
 rule tables:
     input:
-        summary="results/metrics/summary.csv",
+        summary=RESULTS + "/metrics/summary.csv",
         mmd=[mmd_path(r, run_eval(r)) for r in RUNS] if ANALYSIS else [],
     output:
-        tables=[f for i in range(1, 6) for f in table_outputs(f"results/tables/table{i}", "baselines" if i == 2 else "core")],
-        fig1=report_item("results/figures/fig1_ablate_all.png", "core", "fig_ablate_all", "Figures"),
-        fig6=report_item("results/figures/fig6_eps_sweep.png", "core", "fig_eps_sweep", "Figures"),
-        fig8=report_item("results/figures/fig8_cacc_mmd.png", "analyses", "fig_mmd", "MMD"),
+        tables=[f for i in range(1, 6) for f in table_outputs(f"{RESULTS}/tables/table{i}", "baselines" if i == 2 else "core")],
+        fig1=report_item(RESULTS + "/figures/fig1_ablate_all.png", "core", "fig_ablate_all", "Figures"),
+        fig6=report_item(RESULTS + "/figures/fig6_eps_sweep.png", "core", "fig_eps_sweep", "Figures"),
+        fig8=report_item(RESULTS + "/figures/fig8_cacc_mmd.png", "analyses", "fig_mmd", "MMD"),
     params:
         cfg=stage_params("defend.fixed_heads"),
         mmd=[f"{r}={mmd_path(r, run_eval(r))}" for r in RUNS] if ANALYSIS else [],
+        out_dir=RESULTS + "/tables",
     resources:
         mem_mb=mem_mb("tables"),
         runtime=runtime("tables"),
@@ -81,4 +82,4 @@ rule tables:
         bench_path("tables")
     shell:
         "python -m clipbackdoor tables --params {params.cfg:q} --summary {input.summary} --mmd {params.mmd:q}"
-        " --out-dir results/tables --fig1 {output.fig1} --fig6 {output.fig6} --fig8 {output.fig8} --log {log}"
+        " --out-dir {params.out_dir:q} --fig1 {output.fig1} --fig6 {output.fig6} --fig8 {output.fig8} --log {log}"

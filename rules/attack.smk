@@ -8,7 +8,7 @@ rule badclip_patch:
         evalset=lambda wc: eval_dir(run_eval(wc.run)),
     output:
         patch=ASSET_FILES["badclip_patch"],
-        png="results/attacks/{run}_patch.png",
+        png="results/shared/attacks/{run}_patch.png",
     wildcard_constraints:
         run="badclip(?:-[a-z0-9_]+)?-s[0-9]+",
     params:
@@ -34,7 +34,7 @@ rule issba_codec:
         evalset=lambda wc: eval_dir(run_eval(wc.run)),
     output:
         codec=ASSET_FILES["issba_codec"],
-        png="results/attacks/{run}_codec.png",
+        png="results/shared/attacks/{run}_codec.png",
     wildcard_constraints:
         run="issba(?:-[a-z0-9_]+)?-s[0-9]+",
     params:
@@ -88,7 +88,7 @@ rule poison:
     output:
         shards=directory("data/poisoned/{run}"),
         manifest="data/poisoned/{run}.manifest.parquet",
-        preview=report_item("results/attacks/{run}.png", "attacks", "attack_preview", "Trigger previews"),
+        preview=report_item("results/shared/attacks/{run}.png", "attacks", "attack_preview", "Trigger previews"),
     params:
         cfg=lambda wc: params_json(f"attacks.{attack_of(wc.run)}", target_key(wc.run), "poison.caption_templates",
                                     "data.image_size"),

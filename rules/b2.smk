@@ -19,7 +19,7 @@ rule t2i_pretrain:
         stable_diffusion=lambda wc: local_file(get_key("b2.stable_diffusion.path")) if SD_KEYS else [],
     output:
         model=directory("data/t2i/clean"),
-        preview=report_item("results/figures/b2_t2i_samples.png", "b2", "b2_samples"),
+        preview=report_item("results/shared/b2/t2i_samples.png", "b2", "b2_samples"),
     params:
         cfg=lambda wc: params_json(*T2I_KEYS, *WORLD_KEYS),
     threads: TORCH_THREADS
@@ -66,9 +66,9 @@ rule b2_audit:
         vocab="data/datasets/train",
         auditor=lambda wc: local_file(get_key("b2.stable_diffusion.auditor_pretrained")) if SD_KEYS else [],
     output:
-        md="results/tables/b2_audit.md",
-        html=report_item("results/tables/b2_audit.html", "b2", "b2_audit"),
-        csv="results/metrics/b2.csv",
+        md=RESULTS + "/tables/b2_audit.md",
+        html=report_item(RESULTS + "/tables/b2_audit.html", "b2", "b2_audit"),
+        csv=RESULTS + "/metrics/b2.csv",
     params:
         cfg=lambda wc: params_json(*AUDIT_KEYS, *WORLD_KEYS),
     threads: TORCH_THREADS

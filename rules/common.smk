@@ -7,12 +7,15 @@ import sys
 from snakemake.utils import update_config, validate
 
 from clipbackdoor.runs import parse_run, run_evals
-from clipbackdoor.config import eval_targets, load_yaml, moot_settings, names_local_path, validate_params
+from clipbackdoor.config import eval_targets, load_yaml, moot_settings, names_local_path, results_dir, validate_params
 from clipbackdoor.dvcgen import shape_params
 from clipbackdoor.errors import EXIT_USER_ERROR, UserError
 from clipbackdoor.tables import FORMATS as TABLE_FORMATS
 
 try:
+    # Each parameter file's own results (summary, tables, figures, analyses) go to results/<its name>/:
+    # results/default/ for params.yaml, results/abd/ for --configfile configs/abd.yaml; data/ stays shared
+    RESULTS = results_dir(list(workflow.config_settings.configfiles))
     # params.yaml through the project's one loading path (bytes, aliases, budgets, finite numbers), unless a
     # profile replaces it; a --configfile was parsed by Snakemake already and is re-read here for the same checks
     if not workflow.config_settings.configfiles:
@@ -221,26 +224,26 @@ DETECT_OUTPUTS = {f"{r}:{r}:{e}": detect_path(r, e, r) for r in RUNS for e in RU
 
 # seed 001's defenses and their results, computed from cached decompositions alone (`make defenses`)
 DEFENSE_TARGETS = [
-    "results/metrics/summary.csv",
-    "results/metrics/summary.html",  # (each page's Markdown is written with its HTML twin)
-    "results/metrics/headline.json",
-    "results/figures/fig2_layerwise_ablation.png",
-    "results/figures/fig5_prototype_cosine.png",
-    "results/figures/roc_detectors.png",
-    *[f"results/tables/table{i}.html" for i in range(1, 6)],
-    "results/figures/fig1_ablate_all.png",
-    "results/figures/fig6_eps_sweep.png",
-    "results/figures/fig8_cacc_mmd.png",
+    RESULTS + "/metrics/summary.csv",
+    RESULTS + "/metrics/summary.html",  # (each page's Markdown is written with its HTML twin)
+    RESULTS + "/metrics/headline.json",
+    RESULTS + "/figures/fig2_layerwise_ablation.png",
+    RESULTS + "/figures/fig5_prototype_cosine.png",
+    RESULTS + "/figures/roc_detectors.png",
+    *[f"{RESULTS}/tables/table{i}.html" for i in range(1, 6)],
+    RESULTS + "/figures/fig1_ablate_all.png",
+    RESULTS + "/figures/fig6_eps_sweep.png",
+    RESULTS + "/figures/fig8_cacc_mmd.png",
 ]
 ALL_TARGETS = list(DEFENSE_TARGETS)
 if set(REPAIRS) & set(ABD_ARMS):  # seed 002's Fig. 2 and Tables I-III
-    ALL_TARGETS += [f"results/tables/abd_{t}.html" for t in ("table1", "table2", "table3", "fig2")]
+    ALL_TARGETS += [f"{RESULTS}/tables/abd_{t}.html" for t in ("table1", "table2", "table3", "fig2")]
 if "analysis" in config:  # TEXTSPAN descriptions of every attacked model (Figures 3-4 analogues)
-    ALL_TARGETS += [f"results/analysis/textspan/{r}_{e}.html" for r in RUNS for e in RUN_EVALS[r]]
+    ALL_TARGETS += [f"{RESULTS}/analysis/textspan/{r}_{e}.html" for r in RUNS for e in RUN_EVALS[r]]
 # Seed 000's B² audit: part of `all` exactly when the parameters have a `b2` section (configs/b2.yaml, the
 # real-scale profiles), so `snakemake all` and dvc.yaml's stages (generated from the same DAG) always agree.
 B2 = "b2" in config
-B2_OUTPUTS = ["results/tables/b2_audit.html", "results/metrics/b2.csv", "results/figures/b2_t2i_samples.png"]
+B2_OUTPUTS = [RESULTS + "/tables/b2_audit.html", RESULTS + "/metrics/b2.csv", "results/shared/b2/t2i_samples.png"]
 if B2:
     ALL_TARGETS += B2_OUTPUTS
 

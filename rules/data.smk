@@ -6,7 +6,7 @@ if EMBEDDED:
         output:
             train=directory("data/datasets/train"),
             eval=directory(eval_dir("world")),
-            preview=report_item("results/world/preview.png", "attacks", "world_preview"),
+            preview=report_item("results/shared/world/preview.png", "attacks", "world_preview"),
         params:
             cfg=stage_params("data.world", "data.image_size"),
         resources:

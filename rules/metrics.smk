@@ -7,10 +7,10 @@ rule summary:
         defend=list(DEFEND_OUTPUTS.values()),
         detect=list(DETECT_OUTPUTS.values()),
     output:
-        csv="results/metrics/summary.csv",
-        md="results/metrics/summary.md",
-        html=report_item("results/metrics/summary.html", "core", "summary"),
-        headline="results/metrics/headline.json",
+        csv=RESULTS + "/metrics/summary.csv",
+        md=RESULTS + "/metrics/summary.md",
+        html=report_item(RESULTS + "/metrics/summary.html", "core", "summary"),
+        headline=RESULTS + "/metrics/headline.json",
     params:
         # + the keys that shape the stage graph: which runs and sets the summary covers (under DVC, an edit of
         # one reaches this stage, which then asks for a regenerated dvc.yaml -- never silently ignored)
@@ -43,14 +43,14 @@ def roc_tables(run):
 
 rule figures:
     input:
-        summary="results/metrics/summary.csv",
+        summary=RESULTS + "/metrics/summary.csv",
         decomps=[decomp_path(r, FIG_EVAL, t) for r in FIG5_RUNS for t in ("none", r)],
         prototypes=[f"data/prototypes/{r}/{FIG_EVAL}.safetensors" for r in FIG5_RUNS],
         scores=[p for r in FIG5_RUNS for p in roc_tables(r)],
     output:
-        layerwise=report_item("results/figures/fig2_layerwise_ablation.png", "core", "fig_layerwise", "Figures"),
-        proto_cosine=report_item("results/figures/fig5_prototype_cosine.png", "core", "fig_proto_cosine", "Figures"),
-        roc=report_item("results/figures/roc_detectors.png", "baselines", "fig_roc", "Figures"),
+        layerwise=report_item(RESULTS + "/figures/fig2_layerwise_ablation.png", "core", "fig_layerwise", "Figures"),
+        proto_cosine=report_item(RESULTS + "/figures/fig5_prototype_cosine.png", "core", "fig_proto_cosine", "Figures"),
+        roc=report_item(RESULTS + "/figures/roc_detectors.png", "baselines", "fig_roc", "Figures"),
     params:
         runs=[
             f"{r}={decomp_path(r, FIG_EVAL, 'none')},{decomp_path(r, FIG_EVAL, r)},data/prototypes/{r}/{FIG_EVAL}.safetensors"

@@ -193,3 +193,15 @@ def test_a_setting_without_effect_in_the_chosen_mode_gets_a_note():
     fixed = copy.deepcopy(BASE)
     fixed["defend"]["threshold"] = "fixed"
     assert moot_settings(fixed)[0].startswith("defend.quantile (0.01) has no effect with defend.threshold: fixed")
+
+
+def test_results_folder_is_named_after_the_parameter_file():
+    from clipbackdoor.config import results_dir
+
+    assert results_dir([]) == "results/default"
+    assert results_dir(["configs/abd.yaml"]) == "results/abd"
+    assert results_dir(["configs/paper.yaml", "/tmp/more.seeds.yaml"]) == "results/paper+more.seeds"
+    for bad in (["configs/shared.yaml"], ["my study.yaml"], ["-x.yaml"]):
+        with pytest.raises(UserError) as err:
+            results_dir(bad)
+        assert "cannot name a results folder" in str(err.value) and "rename the parameter file" in err.value.fix

@@ -71,6 +71,26 @@ def test_abd_profile_plans_every_arm_and_seed_002s_tables():
     assert len(needs) == runs * 3 + runs  # abd, abd_img_only, uap + the similarity table
 
 
+def planned_outputs(output: str) -> set[str]:
+    return {f.strip() for line in output.splitlines() if line.strip().startswith("output:")
+            for f in line.split(":", 1)[1].split(",")}
+
+
+def test_each_parameter_file_writes_its_own_results_folder():
+    """params.yaml -> results/default/, --configfile configs/abd.yaml -> results/abd/: a profile run after another
+    never overwrites its summary or tables, while both build on the same data/ artifacts (shared pictures of
+    them, the trigger previews, in results/shared/)."""
+    default = planned_outputs(dry_run("--cores", "2").stdout)
+    abd = planned_outputs(dry_run("--cores", "2", "--configfile", "configs/abd.yaml").stdout)
+    for outputs, name in ((default, "default"), (abd, "abd")):
+        results = {o for o in outputs if o.startswith("results/")}
+        assert f"results/{name}/metrics/summary.csv" in results and f"results/{name}/tables/table1.md" in results
+        assert all(o.startswith((f"results/{name}/", "results/shared/")) for o in results), results
+    assert "results/abd/tables/abd_table1.md" in abd
+    assert {"data/models/badnet-s0", "results/shared/attacks/badnet-s0.png"} <= default & abd
+    assert not {o for o in default & abd if o.startswith("results/") and not o.startswith("results/shared/")}
+
+
 def test_fresh_checkout_plans_the_whole_pipeline(tmp_path):
     """Regression: committed outputs (results/) made a fresh clone's `make run` do nothing at all."""
     repo = copy_repo(tmp_path / "repo")
@@ -180,10 +200,10 @@ def test_dvc_yaml_mirrors_rule_params_and_outputs():
     assert {"src/clipbackdoor/cleanclip.py", "src/clipbackdoor/eda.py", "src/clipbackdoor/train.py"} <= set(
         stages["cleanclip_badnet-s0"]["deps"])
     assert "data/attacks/badclip-s0/patch.safetensors" in stages["detect_badclip-s0_world_badclip-s0"]["deps"]
-    assert "results/figures/fig6_eps_sweep.png" in doc["plots"]
+    assert "results/default/figures/fig6_eps_sweep.png" in doc["plots"]
     assert stages["decompose_clean_world_none"]["params"] == ["decompose"]
-    assert doc["metrics"] == ["results/metrics/headline.json"]
-    assert "results/figures/fig2_layerwise_ablation.png" in doc["plots"]
+    assert doc["metrics"] == ["results/default/metrics/headline.json"]
+    assert "results/default/figures/fig2_layerwise_ablation.png" in doc["plots"]
     assert stages["pretrain"]["params"] == ["model", "pretrain", "seed", "zeroshot"]
     assert "src/clipbackdoor/train.py" in stages["pretrain"]["deps"]
     assert "src/clipbackdoor/train.py" not in stages["world"]["deps"]  # only the modules a stage imports

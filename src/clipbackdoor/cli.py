@@ -504,7 +504,9 @@ def cmd_pull_decomp(args) -> None:
 def cmd_report(args) -> None:
     from clipbackdoor.report import print_summary
 
-    print_summary(args.files)
+    from clipbackdoor.report import summary_files
+
+    print_summary(args.files or summary_files(args.results))
 
 
 def cmd_report_screenshot(args) -> None:
@@ -754,13 +756,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--root", default=".", help="the repository (default: the current folder)")
 
     sp = stage("report", cmd_report, "print the results table")
-    sp.add_argument("files", nargs="*", default=["results/metrics/summary.csv"])
+    sp.add_argument("files", nargs="*", help="summary CSVs to print (default: the --results folder's summary.csv)")
+    sp.add_argument("--results", default="default",
+                    help="a parameter file's results folder: default (params.yaml), abd (configs/abd.yaml), ...")
 
     sp = stage("report-screenshot", cmd_report_screenshot,
                "a PNG of the Snakemake HTML report with one item open (headless Chromium)")
     sp.add_argument("--report", default="report.html", help="made by: snakemake --report report.html --cores 1")
     sp.add_argument("--out", default="report.png", help="the PNG to write")
-    sp.add_argument("--path", nargs="+", default=["2. Core study", "Tables", "results/tables/table1.html"],
+    sp.add_argument("--path", nargs="+", default=["2. Core study", "Tables", "results/default/tables/table1.html"],
                     help="section, subsection(s) and the item to open, as the report names them")
     return parser
 

@@ -173,6 +173,32 @@ def fixed_head_positions(names, layers: list[int], n_heads: int, where: str = ""
     return positions
 
 
+RESULTS_ROOT = "results"
+# results/shared/ pictures shared data/ artifacts (the poisoned sets' trigger previews, the learned triggers, the
+# embedded world, the clean text-to-image model's samples): the data stages write them, so they are shared like
+# data/ is -- per parameter file, they would make every profile rerun those stages
+SHARED_RESULTS = "shared"
+DEFAULT_RESULTS = "default"
+
+
+def results_name(configfiles: list) -> str:
+    """The folder under ``results/`` that holds one parameter file's own results (summary, tables, figures,
+    analyses), so profiles compared side by side never overwrite each other: ``default`` for params.yaml, else
+    the stem of the ``--configfile`` (``configs/abd.yaml`` -> ``abd``; several files: their stems joined by +)."""
+    if not configfiles:
+        return DEFAULT_RESULTS
+    name = "+".join(Path(str(f)).stem for f in configfiles)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", name) or name == SHARED_RESULTS:
+        raise UserError(f"--configfile {configfiles[-1]}: its name {name!r} cannot name a results folder "
+                        f"(results/{name}/: letters, digits, _ . + - only; not {SHARED_RESULTS})",
+                        fix="rename the parameter file, e.g. configs/my_study.yaml -> results/my_study/")
+    return name
+
+
+def results_dir(configfiles: list) -> str:
+    return f"{RESULTS_ROOT}/{results_name(configfiles)}"
+
+
 def moot_settings(params: dict) -> list[str]:
     """Notes on settings that have no effect under the chosen mode (valid, but a user editing them would expect a
     change that never comes)."""

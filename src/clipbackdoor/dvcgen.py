@@ -222,15 +222,17 @@ def job_to_stage(job, root: Path) -> tuple[str, dict]:
 
 
 def render_dvc_yaml(root: Path, jobs: list | None = None) -> str:
+    from clipbackdoor.config import load_yaml, results_dir
+
+    results = results_dir([])  # dvc.yaml is params.yaml's pipeline: its results folder
     stages, plots = {}, []
     for job in _workflow_jobs(root)[0] if jobs is None else jobs:
         if job.rule.name in ("all", "b2") or not job.rule.shellcmd:
             continue
         name, stage = job_to_stage(job, root)
         stages[name] = stage
-        plots += [str(f) for f in job.output if str(f).startswith("results/figures/")]
-    doc = {"stages": stages, "metrics": ["results/metrics/headline.json"], "plots": sorted(plots)}
-    from clipbackdoor.config import load_yaml
+        plots += [str(f) for f in job.output if str(f).startswith(f"{results}/figures/")]
+    doc = {"stages": stages, "metrics": [f"{results}/metrics/headline.json"], "plots": sorted(plots)}
 
     shape = json.dumps(graph_shape(load_yaml(root / "params.yaml")), sort_keys=True, separators=(",", ":"))
     return HEADER + SHAPE_PREFIX + shape + "\n" + yaml.safe_dump(doc, sort_keys=False, width=120)

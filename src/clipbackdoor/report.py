@@ -243,7 +243,23 @@ def headline(df: pd.DataFrame) -> dict:
     return tree
 
 
-def print_summary(files: list[str]) -> None:
+def summary_files(results: str) -> list[Path]:
+    """The summary of one parameter file's results folder (``results/<name>/``), refused with the folders that do
+    have one when it does not exist."""
+    from clipbackdoor.config import RESULTS_ROOT
+    from clipbackdoor.errors import UserError
+
+    path = Path(RESULTS_ROOT) / results / "metrics" / "summary.csv"
+    if not path.exists():
+        have = sorted(p.parents[1].name for p in Path(RESULTS_ROOT).glob("*/metrics/summary.csv"))
+        raise UserError(f"{path}: no results for {results!r} yet" + (f" (results exist for: {', '.join(have)})"
+                                                                    if have else ""),
+                        fix="run the pipeline for that parameter file first (params.yaml: make run -> results/default; "
+                            "--configfile configs/NAME.yaml -> results/NAME), or pass --results NAME")
+    return [path]
+
+
+def print_summary(files: list[str | Path]) -> None:
     for f in files:
         path = Path(f)
         md = path.with_suffix(".md")

@@ -6,7 +6,7 @@ the item's "view" control, then Chromium's own ``--screenshot`` captures the pag
 Nothing is installed or fetched: it needs a ``chromium`` (or ``chromium-browser`` / ``google-chrome``) binary.
 
     python -m clipbackdoor report-screenshot --report report.html --out report.png \
-        --path "2. Core study" "Tables" results/tables/table1.html
+        --path "2. Core study" "Tables" results/default/tables/table1.html
 """
 
 from __future__ import annotations
