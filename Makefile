@@ -38,7 +38,7 @@ pull-decomp: setup
 	python -m clipbackdoor pull-decomp
 
 defenses: setup
-	snakemake defenses --cores $(CORES) --allowed-rules defenses defend mmd summary tables figures
+	snakemake defenses --cores $(CORES) --allowed-rules defenses defend mmd summary tables figures head_map
 	python -m clipbackdoor report
 
 abd: setup  # seed 002's ABD study (configs/abd.yaml): results/abd/tables/abd_*.md

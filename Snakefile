@@ -41,7 +41,7 @@ include: "rules/metrics.smk"
 
 # The defenses without any model or GPU, on a colleague's decompositions: after `make pull-decomp` (the cached
 # decompositions, class embeddings, prototypes and detector scores, and the clean model's metrics.json), run
-#   snakemake defenses --cores 2 --allowed-rules defenses defend mmd summary tables figures    (= make defenses)
+#   snakemake defenses --cores 2 --allowed-rules defenses defend mmd summary tables figures head_map    (= make defenses)
 # --allowed-rules makes the pulled files plain inputs, so nothing upstream (no model) is rebuilt.
 rule defenses:
     input:

@@ -59,11 +59,11 @@ COST_ROWS = {"finetune": "finetune", "cleanclip": "cleanclip", "decompose": "dec
 # profiles' values, read from configs/): pairs, evaluation images, detector images, MMD subsample. Rules that
 # grow otherwise (steps, pools, models) and were not measured at paper scale get a day.
 GROWS = {"cc3m": "pairs", "poison": "pairs", "eval_data": "eval", "prototypes": "eval", "defend": "eval",
-         "detect": "detect", "mmd": "mmd", "textspan": "eval", "summary": "eval"}
-FIXED = {"tables", "figures", "abd_tables"}  # one row per job: the same work at every scale
+         "detect": "detect", "mmd": "mmd", "textspan": "eval", "summary": "eval", "head_map": "eval"}
+FIXED = {"tables", "figures", "abd_tables", "training_curves"}  # one row per job: the same work at every scale
 EVAL_IMAGES = {"paper": 50_000, "rehearsal": 48}  # ImageNet-1K val; the rehearsal's 8 classes x 6 images
 UNMEASURED_MIN = 1440
-ALIKE = {"abd_tables": "tables"}  # a rule not in the rehearsal graph that does the same kind of work as one in it
+ALIKE = {"abd_tables": "tables", "head_map": "figures", "training_curves": "figures"}  # a rule not in the rehearsal graph that does the same kind of work as one in it
 
 
 def workflow_rules() -> dict[str, bool]:

@@ -230,12 +230,13 @@ DEFENSE_TARGETS = [
     RESULTS + "/figures/fig2_layerwise_ablation.png",
     RESULTS + "/figures/fig5_prototype_cosine.png",
     RESULTS + "/figures/roc_detectors.png",
+    RESULTS + "/figures/head_map.png",
     *[f"{RESULTS}/tables/table{i}.html" for i in range(1, 6)],
     RESULTS + "/figures/fig1_ablate_all.png",
     RESULTS + "/figures/fig6_eps_sweep.png",
     RESULTS + "/figures/fig8_cacc_mmd.png",
 ]
-ALL_TARGETS = list(DEFENSE_TARGETS)
+ALL_TARGETS = DEFENSE_TARGETS + [RESULTS + "/figures/training_loss.png"]  # (needs the models: not in `defenses`)
 if set(REPAIRS) & set(ABD_ARMS):  # seed 002's Fig. 2 and Tables I-III
     ALL_TARGETS += [f"{RESULTS}/tables/abd_{t}.html" for t in ("table1", "table2", "table3", "fig2")]
 if "analysis" in config:  # TEXTSPAN descriptions of every attacked model (Figures 3-4 analogues)

@@ -67,3 +67,47 @@ rule figures:
     shell:
         "python -m clipbackdoor figures --summary {input.summary} --runs {params.runs:q} --scores {params.scores:q}"
         " --layerwise {output.layerwise} --proto-cosine {output.proto_cosine} --roc {output.roc} --log {log}"
+
+
+rule head_map:
+    input:
+        decomps=[decomp_path(r, FIG_EVAL, t) for r in FIG5_RUNS for t in ("none", r)],
+        prototypes=[f"data/prototypes/{r}/{FIG_EVAL}.safetensors" for r in FIG5_RUNS],
+        mmd=[mmd_path(r, FIG_EVAL) for r in FIG5_RUNS] if ANALYSIS else [],
+    output:
+        report_item(RESULTS + "/figures/head_map.png", "analyses", "fig_head_map", "Figures"),
+    params:
+        cfg=stage_params("defend"),
+        runs=[
+            f"{r}={decomp_path(r, FIG_EVAL, 'none')},{decomp_path(r, FIG_EVAL, r)},data/prototypes/{r}/{FIG_EVAL}.safetensors"
+            for r in FIG5_RUNS
+        ],
+        mmd=[f"{r}={mmd_path(r, FIG_EVAL)}" for r in FIG5_RUNS] if ANALYSIS else [],
+    resources:
+        mem_mb=mem_mb("head_map"),
+        runtime=runtime("head_map"),
+    log:
+        log_path("head_map"),
+    benchmark:
+        bench_path("head_map")
+    shell:
+        "python -m clipbackdoor head-map --params {params.cfg:q} --runs {params.runs:q} --mmd {params.mmd:q}"
+        " --png {output} --log {log}"
+
+
+rule training_curves:
+    input:
+        [f"data/models/{m}" for m in MODELS],
+    output:
+        report_item(RESULTS + "/figures/training_loss.png", "core", "fig_training", "Figures"),
+    params:
+        models=[f"{m}=data/models/{m}" for m in MODELS],
+    resources:
+        mem_mb=mem_mb("training_curves"),
+        runtime=runtime("training_curves"),
+    log:
+        log_path("training_curves"),
+    benchmark:
+        bench_path("training_curves")
+    shell:
+        "python -m clipbackdoor training-curves --models {params.models:q} --png {output} --log {log}"

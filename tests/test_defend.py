@@ -184,3 +184,44 @@ def test_official_split_is_the_official_codes_shuffle():
     assert len(seeded_val) == round(0.2 * n) == 21 != len(val) == 20  # the two procedures differ, by design
     with pytest.raises(ValueError, match="unknown split procedure"):
         split_indices(n, 0.2, 123, "other")
+
+
+def test_flag_rates_map_the_planted_head_on_every_layer(tmp_path):
+    """The head map's flag rates: on triggered images only the planted head L2H3 is flagged (rate 1); on clean
+    images the per-head clean-quantile threshold flags about q of them; the last layer's rates are exactly
+    Decomp-Rep's flags (head_rule) averaged over the test images."""
+    from clipbackdoor.defend import flag_rates, head_rule
+    from clipbackdoor.decomp_cache import read_decomposition
+
+    cached = _cache(tmp_path, noisy_head=True)
+    protos = load_prototypes(cached / "protos.safetensors")
+    cfg = dataclasses.replace(CFG, threshold="clean_quantile", quantile=0.05)
+    trig = flag_rates(cached / "trig.parquet", protos, cfg)
+    clean = flag_rates(cached / "clean.parquet", protos, cfg)
+    assert trig.shape == clean.shape == (L, H)
+    assert trig[2, 3] == 1.0 and np.delete(trig.ravel(), 2 * H + 3).max() < 0.2
+    assert clean.max() < 0.2 and clean.mean() > 0  # the false-alarm floor, not zero
+    d = read_decomposition(cached / "trig.parquet", rows=np.asarray(protos["test_index"]))
+    _, _, infected, _ = head_rule(d.heads, protos, cfg)  # [N, 1, H] on the last layer
+    assert np.allclose(trig[2], infected[:, 0].mean(axis=0))
+    fixed = flag_rates(cached / "clean.parquet", protos, CFG)  # eps 0.5 fixed: the noisy clean head L2H0 flagged
+    assert fixed[2, 0] > 0.5 > clean[2, 0]
+
+
+def test_head_map_figure_draws_one_row_per_run(tmp_path):
+    from clipbackdoor.figures import head_map_figure
+    from clipbackdoor.mmd import run_mmd
+
+    cached = _cache(tmp_path)
+    run_mmd(cached / "clean.parquet", cached / "trig.parquet", cached / "protos.safetensors", cached / "mmd.csv",
+            100, 0)
+    mmd = pd.read_csv(cached / "mmd.csv")
+    heads = mmd[mmd.kind == "head"]
+    assert len(heads) == L * H and set(heads.component) == {f"L{l}H{h}" for l in range(L) for h in range(H)}
+    assert heads.loc[heads.mmd2.idxmax(), "component"] == "L2H3"  # the planted head moved most
+    entry = ("badnet-s0", cached / "clean.parquet", cached / "trig.parquet", cached / "protos.safetensors")
+    head_map_figure([(*entry, cached / "mmd.csv"), (*entry, None)], CFG, tmp_path / "map.png")
+    from PIL import Image
+
+    width, height = Image.open(tmp_path / "map.png").size
+    assert width > 1200 and height > 600  # 3 columns x 2 rows

@@ -30,3 +30,25 @@ def test_findings_say_whether_the_localisation_reproduces_and_what_the_defenses_
     assert "lowers ASR 0.90 -> 0.10 (cut 0.80) at a CACC change of -0.010" in text
     assert "Decomp-Det AUROC 0.925" in text
     assert "lowers ASR most at layer 2 (ASR 0.70); the paper finds the last layer (2) - consistent." in text
+
+
+def test_training_figure_reads_each_models_loss_history(tmp_path):
+    """history.csv per trained model (as save_artifact writes it) -> one panel per training stage; a model
+    without one (open_clip pretrained weights) is skipped, a folder of none draws a note, not an error."""
+    from PIL import Image
+
+    from clipbackdoor.figures import training_figure
+
+    models = {}
+    for name, steps in (("clean", 40), ("badnet-s0", 20), ("blended-s0", 20), ("badnet-s0.cleanclip", 10)):
+        folder = tmp_path / name
+        folder.mkdir()
+        rows = "".join(f"{s},{3.0 / s:.6g},0.001\n" for s in range(1, steps + 1))
+        (folder / "history.csv").write_text("step,loss,lr\n" + rows)
+        models[name] = folder
+    (tmp_path / "pretrained").mkdir()
+    models["pretrained"] = tmp_path / "pretrained"
+    training_figure(models, tmp_path / "loss.png")
+    assert Image.open(tmp_path / "loss.png").size[0] > 3 * 400  # pretraining, fine-tuning, cleanclip panels
+    training_figure({"pretrained": tmp_path / "pretrained"}, tmp_path / "none.png")
+    assert (tmp_path / "none.png").stat().st_size > 1000

@@ -27,6 +27,21 @@ def test_a_few_steps_decrease_the_loss(world_dirs):
     assert 0 <= float(loaded.model.logit_scale) <= LOGIT_SCALE_MAX
 
 
+def test_a_trained_model_artifact_keeps_its_loss_history(world_dirs, tmp_path):
+    """save_trained writes history.csv (step, loss, lr per step) beside the weights: the training-curve figure."""
+    import pandas as pd
+
+    from clipbackdoor.train import save_trained
+
+    loaded, images, tokens = _data(world_dirs)
+    history = train_clip(loaded, images, tokens, OPT, seed=0)
+    save_trained(loaded, tmp_path / "model", history, len(tokens), "finetune", "base", 0)
+    table = pd.read_csv(tmp_path / "model" / "history.csv")
+    assert list(table.columns) == ["step", "loss", "lr"] and table.step.tolist() == list(range(1, OPT.steps + 1))
+    assert table.loss.tolist() == pytest.approx([h["loss"] for h in history], rel=1e-5)
+    assert table.lr.iloc[0] < table.lr.max()  # the warm-up
+
+
 def test_no_decay_on_norms_biases_and_logit_scale():
     model = create("clipbackdoor-micro-vit-p8").model
     no_decay, decay = param_groups(model, 0.1)

@@ -131,7 +131,7 @@ def test_paper_profile_dry_runs_at_real_scale(paper_textspan_pool):
     assert counts == {"cc3m": 1, "eval_data": sets, "clean_model": 1, "poison": runs, "finetune": runs,
                       "cleanclip": runs, "decompose": (sets + runs) + 2 * runs + 2 * runs,
                       "class_embeddings": sets + 2 * runs, "prototypes": sets + 2 * runs, "defend": 3 * runs,
-                      "detect": runs, "mmd": runs, "textspan": runs, "summary": 1, "figures": 1,
+                      "detect": runs, "mmd": runs, "textspan": runs, "summary": 1, "figures": 1, "head_map": 1, "training_curves": 1,
                       "tables": 1, "all": 1}
     assert "ViT-B-32" in proc.stdout and "world" not in counts
     for target in ("banana", "accordion", "samoyed"):

@@ -470,6 +470,25 @@ def cmd_figures(args) -> None:
     roc_figure(scores, args.roc)
 
 
+def cmd_head_map(args) -> None:
+    from clipbackdoor.config import DefendConfig, section
+    from clipbackdoor.figures import head_map_figure
+
+    mmd = _name_paths(args.mmd)
+    entries = []
+    for spec in args.runs:
+        run, _, paths = spec.partition("=")
+        clean, trig, protos = paths.split(",")
+        entries.append((run, Path(clean), Path(trig), Path(protos), mmd.get(run)))
+    head_map_figure(entries, section(DefendConfig, parse_params(args.params)["defend"]), args.png)
+
+
+def cmd_training_curves(args) -> None:
+    from clipbackdoor.figures import training_figure
+
+    training_figure(_name_paths(args.models), args.png)
+
+
 def cmd_dvc_yaml(args) -> None:
     from clipbackdoor.dvcgen import check_dvc_yaml, write_dvc_yaml
 
@@ -742,6 +761,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--layerwise", required=True, help="Figure 2 PNG")
     sp.add_argument("--proto-cosine", required=True, help="Figure 5 PNG")
     sp.add_argument("--roc", required=True, help="ROC curves PNG")
+
+    sp = with_params(stage("head-map", cmd_head_map, "layer x head heatmaps per attack run: how often the "
+                                                     "infected-head rule flags each head, and its MMD^2"))
+    sp.add_argument("--runs", nargs="+", required=True, metavar="RUN=CLEAN,TRIGGERED,PROTOTYPES",
+                    help="per attack run: its clean and triggered decompositions and prototypes")
+    sp.add_argument("--mmd", nargs="*", default=[], metavar="RUN=CSV", help="per attack run: its `mmd` table")
+    sp.add_argument("--png", required=True, help="the figure to write")
+
+    sp = stage("training-curves", cmd_training_curves, "training loss per step of every trained model")
+    sp.add_argument("--models", nargs="+", required=True, metavar="NAME=DIR",
+                    help="model artifacts (their history.csv; pretrained ones have none and are skipped)")
+    sp.add_argument("--png", required=True, help="the figure to write")
 
     sp = stage("dvc-yaml", cmd_dvc_yaml, "generate dvc.yaml from the Snakemake rules")
     sp.add_argument("--check", action="store_true", help="fail if the committed dvc.yaml is stale")

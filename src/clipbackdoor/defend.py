@@ -50,10 +50,31 @@ def head_rule(heads: np.ndarray, protos: dict, cfg: DefendConfig):
     k = min(cfg.head_layers, n_layers)
     layers = list(range(n_layers - k, n_layers))
     sim = head_similarity(heads[:, layers], protos["heads"][layers], cfg.rule)
+    eps, tag = head_thresholds(protos, cfg, layers)
+    return layers, sim, infected_mask(sim, cfg.rule, eps), f"{tag},layers={k}"
+
+
+def head_thresholds(protos: dict, cfg: DefendConfig, layers: list[int]) -> tuple[float | np.ndarray, str]:
+    """(each head's threshold on ``layers``: eps, or [k, H] clean-validation quantiles; the setting's tag)."""
     if cfg.threshold == "clean_quantile":
         eps = np.quantile(protos[f"val_{cfg.rule}"][:, layers], cfg.quantile, axis=0)  # [k, H]
-        return layers, sim, infected_mask(sim, cfg.rule, eps), f"rule={cfg.rule},q={cfg.quantile:g},layers={k}"
-    return layers, sim, infected_mask(sim, cfg.rule, cfg.eps), f"rule={cfg.rule},eps={cfg.eps:g},layers={k}"
+        return eps, f"rule={cfg.rule},q={cfg.quantile:g}"
+    return cfg.eps, f"rule={cfg.rule},eps={cfg.eps:g}"
+
+
+def flag_rates(path: str | Path, protos: dict, cfg: DefendConfig) -> np.ndarray:
+    """The share of a decomposition's test images whose head is flagged infected, for every layer and head:
+    [L, H] (the head map figure; Decomp-Rep itself flags only the last ``head_layers`` layers). Streamed: the
+    head columns a chunk at a time, no MLP column read."""
+    n_layers = protos["heads"].shape[0]
+    layers = list(range(n_layers))
+    eps, _ = head_thresholds(protos, cfg, layers)
+    flagged, n = np.zeros(protos["heads"].shape[:2]), 0
+    for _, d in iter_decomposition(path, with_mlps=False, rows=np.asarray(protos["test_index"])):
+        sim = head_similarity(d.heads, protos["heads"], cfg.rule)  # [B, L, H]
+        flagged += infected_mask(sim, cfg.rule, eps).sum(axis=0)
+        n += len(sim)
+    return flagged / max(n, 1)
 
 
 class TestSplit:

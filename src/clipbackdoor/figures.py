@@ -236,3 +236,92 @@ def mmd_cacc_figure(summary_csv: str | Path, mmd_csvs: dict[str, Path], png: str
     fig.tight_layout()
     _save(fig, png)
     plt.close(fig)
+
+
+def head_map_figure(entries: list[tuple[str, Path, Path, Path, Path | None]], cfg, png: str | Path) -> None:
+    """Where the backdoor lives, per head: one row per attack run (run, clean decomposition, triggered
+    decomposition, prototypes, MMD CSV or None), layer x head heatmaps of (a) the share of triggered test images
+    whose head the infected-head rule flags (``defend``'s rule and thresholds, on every layer), (b) the same on
+    clean test images (the false-alarm floor: ~q under ``clean_quantile``), (c) each head's MMD^2 between its
+    clean and triggered terms (the ``mmd`` stage)."""
+    from clipbackdoor.defend import flag_rates
+    from clipbackdoor.prototypes import load_prototypes
+
+    plt = _plt()
+    cols = 3 if any(e[4] is not None for e in entries) else 2
+    fig, axes = plt.subplots(len(entries), cols, figsize=(4.2 * cols, 3.2 * len(entries) + 0.6), squeeze=False)
+    for r, (run, clean, trig, protos_path, mmd_csv) in enumerate(entries):
+        protos = load_prototypes(protos_path)
+        maps = [("flagged, triggered images", flag_rates(trig, protos, cfg), (0, 1), "Reds"),
+                ("flagged, clean images", flag_rates(clean, protos, cfg), (0, 1), "Reds")]
+        if mmd_csv is not None:
+            m = pd.read_csv(mmd_csv)
+            m = m[m.kind == "head"]
+            grid = np.full(maps[0][1].shape, np.nan)  # [L, H]
+            grid[m.layer.to_numpy(), m["head"].to_numpy()] = m.mmd2.to_numpy()
+            maps.append(("MMD^2 clean vs triggered", grid, (0, np.nanmax(grid) if np.isfinite(grid).any() else 1),
+                         "viridis"))
+        for c, (title, grid, (lo, hi), cmap) in enumerate(maps):
+            ax = axes[r, c]
+            im = ax.imshow(grid, cmap=cmap, vmin=lo, vmax=hi, aspect="auto")
+            n_layers, n_heads = grid.shape
+            ax.set_xticks(range(n_heads), [f"H{h}" for h in range(n_heads)], fontsize=6)
+            ax.set_yticks(range(n_layers), [f"L{l}" for l in range(n_layers)], fontsize=6)
+            ax.set_xlabel("head")
+            ax.set_ylabel("layer")
+            ax.set_title(f"{run}: {title}", fontsize=8)
+            if n_layers * n_heads <= 64:  # small maps carry their numbers
+                for (l, h), v in np.ndenumerate(grid):
+                    high = v > lo + 0.6 * (hi - lo)  # Reds darken upwards, viridis is dark at the bottom
+                    ax.text(h, l, f"{v:.2f}", ha="center", va="center", fontsize=6,
+                            color="w" if high == (cmap == "Reds") else "k")
+            fig.colorbar(im, ax=ax, fraction=0.046)
+        for c in range(len(maps), cols):
+            axes[r, c].axis("off")
+    rule = f"{cfg.rule} <= eps" if cfg.rule == "dot" else f"{cfg.rule} < eps"
+    thresholds = f"each head's clean-validation {cfg.quantile:g} quantile" if cfg.threshold == "clean_quantile" \
+        else f"eps = {cfg.eps:g}"
+    fig.suptitle(f"Per-head infected-head flags ({rule}; {thresholds}) and MMD^2, heads L{{layer}}H{{head}} from 0",
+                 fontsize=9)
+    fig.tight_layout()
+    _save(fig, png)
+    plt.close(fig)
+
+
+def training_figure(models: dict[str, Path], png: str | Path) -> None:
+    """Training loss per step of every trained model (its ``history.csv``): one panel per training stage --
+    the clean model's pretraining, the backdoor fine-tunes, each repair -- coloured by attack, with a
+    moving average over the raw (faint) curve. Models without a history (pretrained weights) are skipped."""
+    from clipbackdoor.models import HISTORY_FILE
+
+    plt = _plt()
+    panels: dict[str, list[tuple[str, pd.DataFrame]]] = {}
+    for name, folder in models.items():
+        path = Path(folder) / HISTORY_FILE
+        if not path.exists():
+            continue
+        stage = "pretraining (clean model)" if name == "clean" else \
+            f"repair: {name.partition('.')[2]}" if "." in name else "backdoor fine-tuning"
+        panels.setdefault(stage, []).append((name, pd.read_csv(path)))
+    order = sorted(panels, key=lambda s: (not s.startswith("pretraining"), not s.startswith("backdoor"), s))
+    ncols = min(4, max(1, len(order)))
+    nrows = -(-max(1, len(order)) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.4 * nrows + 0.4), squeeze=False)
+    for ax in axes.flat[len(order):]:
+        ax.axis("off")
+    for ax, stage in zip(axes.flat, order):
+        for name, h in panels[stage]:
+            colour = "0.2" if name == "clean" else attack_colour(parse_run(name.partition(".")[0])[0])
+            window = max(1, len(h) // 25)
+            ax.plot(h.step, h.loss, color=colour, alpha=0.25, lw=0.6)
+            ax.plot(h.step, h.loss.rolling(window, min_periods=1).mean(), color=colour, lw=1.3, label=name)
+        ax.set_title(stage, fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss")
+        ax.legend(fontsize=6)
+    if not order:
+        axes[0, 0].text(0.5, 0.5, "no trained model has a loss history", ha="center", va="center")
+    fig.suptitle("Training loss per step (faint: raw; solid: moving average over 1/25 of the run)", fontsize=9)
+    fig.tight_layout()
+    _save(fig, png)
+    plt.close(fig)

@@ -2,8 +2,8 @@
 
 Seed 001 (Figure 3 and Figure 8 d) measures how far a backdoor moves each component's output distribution.
 Components: the summed direct term of each layer's heads (``L{l}_heads``), each layer's MLP term
-(``L{l}_mlp``), and every head of the last layer (``L{l}H{h}``), read from the decomposition cache of the
-prototypes' test images. Statistic: unbiased MMD^2 with a Gaussian (RBF) kernel ``exp(-|x-y|^2 / (2 s^2))``,
+(``L{l}_mlp``), and every head of every layer (``L{l}H{h}``: the layer x head map of ``head_map``), read from
+the decomposition cache of the prototypes' test images. Statistic: unbiased MMD^2 with a Gaussian (RBF) kernel ``exp(-|x-y|^2 / (2 s^2))``,
 the bandwidth ``s`` by the median heuristic (median pairwise distance of the pooled sample), per component;
 both are written next to every value.
 """
@@ -62,9 +62,9 @@ def component_mmd(clean_path: str | Path, triggered_path: str | Path, index: np.
     for l in range(n_layers):
         add(f"L{l}_heads", "heads", l, -1, clean.heads[idx, l].sum(1), trig.heads[idx, l].sum(1))
         add(f"L{l}_mlp", "mlp", l, -1, clean.mlps[idx, l], trig.mlps[idx, l])
-    last = n_layers - 1
-    for h in range(n_heads):
-        add(f"L{last}H{h}", "head", last, h, clean.heads[idx, last, h], trig.heads[idx, last, h])
+    for l in range(n_layers):
+        for h in range(n_heads):
+            add(f"L{l}H{h}", "head", l, h, clean.heads[idx, l, h], trig.heads[idx, l, h])
     return pd.DataFrame(rows)
 
 

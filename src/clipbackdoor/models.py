@@ -14,7 +14,7 @@ import open_clip
 import torch
 
 from clipbackdoor.errors import UserError
-from clipbackdoor.io import load_safetensors, read_json, save_safetensors, write_json
+from clipbackdoor.io import load_safetensors, read_json, save_safetensors, write_json, write_text
 
 CONFIG_DIR = Path(__file__).with_name("model_configs")
 PROJECT_MODELS = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
@@ -92,8 +92,12 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+HISTORY_FILE = "history.csv"  # a trained model's loss per step (the training-curve figure reads it)
+
+
 def save_artifact(loaded: LoadedModel, out_dir: str | Path, metrics: dict | None = None,
-                  provenance: dict | None = None) -> None:
+                  provenance: dict | None = None, history: list[dict] | None = None) -> None:
+    """model.safetensors, model.json, metrics.json and, for a trained model, history.csv (step, loss, lr)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in loaded.model.state_dict().items()}
@@ -103,6 +107,9 @@ def save_artifact(loaded: LoadedModel, out_dir: str | Path, metrics: dict | None
         "mean": list(loaded.mean), "std": list(loaded.std), "image_size": loaded.image_size,
         "provenance": provenance or {}})
     write_json(out_dir / "metrics.json", metrics or {})
+    if history:
+        lines = ["step,loss,lr"] + [f"{h['step']},{h['loss']:.6g},{h['lr']:.6g}" for h in history]
+        write_text(out_dir / HISTORY_FILE, "\n".join(lines) + "\n")
 
 
 def load_artifact(model_dir: str | Path, device: torch.device | str = "cpu") -> LoadedModel:

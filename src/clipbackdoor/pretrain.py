@@ -50,7 +50,7 @@ def pretrain(train_dir: str | Path, eval_dirs: dict[str, Path], out_dir: str | P
                "n_pairs": len(tokens)}
     metrics.update(evaluate_zeroshot(loaded, eval_dirs, zs))
     loaded.model.cpu()
-    save_artifact(loaded, out_dir, metrics, provenance={"stage": "pretrain", "seed": seed})
+    save_artifact(loaded, out_dir, metrics, provenance={"stage": "pretrain", "seed": seed}, history=history)
     return metrics
 
 

@@ -277,5 +277,5 @@ def save_trained(loaded: LoadedModel, out_dir: str | Path, history: list[dict], 
     if write:
         save_artifact(loaded, out_dir, metrics, provenance={"stage": stage, "base": str(base),
                                                              "seed": seed, "base_sha256": loaded.checkpoint_sha256,
-                                                             **(provenance_extra or {})})
+                                                             **(provenance_extra or {})}, history=history)
     return metrics
