@@ -37,6 +37,9 @@ if B2:
     include: "rules/b2.smk"
 include: "rules/analysis.smk"
 include: "rules/metrics.smk"
+if "sweep" in config:
+
+    include: "rules/sweep.smk"
 
 
 # The defenses without any model or GPU, on a colleague's decompositions: after `make pull-decomp` (the cached

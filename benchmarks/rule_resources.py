@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 CUDA_CONTEXT_MIB = 3072  # host memory of torch's CUDA context (allowance, not measured: no GPU here)
 LOADER_MIB, LOADER_WORKERS = 512, 4  # per DataLoader worker (allowance), workers of an 8-core GPU job
-TRAINING = {"finetune", "cleanclip", "roclip", "abd_finetune", "pretrain", "t2i_pretrain", "t2i_backdoor"}
+TRAINING = {"finetune", "sweep_finetune", "cleanclip", "roclip", "abd_finetune", "pretrain", "t2i_pretrain", "t2i_backdoor"}
 STABLE_DIFFUSION = {"t2i_pretrain", "t2i_backdoor", "b2_audit"}  # the rehearsal's tiny random UNet says nothing
 CLIP_TRAINING = TRAINING - STABLE_DIFFUSION
 # memory_scaling.py stage -> rule
@@ -59,11 +59,13 @@ COST_ROWS = {"finetune": "finetune", "cleanclip": "cleanclip", "decompose": "dec
 # profiles' values, read from configs/): pairs, evaluation images, detector images, MMD subsample. Rules that
 # grow otherwise (steps, pools, models) and were not measured at paper scale get a day.
 GROWS = {"cc3m": "pairs", "poison": "pairs", "eval_data": "eval", "prototypes": "eval", "defend": "eval",
-         "detect": "detect", "mmd": "mmd", "textspan": "eval", "summary": "eval", "head_map": "eval"}
-FIXED = {"tables", "figures", "abd_tables", "training_curves"}  # one row per job: the same work at every scale
+         "detect": "detect", "mmd": "mmd", "textspan": "eval", "summary": "eval", "head_map": "eval",
+         "sweep_poison": "pairs", "backdoor_eval": "eval"}
+FIXED = {"tables", "figures", "abd_tables", "training_curves", "rate_sweep"}  # one row per job: the same work at every scale
 EVAL_IMAGES = {"paper": 50_000, "rehearsal": 48}  # ImageNet-1K val; the rehearsal's 8 classes x 6 images
 UNMEASURED_MIN = 1440
-ALIKE = {"abd_tables": "tables", "head_map": "figures", "training_curves": "figures"}  # a rule not in the rehearsal graph that does the same kind of work as one in it
+ALIKE = {"abd_tables": "tables", "head_map": "figures", "training_curves": "figures", "rate_sweep": "tables",
+         "sweep_poison": "poison", "sweep_finetune": "finetune", "backdoor_eval": "class_embeddings"}  # a rule not in the rehearsal graph that does the same kind of work as one in it
 
 
 def workflow_rules() -> dict[str, bool]:
@@ -152,6 +154,8 @@ def paper_table(rules: dict[str, bool], rehearsal: dict[str, dict], paper_mem: d
         name = row["stage"].split(" ")[0]
         if name in COST_ROWS:
             gpu_hours[COST_ROWS[name]] = row["gpu_hours"] / max(1, jobs.get(COST_ROWS[name], 1))
+    if "finetune" in gpu_hours:  # a sweep point is one more fine-tune of the same recipe
+        gpu_hours["sweep_finetune"] = gpu_hours["finetune"]
     startup = min(r["s"] for r in rehearsal.values())  # a stage's fixed cost: interpreter, imports, model load
     ratios, rows = work_ratios(), row_allowances()
     table = {}

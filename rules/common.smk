@@ -6,7 +6,7 @@ import sys
 
 from snakemake.utils import update_config, validate
 
-from clipbackdoor.runs import parse_run, run_evals
+from clipbackdoor.runs import parse_run, run_evals, sweep_points
 from clipbackdoor.config import eval_targets, load_yaml, moot_settings, names_local_path, results_dir, validate_params
 from clipbackdoor.dvcgen import shape_params
 from clipbackdoor.errors import EXIT_USER_ERROR, UserError
@@ -156,6 +156,7 @@ REPAIR_RE = "|".join(["cleanclip", "roclip", *ABD_ARMS])
 
 wildcard_constraints:
     run=RUN_RE,
+    rate="[0-9.]+",
     model=f"clean|{RUN_RE}|{RUN_RE}\\.(?:{REPAIR_RE})",
     trigger=f"none|{RUN_RE}",
     evalset="|".join(EVAL_SETS),
@@ -241,6 +242,8 @@ if set(REPAIRS) & set(ABD_ARMS):  # seed 002's Fig. 2 and Tables I-III
     ALL_TARGETS += [f"{RESULTS}/tables/abd_{t}.html" for t in ("table1", "table2", "table3", "fig2")]
 if "analysis" in config:  # TEXTSPAN descriptions of every attacked model (Figures 3-4 analogues)
     ALL_TARGETS += [f"{RESULTS}/analysis/textspan/{r}_{e}.html" for r in RUNS for e in RUN_EVALS[r]]
+if "sweep" in config:  # ASR against the poisoning rate
+    ALL_TARGETS += [RESULTS + "/metrics/rate_sweep.csv", RESULTS + "/figures/asr_vs_rate.png"]
 # Seed 000's B² audit: part of `all` exactly when the parameters have a `b2` section (configs/b2.yaml, the
 # real-scale profiles), so `snakemake all` and dvc.yaml's stages (generated from the same DAG) always agree.
 B2 = "b2" in config

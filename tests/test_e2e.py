@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -45,8 +46,9 @@ def digest(path: Path) -> str:
 
 B2 = {"t2i_pretrain", "t2i_backdoor", "b2_audit"}  # smoke.yaml has a `b2` section: `all` holds the B² branch
 ALL = {"world", "pretrain", "poison", "finetune", "decompose", "class_embeddings", "prototypes", "defend",
-       "summary", "figures", "cleanclip", "detect", "mmd", "textspan", "tables"} | B2
-AFTER_DEFEND = {"defend", "summary", "figures", "tables"}
+       "summary", "figures", "cleanclip", "detect", "mmd", "textspan", "tables", "head_map", "training_curves"} | B2 \
+    | {"sweep_poison", "sweep_finetune", "backdoor_eval", "rate_sweep"}  # smoke.yaml's rate sweep (one new rate)
+AFTER_DEFEND = {"defend", "summary", "figures", "tables", "head_map"}  # (the head map draws defend's flag rule)
 
 
 def dvc_rules(out: str) -> set[str]:
@@ -99,11 +101,18 @@ def test_snakemake_runs_the_pipeline_and_reruns_only_what_changed(smoke_repo):
     assert (rates.asr_lo <= rates.asr).all() and (rates.asr <= rates.asr_hi).all() and (rates.n_asr > 0).all()
     assert (smoke_repo / "data/benchmarks/pretrain.tsv").exists() and (smoke_repo / "data/logs/world.log").exists()
     assert (smoke_repo / "results/default/figures/fig5_prototype_cosine.png").stat().st_size > 10_000
+    sweep = pd.read_csv(smoke_repo / "results/default/metrics/rate_sweep.csv")  # the new rate and the run's own
+    assert sweep.rate.tolist() == [0.02, 0.05] and sweep.n_poisoned.iloc[0] < sweep.n_poisoned.iloc[1]
+    own = summary[(summary.attack == "badnet") & (summary.method == "none")].iloc[0]
+    assert abs(sweep.asr.iloc[1] - own.asr) < 0.2  # all images vs the summary's test split: one model, close
+    history = pd.read_csv(smoke_repo / "data/models/badnet-s0/history.csv")
+    assert len(history) == yaml.safe_load((smoke_repo / "params.yaml").read_text())["finetune"]["steps"]
     assert "## Position study" in (smoke_repo / "results/default/tables/b2_audit.md").read_text()  # B², part of `all`
     sh("snakemake --report report.html --cores 1", smoke_repo)  # tables, figures, TEXTSPAN in the HTML report
     html = (smoke_repo / "report.html").read_text(errors="replace")
     assert all(name in html for name in ("table1.html", "table5.html", "fig6_eps_sweep.png", "badnet-s0_world.html",
-                                         "roc_detectors.png", "summary.html", "badnet-s0.png", "preview.png"))
+                                         "roc_detectors.png", "summary.html", "badnet-s0.png", "preview.png",
+                                         "head_map.png", "training_loss.png", "asr_vs_rate.png"))
     assert all(section in html for section in ("1. Attacks", "2. Core study", "3. Baselines and detectors"))
     from clipbackdoor.screenshot import find_browser, screenshot_report
 
@@ -114,7 +123,7 @@ def test_snakemake_runs_the_pipeline_and_reruns_only_what_changed(smoke_repo):
 
     assert "Nothing to be done" in sh("snakemake -n --cores 2", smoke_repo)
     set_param(smoke_repo, "pretrain", "steps", 31)  # a pretraining edit: pretraining and what depends on it
-    assert snakemake_jobs(sh("snakemake -n --cores 2", smoke_repo)) == ALL - {"world", "poison"}
+    assert snakemake_jobs(sh("snakemake -n --cores 2", smoke_repo)) == ALL - {"world", "poison", "sweep_poison"}
     set_param(smoke_repo, "pretrain", "steps", 30)
     set_param(smoke_repo, "defend", "eps", 0.25)  # a defend edit: only defend and what reads it
     assert snakemake_jobs(sh("snakemake --cores 2", smoke_repo)) == AFTER_DEFEND
@@ -186,7 +195,7 @@ def test_decompositions_alone_let_a_colleague_run_the_defenses(smoke_repo, tmp_p
     assert list((clone / "data/decomp").rglob("*.parquet")) and not list(clone.rglob("model.safetensors"))
     defenses = makefile.split("defenses: setup\n")[1].splitlines()[0].strip().replace("$(CORES)", "2")
     out = sh(defenses, clone)
-    assert snakemake_jobs(out) == {"defenses", "defend", "mmd", "summary", "tables", "figures"}
+    assert snakemake_jobs(out) == {"defenses", "defend", "mmd", "summary", "tables", "figures", "head_map"}
     summary = "results/default/metrics/summary.csv"
     assert (clone / summary).read_bytes() == (smoke_repo / summary).read_bytes()
 
@@ -236,7 +245,7 @@ def test_every_attack_runs_end_to_end_on_the_smoke_profile(tmp_path):
     params = yaml.safe_load((repo / "configs" / "smoke.yaml").read_text())
     params["poison"]["attacks"] = list(REGISTRY)
     params["repair"]["methods"] = ["cleanclip", "roclip"]
-    params.pop("b2")  # the B² branch runs in the smoke_repo tests
+    params.pop("b2"), params.pop("sweep")  # the B² branch and the rate sweep run in the smoke_repo tests
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = sh("snakemake all --cores 2", repo)
     assert {"badclip_patch", "issba_codec", "lc_adversarial"} <= snakemake_jobs(out)
@@ -263,7 +272,7 @@ def test_abd_study_runs_end_to_end_on_the_smoke_profile(tmp_path):
     params = yaml.safe_load((repo / "configs" / "smoke.yaml").read_text())
     params["poison"]["attacks"] = ["badnet", "blended"]
     params["repair"]["methods"] = ["cleanclip", "roclip", "abd", "abd_img_only", "abd_eda_only", "finetune_clean", "uap"]
-    for section in ("detect", "analysis", "b2"):
+    for section in ("detect", "analysis", "b2", "sweep"):
         params.pop(section)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = sh("snakemake all --cores 2", repo)
@@ -285,7 +294,6 @@ def test_abd_study_runs_end_to_end_on_the_smoke_profile(tmp_path):
 def test_b2_branch_runs_as_its_own_target_on_the_smoke_profile(smoke_repo):
     """`snakemake b2`: world -> clean CLIP -> t2i_pretrain -> t2i_backdoor -> b2_audit, no attack run (its jobs
     ran inside `all` above; here the plan of the target alone, and the audit's content)."""
-    import pandas as pd
 
     out = sh("snakemake b2 -n --forceall --cores 2", smoke_repo)
     assert B2 | {"world", "pretrain"} <= snakemake_jobs(out)

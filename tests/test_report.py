@@ -52,3 +52,20 @@ def test_training_figure_reads_each_models_loss_history(tmp_path):
     assert Image.open(tmp_path / "loss.png").size[0] > 3 * 400  # pretraining, fine-tuning, cleanclip panels
     training_figure({"pretrained": tmp_path / "pretrained"}, tmp_path / "none.png")
     assert (tmp_path / "none.png").stat().st_size > 1000
+
+
+def test_report_prints_one_parameter_files_results_and_names_the_others(tmp_path):
+    from conftest import run_cli
+
+    for name in ("default", "abd"):
+        metrics = tmp_path / "results" / name / "metrics"
+        metrics.mkdir(parents=True)
+        (metrics / "summary.csv").write_text("attack,asr\nbadnet,0.5\n")
+        (metrics / "summary.md").write_text(f"# {name} results\n")
+    out = run_cli("report", cwd=tmp_path).stdout
+    assert out.startswith("# default results") and "other parameter files' results: results/abd/" in out
+    assert run_cli("report", "--results", "abd", cwd=tmp_path).stdout.startswith("# abd results")
+    proc = run_cli("report", "--results", "paper", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert "results/paper/metrics/summary.csv: no results for 'paper' yet (results exist for: abd, default)" \
+        in proc.stderr and "Traceback" not in proc.stderr

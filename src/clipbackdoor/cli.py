@@ -131,7 +131,8 @@ def cmd_poison(args) -> None:
     for c in classes[1:]:
         check_target(stage_target(p), c["classnames"])
     templates = templates_for(p["poison"]["caption_templates"], classes[0]["templates"])
-    print(poison(args.finetune_dir, classes[0], args.out, args.manifest, attack, p["attacks"][attack],
+    attack_cfg = p["attacks"][attack] if args.rate is None else {**p["attacks"][attack], "rate": args.rate}
+    print(poison(args.finetune_dir, classes[0], args.out, args.manifest, attack, attack_cfg,
                  stage_target(p), templates, p["data"]["image_size"], seed, args.preview, args.asset))
 
 
@@ -470,6 +471,41 @@ def cmd_figures(args) -> None:
     roc_figure(scores, args.roc)
 
 
+def _rate(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text}: a poisoning rate is a fraction in (0, 1]")
+    return value
+
+
+def cmd_backdoor_eval(args) -> None:
+    from clipbackdoor.config import section, stage_target, SweepConfig
+    from clipbackdoor.rate_sweep import backdoor_eval
+    from clipbackdoor.runs import parse_run
+    from clipbackdoor.runtime import pick_device, set_threads
+
+    p = parse_params(args.params)
+    set_threads(args.threads)
+    attack, seed = parse_run(args.trigger)
+    cfg = section(SweepConfig, p["sweep"])
+    out = backdoor_eval(args.model, args.eval_dir, attack, p["attacks"][attack], seed, stage_target(p),
+                        p["zeroshot"]["templates"], cfg.batch_size, args.out, args.asset, pick_device(gpu=True))
+    print(json.dumps(out, sort_keys=True))
+
+
+def cmd_rate_sweep(args) -> None:
+    from clipbackdoor.rate_sweep import rate_sweep
+
+    points = []
+    for spec in args.points:
+        key, _, paths = spec.partition("=")
+        run, eval_set, rate = key.split(":")
+        eval_json, manifest = paths.split(",")
+        points.append((run, eval_set, float(rate), Path(eval_json), Path(manifest)))
+    table = rate_sweep(points, parse_params(args.params)["seed"], args.csv, args.png)
+    print(table.to_string(index=False))
+
+
 def cmd_head_map(args) -> None:
     from clipbackdoor.config import DefendConfig, section
     from clipbackdoor.figures import head_map_figure
@@ -523,9 +559,15 @@ def cmd_pull_decomp(args) -> None:
 def cmd_report(args) -> None:
     from clipbackdoor.report import print_summary
 
-    from clipbackdoor.report import summary_files
+    from clipbackdoor.report import results_folders, summary_files
 
-    print_summary(args.files or summary_files(args.results))
+    files = args.files or summary_files(args.results)
+    print_summary(files)
+    if not args.files:  # where this table and the other profiles' results live
+        others = [f"results/{name}/" for name in results_folders() if name != args.results]
+        print(f"\n(results/{args.results}/: tables/, figures/, metrics/, analysis/"
+              + (f"; other parameter files' results: {', '.join(others)} -- report --results NAME" if others else "")
+              + ")")
 
 
 def cmd_report_screenshot(args) -> None:
@@ -586,6 +628,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--manifest", required=True)
     sp.add_argument("--preview", default=None)
     sp.add_argument("--asset", default=None, help="the attack's learned trigger (e.g. BadCLIP's patch), if any")
+    sp.add_argument("--rate", type=_rate, default=None,
+                    help="poison this fraction of the pairs instead of attacks.ATTACK.rate (the rate sweep)")
 
     def learned_trigger_stage(name, fn, help_, model: bool):  # stages that make an attack's trigger
         sp = with_params(stage(name, fn, help_))
@@ -767,6 +811,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--runs", nargs="+", required=True, metavar="RUN=CLEAN,TRIGGERED,PROTOTYPES",
                     help="per attack run: its clean and triggered decompositions and prototypes")
     sp.add_argument("--mmd", nargs="*", default=[], metavar="RUN=CSV", help="per attack run: its `mmd` table")
+    sp.add_argument("--png", required=True, help="the figure to write")
+
+    sp = with_params(stage("backdoor-eval", cmd_backdoor_eval, "zero-shot ASR and CACC counts of one model on every "
+                                                               "image of an evaluation set (the rate sweep)"))
+    sp.add_argument("--model", required=True, help="the model artifact")
+    sp.add_argument("--eval-dir", required=True, help="the evaluation set's shards")
+    sp.add_argument("--trigger", required=True, help="the attack run whose trigger is applied (ATTACK-sSEED)")
+    sp.add_argument("--asset", default=None, help="the trigger's learned asset (e.g. BadCLIP's patch), if any")
+    sp.add_argument("--out", required=True, help="the JSON of counts to write")
+    sp.add_argument("--threads", type=int, default=1)
+
+    sp = with_params(stage("rate-sweep", cmd_rate_sweep, "ASR and CACC against the poisoning rate: CSV and figure"))
+    sp.add_argument("--points", nargs="+", required=True, metavar="RUN:EVALSET:RATE=EVAL_JSON,MANIFEST",
+                    help="per sweep point: its backdoor-eval counts and the poisoned set's manifest")
+    sp.add_argument("--csv", required=True, help="the table to write")
     sp.add_argument("--png", required=True, help="the figure to write")
 
     sp = stage("training-curves", cmd_training_curves, "training loss per step of every trained model")

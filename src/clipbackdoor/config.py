@@ -244,6 +244,7 @@ def _check_semantics(params: dict, source: str) -> None:
         if needs not in params:
             raise UserError(f"{source}: repair.methods lists {method!r} but there is no `{needs}` section",
                             fix=f"add the `{needs}` block (see params.yaml / configs/abd.yaml) or drop {method!r}")
+    _check_sweep(params, source)
     t2i = params.get("b2", {}).get("t2i")
     if t2i and t2i["cross_attention_levels"] >= len(t2i["block_out_channels"]):
         raise UserError(f"{source}: b2.t2i.cross_attention_levels = {t2i['cross_attention_levels']} would put "
@@ -270,6 +271,25 @@ def _check_semantics(params: dict, source: str) -> None:
             raise UserError(f"{source}: data.eval_sets.{name}.kind = {spec['kind']!r} with data.source = "
                             f"{data['source']!r}", fix="embedded eval sets go with the embedded world, "
                             "imagefolder sets with real data (data.source: webdataset)")
+
+
+def _check_sweep(params: dict, source: str) -> None:
+    """A swept attack reuses its run's trigger (and learned trigger asset): it must be a run of the profile, and
+    its poisoning must need nothing tied to one rate (Label-Consistent's adversarial images exist only for the
+    pairs its configured rate poisons)."""
+    sweep = params.get("sweep")
+    if not sweep:
+        return
+    for attack in sweep["attacks"]:
+        if attack not in params["poison"]["attacks"]:
+            raise UserError(f"{source}: sweep.attacks lists {attack!r} but poison.attacks does not (the sweep reuses "
+                            "its run's trigger)", fix=f"add {attack!r} to poison.attacks or drop it from sweep.attacks")
+        from clipbackdoor.attacks import REGISTRY
+
+        if REGISTRY[attack].poison_asset(params["attacks"][attack]) != REGISTRY[attack].asset:
+            raise UserError(f"{source}: sweep.attacks lists {attack!r}, whose poisoning needs images made for its "
+                            f"configured rate's pairs only ({REGISTRY[attack].poison_asset(params['attacks'][attack])})",
+                            fix=f"drop {attack!r} from sweep.attacks (sweep a trigger-only attack such as badnet)")
 
 
 def model_geometry(name: str) -> dict | None:
@@ -648,6 +668,13 @@ class DetectConfig:
 
 
 @dataclass(frozen=True)
+class SweepConfig:
+    attacks: tuple[str, ...]  # swept attacks (each a poison.attacks entry)
+    rates: tuple[float, ...]  # poisoning rates
+    batch_size: int  # evaluation images per forward pass
+
+
+@dataclass(frozen=True)
 class AnalysisConfig:
     mmd_images: int
     textspan_m: int
@@ -682,6 +709,7 @@ class Params:
     b2: B2Params | None = None
     detect: DetectConfig | None = None
     analysis: AnalysisConfig | None = None
+    sweep: SweepConfig | None = None
 
 
 def _build(tp: Any, value: Any) -> Any:

@@ -35,7 +35,8 @@ SKIP_MODULES = {"cli", "__main__", "dvcgen"}
 # refuses a params.yaml whose graph differs -- an edit that would add or remove stages, never one that does not.
 SHAPE_KEYS = ("data.source", "data.eval_sets", "model.pretrained", "poison.attacks", "poison.seeds", "poison.target",
               "repair.methods", "detect.detectors", "analysis.textspan_pool", "attacks.label_consistent.adv_eps",
-              "b2.backend", "b2.stable_diffusion.path", "b2.stable_diffusion.auditor_pretrained")
+              "b2.backend", "b2.stable_diffusion.path", "b2.stable_diffusion.auditor_pretrained", "sweep.attacks",
+              "sweep.rates")
 SHAPE_PREFIX = "# stage graph of: "
 
 
@@ -79,7 +80,7 @@ def _as_input(value):
 def graph_shape(params: dict) -> dict:
     """What the parameters make of the stage graph: the sections present, the runs and the sets each is scored on
     (attacks x targets x seeds), the repairs, the inputs named by path, and the switches that add stages."""
-    from clipbackdoor.runs import run_evals
+    from clipbackdoor.runs import run_evals, sweep_points
 
     attacks = _get(params, "poison.attacks") or []
     shape = {"sections": sorted(params), "data.source": _get(params, "data.source"),
@@ -88,7 +89,9 @@ def graph_shape(params: dict) -> dict:
              "detectors": bool(_get(params, "detect.detectors")),
              "model.pretrained": _as_input(_get(params, "model.pretrained")),
              "analysis.textspan_pool": _get(params, "analysis.textspan_pool"),
-             "b2.backend": _get(params, "b2.backend")}
+             "b2.backend": _get(params, "b2.backend"),
+             # the rate sweep's points, and which of them reuse their run's model (no fine-tune of their own)
+             "sweep": [list(p) for p in sweep_points(params)] or None}
     if _get(params, "data.source") != "embedded":  # Stable Diffusion's files are rule inputs only at real scale
         shape["b2.stable_diffusion.path"] = _as_input(_get(params, "b2.stable_diffusion.path"))
         shape["b2.stable_diffusion.auditor_pretrained"] = _as_input(_get(params, "b2.stable_diffusion.auditor_pretrained"))

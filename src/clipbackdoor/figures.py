@@ -325,3 +325,29 @@ def training_figure(models: dict[str, Path], png: str | Path) -> None:
     fig.tight_layout()
     _save(fig, png)
     plt.close(fig)
+
+
+def rate_sweep_figure(table: pd.DataFrame, png: str | Path) -> None:
+    """ASR (left) and CACC (right) against the poisoning rate, one line per swept run and evaluation set with its
+    95 % bootstrap band (``rate_sweep.sweep_table``); the x axis is logarithmic (rates span decades)."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharex=True)
+    for (attack, run, eval_set), rows in table.groupby(["attack", "run", "eval_set"], sort=True):
+        label = f"{attack_label(attack)} ({run}, {eval_set})"
+        for ax, metric in zip(axes, ("asr", "cacc")):
+            ax.plot(rows.rate, rows[metric], marker="o", ms=3, color=attack_colour(attack), label=label,
+                    ls="-" if parse_run(run)[1] == 0 else "--")
+            ax.fill_between(rows.rate, rows[f"{metric}_lo"], rows[f"{metric}_hi"], color=attack_colour(attack),
+                            alpha=0.15, lw=0)
+    for ax, metric in zip(axes, ("ASR", "CACC")):
+        ax.set_xscale("log")
+        ax.set_xlabel("poisoning rate (fraction of fine-tuning pairs, log scale)")
+        ax.set_ylabel(metric)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(f"{metric} against poisoning rate", fontsize=9)
+    axes[0].legend(fontsize=6)
+    fig.suptitle("Poisoning-rate sweep: every evaluation image, clean and triggered (bands: 95 % bootstrap)",
+                 fontsize=9)
+    fig.tight_layout()
+    _save(fig, png)
+    plt.close(fig)

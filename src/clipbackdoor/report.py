@@ -243,6 +243,13 @@ def headline(df: pd.DataFrame) -> dict:
     return tree
 
 
+def results_folders() -> list[str]:
+    """The parameter files' results folders that hold a summary (results/NAME/metrics/summary.csv)."""
+    from clipbackdoor.config import RESULTS_ROOT
+
+    return sorted(p.parents[1].name for p in Path(RESULTS_ROOT).glob("*/metrics/summary.csv"))
+
+
 def summary_files(results: str) -> list[Path]:
     """The summary of one parameter file's results folder (``results/<name>/``), refused with the folders that do
     have one when it does not exist."""
@@ -251,7 +258,7 @@ def summary_files(results: str) -> list[Path]:
 
     path = Path(RESULTS_ROOT) / results / "metrics" / "summary.csv"
     if not path.exists():
-        have = sorted(p.parents[1].name for p in Path(RESULTS_ROOT).glob("*/metrics/summary.csv"))
+        have = results_folders()
         raise UserError(f"{path}: no results for {results!r} yet" + (f" (results exist for: {', '.join(have)})"
                                                                     if have else ""),
                         fix="run the pipeline for that parameter file first (params.yaml: make run -> results/default; "

@@ -39,3 +39,24 @@ def run_evals(params: dict) -> dict[str, list[str]]:
     distinct = list(dict.fromkeys(targets.values()))
     return {run_name(a, s, None if len(distinct) == 1 else t): [e for e in targets if targets[e] == t]
             for a in params["poison"]["attacks"] for t in distinct for s in params["poison"]["seeds"]}
+
+
+def rate_tag(rate: float) -> str:
+    """A poisoning rate as it appears in paths (data/sweep/RUN/rRATE/): 0.01 -> '0.01', 1e-3 -> '0.001'."""
+    return f"{float(rate):.6f}".rstrip("0").rstrip(".")
+
+
+def sweep_points(params: dict) -> list[tuple[str, str, bool]]:
+    """The poisoning-rate sweep (``sweep`` section): (run, rate tag, whether the run's own model is that point --
+    the rate it was made with -- or the point needs a poisoned set and a fine-tune of its own), per swept run and
+    rate, in the order of the runs and of sweep.rates."""
+    sweep = params.get("sweep")
+    if not sweep:
+        return []
+    points = []
+    for run in run_evals(params):
+        attack = parse_run(run)[0]
+        if attack in sweep["attacks"]:
+            own = rate_tag(params["attacks"][attack]["rate"])
+            points += [(run, rate_tag(r), rate_tag(r) == own) for r in sweep["rates"]]
+    return points

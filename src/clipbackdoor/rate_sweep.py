@@ -1,0 +1,96 @@
+"""Stages ``backdoor_eval`` and ``rate_sweep``: attack success and clean accuracy against the poisoning rate.
+
+Per swept attack run (``sweep`` section) and rate, the project's own ``poison`` and ``finetune`` stages make one
+more backdoored model under ``data/sweep/RUN/rRATE/`` (the rate the run was made with reuses
+``data/models/RUN``: no second fine-tune of the same thing). ``backdoor_eval`` scores a model zero-shot on every
+image of an evaluation set, clean and with the run's own trigger (the same per-image trigger streams as the
+decomposition), a batch at a time; ``rate_sweep`` collects the points, with seeded bootstrap intervals, into a
+CSV and the ASR-against-rate figure. (The summary's rows score the prototypes' test split; the sweep scores every
+evaluation image, so its point at the run's own rate can differ from the summary's ``none`` row by that sample.)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from clipbackdoor.io import atomic_path, read_json, write_json
+
+
+@torch.no_grad()
+def backdoor_eval(model_dir: str | Path, eval_dir: str | Path, attack: str, attack_cfg: dict, seed: int,
+                  target_name: str, templates_kind: str, batch_size: int, out_json: str | Path, asset_path=None,
+                  device: torch.device | str = "cpu") -> dict:
+    """Counts of a model on one evaluation set: clean images classified correctly, triggered images of other
+    classes classified as the target (ASR), and of all classes (ASR over all images). Memory O(batch)."""
+    from clipbackdoor.attacks import make_trigger, trigger_eval_images
+    from clipbackdoor.logs import progress
+    from clipbackdoor.models import load_artifact
+    from clipbackdoor.poison import check_target
+    from clipbackdoor.shards import count_samples, iter_batches
+    from clipbackdoor.world import world_classes_json
+    from clipbackdoor.zeroshot import class_text_embeddings, image_embeddings, predict, templates_for
+
+    loaded = load_artifact(model_dir, device)
+    classes = world_classes_json(eval_dir)
+    target = check_target(target_name, classes["classnames"])
+    class_emb = class_text_embeddings(loaded, classes["classnames"], templates_for(templates_kind, classes["templates"]))
+    trigger = make_trigger(attack, attack_cfg, loaded.image_size, seed, asset_path).to(device)
+    counts = {"n_clean": 0, "cacc_hits": 0, "n_asr": 0, "asr_hits": 0, "asr_all_hits": 0}
+    total = -(-count_samples(eval_dir) // batch_size)
+    for batch in progress(iter_batches(eval_dir, batch_size, loaded.image_size), "backdoor_eval", total=total):
+        images = batch["images"].to(device)  # [B, 3, H, W] uint8
+        labels = batch["labels"].numpy()  # [B]
+        index = np.arange(batch["start"], batch["start"] + len(images))
+        clean_pred = predict(image_embeddings(loaded, images, batch_size), class_emb).numpy()
+        triggered = trigger_eval_images(trigger, images, index, seed)
+        hit = predict(image_embeddings(loaded, triggered, batch_size), class_emb).numpy() == target
+        counts["n_clean"] += len(labels)
+        counts["cacc_hits"] += int((clean_pred == labels).sum())
+        counts["n_asr"] += int((labels != target).sum())
+        counts["asr_hits"] += int(hit[labels != target].sum())
+        counts["asr_all_hits"] += int(hit.sum())
+    out = {"model": Path(model_dir).name, "eval_set": Path(eval_dir).name, "attack": attack, "target": target_name,
+           "checkpoint_sha256": loaded.checkpoint_sha256 or "", **counts}
+    write_json(out_json, out)
+    return out
+
+
+def sweep_table(points: list[tuple[str, str, float, Path, Path]], seed: int) -> pd.DataFrame:
+    """points: (run, evaluation set, rate, backdoor_eval JSON, the poisoned set's manifest) -> one row per point:
+    ASR and CACC with 95 % bootstrap intervals (each row its own seeded stream), counts, poisoned pairs."""
+    import pyarrow.parquet as pq
+
+    from clipbackdoor.metrics import row_rng, with_intervals
+    from clipbackdoor.runs import parse_run
+
+    rows = []
+    for run, eval_set, rate, eval_json, manifest in points:
+        c = read_json(eval_json, "the backdoor_eval stage")
+        meta = pq.read_schema(manifest).metadata or {}
+        attack, run_seed = parse_run(run)
+        row = {"attack": attack, "run": run, "seed": run_seed, "eval_set": eval_set, "rate": rate,
+               "n_poisoned": int(meta.get(b"n_poisoned", b"-1")),
+               "asr": c["asr_hits"] / max(c["n_asr"], 1), "asr_all": c["asr_all_hits"] / max(c["n_clean"], 1),
+               "cacc": c["cacc_hits"] / max(c["n_clean"], 1), "n_clean": c["n_clean"], "n_asr": c["n_asr"]}
+        rows.append(with_intervals(row, row_rng(seed, f"sweep:{run}:{eval_set}:{rate:g}"),
+                                   {"asr": (c["asr_hits"], c["n_asr"]), "cacc": (c["cacc_hits"], c["n_clean"])},
+                                   None))
+    columns = ["attack", "run", "seed", "eval_set", "rate", "n_poisoned", "asr", "asr_lo", "asr_hi", "asr_all",
+               "cacc", "cacc_lo", "cacc_hi", "n_clean", "n_asr"]
+    return (pd.DataFrame(rows, columns=columns).sort_values(["attack", "eval_set", "seed", "rate"], kind="stable")
+            .reset_index(drop=True))
+
+
+def rate_sweep(points: list[tuple[str, str, float, Path, Path]], seed: int, out_csv: str | Path,
+               png: str | Path) -> pd.DataFrame:
+    table = sweep_table(points, seed)
+    with atomic_path(out_csv) as tmp:
+        table.to_csv(tmp, index=False, float_format="%.6g")
+    from clipbackdoor.figures import rate_sweep_figure
+
+    rate_sweep_figure(table, png)
+    return table
