@@ -27,6 +27,10 @@ try:
     for _file in workflow.config_settings.configfiles:
         load_yaml(_file)
     validate_params(config, "params (params.yaml + --configfile/--config)")
+    if "sweep" in config:
+        from clipbackdoor.rate_sweep import check_sweep_attacks
+
+        check_sweep_attacks(config, "params (params.yaml + --configfile/--config)")
     for _note in moot_settings(config):
         print(f"clipbackdoor: note: {_note}", file=sys.stderr)
     # pretrained tags (not local files: those are rule inputs) are checked against open_clip's list here, so a

@@ -85,16 +85,18 @@ def test_sweep_points_reuse_the_runs_own_rate():
 
 @pytest.mark.parametrize("attacks, needle", [(["wanet"], "poison.attacks does not"),
                                              (["label_consistent"], "lc_adversarial")])
-def test_sweep_of_an_attack_it_cannot_reuse_is_refused(attacks, needle):
-    from clipbackdoor.config import validate_params
-    from clipbackdoor.errors import UserError
-
+def test_sweep_of_an_attack_it_cannot_reuse_is_refused(attacks, needle, tmp_path):
+    """By `validate` and at workflow load: one line naming the key, exit 2."""
     params = _sweep_params(attacks=attacks)
     if attacks == ["label_consistent"]:
         params["poison"]["attacks"].append("label_consistent")
         params["attacks"]["label_consistent"]["adv_eps"] = 0.03
-    with pytest.raises(UserError, match=needle):
-        validate_params(params)
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for cmd in ([sys.executable, "-m", "clipbackdoor", "validate", str(tmp_path / "bad.yaml")],
+                [sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--configfile", str(tmp_path / "bad.yaml")]):
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        assert proc.returncode == 2 and needle in proc.stderr and "sweep.attacks lists" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
 
 
 def test_sweep_dag_fine_tunes_only_the_new_rates(tmp_path):

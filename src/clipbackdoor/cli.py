@@ -58,9 +58,11 @@ def _name_paths(pairs: list[str]) -> dict[str, Path]:
 
 
 def cmd_validate(args) -> None:
-    from clipbackdoor.config import load_params
+    from clipbackdoor.config import load_params, load_yaml
+    from clipbackdoor.rate_sweep import check_sweep_attacks
 
     params = load_params(args.file)
+    check_sweep_attacks(load_yaml(args.file), args.file)
     print(f"{args.file}: valid ({params.profile} profile)")
 
 

@@ -20,6 +20,20 @@ import torch
 from clipbackdoor.io import atomic_path, read_json, write_json
 
 
+def check_sweep_attacks(params: dict, source: str) -> None:
+    """A swept attack's poisoning must need nothing tied to one rate: Label-Consistent's adversarial images exist
+    only for the pairs its configured rate poisons (checked at workflow load and by ``validate``)."""
+    from clipbackdoor.attacks import REGISTRY
+    from clipbackdoor.errors import UserError
+
+    for attack in (params.get("sweep") or {}).get("attacks", []):
+        needs = REGISTRY[attack].poison_asset(params["attacks"][attack])
+        if needs != REGISTRY[attack].asset:
+            raise UserError(f"{source}: sweep.attacks lists {attack!r}, whose poisoning needs images made for its "
+                            f"configured rate's pairs only (stage {needs})",
+                            fix=f"drop {attack!r} from sweep.attacks (sweep a trigger-only attack such as badnet)")
+
+
 @torch.no_grad()
 def backdoor_eval(model_dir: str | Path, eval_dir: str | Path, attack: str, attack_cfg: dict, seed: int,
                   target_name: str, templates_kind: str, batch_size: int, out_json: str | Path, asset_path=None,
