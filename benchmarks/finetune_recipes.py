@@ -1,5 +1,5 @@
 """Where does the backdoor live, by fine-tuning recipe? The experiment behind the embedded profile's
-`finetune.layer_decay` (README, "The miniature's fine-tuning recipe").
+`finetune.layer_decay` (docs/core-study.md, "The miniature's fine-tuning recipe").
 
 For each recipe: fine-tune the pipeline's clean model on a pipeline-poisoned set, decompose the clean and
 triggered evaluation images, build prototypes, run the defenses, and report undefended ASR / CACC,

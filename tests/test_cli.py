@@ -48,3 +48,18 @@ def test_missing_model_artifact(world_dirs, tmp_path):
 def test_log_option_captures_output(world_dirs, tmp_path):
     run_cli(*_poison_args(world_dirs, tmp_path), "--log", tmp_path / "logs" / "poison.log")
     assert "n_poisoned" in (tmp_path / "logs" / "poison.log").read_text()
+
+
+def test_every_subcommand_and_argument_has_a_description():
+    import argparse
+
+    from clipbackdoor.cli import build_parser
+
+    parser = build_parser()
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert len(subs.choices) > 30
+    missing = [f"{name} {a.option_strings or a.dest}" for name, sp in subs.choices.items() for a in sp._actions
+               if not a.help or a.help == argparse.SUPPRESS]
+    assert not missing, missing
+    assert all(sp.description for sp in subs.choices.values())
+    assert "written atomically" in " ".join(subs.choices["poison"].format_help().split())  # --out: the shared table

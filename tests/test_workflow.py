@@ -105,6 +105,7 @@ def test_resources_swallowing_all_is_the_known_pitfall():
     """Snakemake 9 reads `all` after --resources as a resource: documented, and this shows why."""
     proc = dry_run("--cores", "8", "--resources", "gpu=2", "all")
     assert proc.returncode != 0
+    assert "dictionary update sequence element #1 has length 1" in proc.stderr  # as docs/troubleshooting.md quotes
 
 
 @pytest.fixture

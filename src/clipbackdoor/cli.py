@@ -578,6 +578,66 @@ def cmd_report_screenshot(args) -> None:
     print(screenshot_report(args.report, args.out, args.path))
 
 
+# What an argument means wherever a stage takes it without a help of its own (the rules pass the same kinds of
+# paths to many stages); a test checks every argument of every subcommand has a help.
+COMMON_HELP = {
+    "--out": "the output file or folder to write (written atomically: nothing is left behind on failure)",
+    "--threads": "torch CPU threads (the rule passes the cores it holds)",
+    "--model": "a model artifact folder (model.safetensors + model.json)",
+    "--clean-model": "the clean model's artifact folder",
+    "--ckpt-dir": "folder for resumable training checkpoints (safetensors; none: no checkpoints)",
+    "--eval-dir": "an evaluation set's shards (data/datasets/eval/NAME)",
+    "--eval": "evaluation sets as NAME=DIR",
+    "--train": "image-caption training shards (a dataset folder, or a poisoned overlay of one)",
+    "--finetune-dir": "the fine-tuning pairs' shards (data/datasets/train/finetune)",
+    "--clean-dir": "the clean fine-tuning pairs' shards",
+    "--preview": "a PNG preview to write (optional)",
+    "--png": "the figure to write (PNG)",
+    "--md": "the Markdown page to write (its HTML twin is written beside it)",
+    "--csv": "the CSV table to write",
+    "--classes": "zero-shot class embeddings (the class_embeddings stage's safetensors)",
+    "--clean-classes": "the clean model's class embeddings",
+    "--prototypes": "per-head and per-MLP prototypes (the prototypes stage's safetensors)",
+    "--decomp": "a cached decomposition (Parquet)",
+    "--decomps": "cached decompositions of the model (Parquet): clean, then triggered images",
+    "--clean-decomps": "the clean model's cached decompositions (Parquet): clean, then triggered images",
+    "--clean": "the clean images' decomposition (Parquet)",
+    "--triggered": "the triggered images' decomposition (Parquet)",
+    "--asset": "the trigger's learned asset (e.g. BadCLIP's patch), if the attack has one",
+    "--manifest": "the poisoned set's manifest to write (Parquet: key, poisoned, captions, trigger parameters)",
+    "--summary": "a results folder's summary table (results/NAME/metrics/summary.csv)",
+    "--out-dir": "the folder for the tables (Markdown, HTML, CSV, LaTeX)",
+    "--models": "model artifacts as NAME=DIR",
+    "--runs": "per attack run: RUN=CLEAN,TRIGGERED,PROTOTYPES (its decompositions and prototypes)",
+    "--clip": "the clean CLIP model artifact (text encoder, or auditor)",
+    "--backdoored": "the backdoored text-to-image model (diffusers layout)",
+    "--perturbations": "ABD's generated perturbations (safetensors)",
+    "--similarity": "ABD similarity tables (the abd_similarity stage's CSVs)",
+    "--defend": "per-image tables as MODEL:TRIGGER:EVALSET=PARQUET (defend and detect outputs)",
+    "--mmd": "per attack run: RUN=CSV (the mmd stage's table)",
+    "--title": "the page's title",
+    "--train-out": "the training splits' folder to write (pretrain/ and finetune/ shards)",
+    "--eval-out": "the evaluation set's folder to write (shards + classes.json)",
+    "--name": "the evaluation set's name (a key of data.eval_sets)",
+    "--arm": "the ABD arm to fine-tune",
+    "--fig1": "Figure 1 PNG (all-MLP / all-head ablation)",
+    "--fig6": "Figure 6 PNG (eps sweep)",
+    "--fig8": "Figure 8 PNG (layer-wise CACC and MMD)",
+    "--root": "the repository (default: the current folder)",
+    "file": "the parameter file to check (default: params.yaml)",
+}
+
+
+def _fill_help(parser: argparse.ArgumentParser) -> None:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _fill_help(sub)
+        elif action.help is None:
+            name = next((o for o in action.option_strings if o.startswith("--")), action.dest)
+            action.help = COMMON_HELP.get(name)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from clipbackdoor import __version__
 
@@ -586,7 +646,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def stage(name, fn, help_):
-        sp = sub.add_parser(name, help=help_)
+        sp = sub.add_parser(name, help=help_, description=help_[:1].upper() + help_[1:] + ".")
         sp.set_defaults(fn=fn)
         sp.add_argument("--log", default=None, help="write stdout and stderr to this file")
         return sp
@@ -799,7 +859,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--defend", nargs="*", metavar="MODEL:TRIGGER:EVALSET=PARQUET")
 
     sp = stage("figures", cmd_figures, "Figure 2 and Figure 5 analogues and the detection ROC curves from artifacts")
-    sp.add_argument("--summary", required=True, help="results/metrics/summary.csv")
+    sp.add_argument("--summary", required=True, help="results/NAME/metrics/summary.csv")
     sp.add_argument("--runs", nargs="+", required=True, metavar="RUN=CLEAN,TRIGGERED,PROTOTYPES",
                     help="per attack run: its clean and triggered decompositions and prototypes (Figure 5)")
     sp.add_argument("--scores", nargs="+", required=True, metavar="RUN=DEFEND[,DETECT]",
@@ -858,6 +918,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", default="report.png", help="the PNG to write")
     sp.add_argument("--path", nargs="+", default=["2. Core study", "Tables", "results/default/tables/table1.html"],
                     help="section, subsection(s) and the item to open, as the report names them")
+    _fill_help(parser)
     return parser
 
 

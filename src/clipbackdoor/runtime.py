@@ -141,7 +141,7 @@ def pick_device(gpu: bool) -> torch.device:
     if not torch.cuda.is_available():
         raise UserError(f"a GPU was claimed (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')}) but this "
                         f"torch {torch.__version__} cannot use CUDA", fix="install a CUDA build of torch==2.13.0 (see "
-                        "README, Install), or run with CUDA_VISIBLE_DEVICES= to use the CPU on purpose")
+                        "docs/troubleshooting.md, Install), or run with CUDA_VISIBLE_DEVICES= to use the CPU on purpose")
     return torch.device("cuda", 0)
 
 
