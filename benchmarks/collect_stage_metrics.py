@@ -16,25 +16,31 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-# rule names are the benchmark files' prefixes (rules/*.smk: bench_path("<rule>_{wildcards}"))
-RULES = ["class_embeddings", "clean_model", "eval_data", "cc3m", "poison", "finetune", "cleanclip", "roclip",
-         "decompose", "prototypes", "defend", "detect", "mmd", "textspan", "summary", "figures", "tables",
-         "abd_generator", "abd_finetune", "abd_similarity", "abd_tables", "badclip_patch", "issba_codec",
-         "lc_adversarial", "t2i_pretrain", "t2i_backdoor", "b2_audit", "world", "pretrain"]
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+
+def rule_names() -> list[str]:
+    """Every rule of the workflow (rules/*.smk): the benchmark files' prefixes (bench_path("<rule>_{wildcards}"))."""
+    from clipbackdoor.dvcgen import rule_blocks
+
+    return list(rule_blocks(ROOT))
+
+
 COUNT = re.compile(r"^decomposed (\d+) images$")
 
 
-def rule_of(name: str) -> str:
-    return max((r for r in RULES if name == r or name.startswith(r + "_")), key=len, default=name)
+def rule_of(name: str, rules: list[str] | None = None) -> str:
+    return max((r for r in rules or rule_names() if name == r or name.startswith(r + "_")), key=len, default=name)
 
 
 def collect(bench_dir: Path, log_dir: Path) -> list[dict]:
-    jobs = []
+    jobs, rules = [], rule_names()
     for tsv in sorted(bench_dir.glob("*.tsv")):
         rows = list(csv.DictReader(tsv.open(), delimiter="\t"))
         if not rows:
             continue
-        job = {"job": tsv.stem, "rule": rule_of(tsv.stem), "seconds": float(rows[-1]["s"]),
+        job = {"job": tsv.stem, "rule": rule_of(tsv.stem, rules), "seconds": float(rows[-1]["s"]),
                "max_rss_mib": float(rows[-1]["max_rss"]) if rows[-1]["max_rss"] not in ("", "-") else None}
         log = log_dir / f"{tsv.stem}.log"
         if log.exists():

@@ -64,6 +64,7 @@ GROWS = {"cc3m": "pairs", "poison": "pairs", "eval_data": "eval", "prototypes": 
 FIXED = {"tables", "figures", "abd_tables", "training_curves", "rate_sweep"}  # one row per job: the same work at every scale
 EVAL_IMAGES = {"paper": 50_000, "rehearsal": 48}  # ImageNet-1K val; the rehearsal's 8 classes x 6 images
 UNMEASURED_MIN = 1440
+SAME_STAGE = {"sweep_poison": "poison", "sweep_finetune": "finetune"}  # rule -> the stage it runs (paper sizing)
 ALIKE = {"abd_tables": "tables", "head_map": "figures", "training_curves": "figures", "rate_sweep": "tables",
          "sweep_poison": "poison", "sweep_finetune": "finetune", "backdoor_eval": "class_embeddings"}  # a rule not in the rehearsal graph that does the same kind of work as one in it
 
@@ -184,6 +185,9 @@ def paper_table(rules: dict[str, bool], rehearsal: dict[str, dict], paper_mem: d
             minutes, rsrc = UNMEASURED_MIN, "not measured at paper scale: a day"
         table[rule] = {"mem_mb": mem, "runtime": max(30, math.ceil(minutes)),
                        "source": f"{src} x 1.5" + (f" + {extra} MiB allowance" if extra else "") + f"; {rsrc}"}
+    for rule, like in SAME_STAGE.items():  # the same stage on other inputs: its sizing, allowances included
+        if rule in table and like in table:
+            table[rule] = {**table[like], "source": f"as {like} (the same stage): {table[like]['source']}"}
     return table
 
 

@@ -21,7 +21,8 @@ def test_profiles_validate_and_build(profile):
 
 
 def test_embedded_variants_differ_from_params_yaml_only_where_they_say():
-    """all_attacks.yaml: only the attack list; core.yaml: only without the baseline sections."""
+    """all_attacks.yaml: only the attack list; core.yaml: only without the baseline sections (and the rate sweep);
+    abd.yaml: seed 002's attacks and arms, without detectors, analyses and the sweep."""
     every = yaml.safe_load((ROOT / "configs/all_attacks.yaml").read_text())
     from clipbackdoor.attacks import REGISTRY
 
@@ -30,7 +31,7 @@ def test_embedded_variants_differ_from_params_yaml_only_where_they_say():
     base["poison"].pop("attacks")
     assert every == base
     core = yaml.safe_load((ROOT / "configs/core.yaml").read_text())
-    baselines = {k: BASE[k] for k in ("repair", "cleanclip", "roclip", "abd", "detect", "analysis")}
+    baselines = {k: BASE[k] for k in ("repair", "cleanclip", "roclip", "abd", "detect", "analysis", "sweep")}
     assert core == {k: v for k, v in BASE.items() if k not in baselines} and all(baselines.values())
     abd = yaml.safe_load((ROOT / "configs/abd.yaml").read_text())  # seed 002's attacks, every repair arm
     assert abd["poison"].pop("attacks") == ["badnet", "blended", "badclip"]
@@ -38,7 +39,7 @@ def test_embedded_variants_differ_from_params_yaml_only_where_they_say():
                                             "finetune_clean", "uap"]
     base = copy.deepcopy(BASE)
     base["poison"].pop("attacks"), base["repair"].pop("methods")
-    assert abd == {k: v for k, v in base.items() if k not in ("detect", "analysis")}
+    assert abd == {k: v for k, v in base.items() if k not in ("detect", "analysis", "sweep")}
     # configs/b2.yaml: params.yaml plus seed 000's section (with it, `all` and dvc.yaml include the B² branch)
     b2 = yaml.safe_load((ROOT / "configs/b2.yaml").read_text())
     assert set(b2.pop("b2")) == {"backend", "t2i", "backdoor", "audit", "seed"} and b2 == BASE and "b2" not in BASE

@@ -481,17 +481,17 @@ def _rate(text: str) -> float:
 
 
 def cmd_backdoor_eval(args) -> None:
-    from clipbackdoor.config import section, stage_target, SweepConfig
+    from clipbackdoor.config import stage_target
     from clipbackdoor.rate_sweep import backdoor_eval
     from clipbackdoor.runs import parse_run
     from clipbackdoor.runtime import pick_device, set_threads
 
-    p = parse_params(args.params)
+    p = parse_params(args.params)  # (of the sweep section, only its batch size: a rate edit reruns no evaluation)
     set_threads(args.threads)
     attack, seed = parse_run(args.trigger)
-    cfg = section(SweepConfig, p["sweep"])
     out = backdoor_eval(args.model, args.eval_dir, attack, p["attacks"][attack], seed, stage_target(p),
-                        p["zeroshot"]["templates"], cfg.batch_size, args.out, args.asset, pick_device(gpu=True))
+                        p["zeroshot"]["templates"], p["sweep"]["batch_size"], args.out, args.asset,
+                        pick_device(gpu=True))
     print(json.dumps(out, sort_keys=True))
 
 

@@ -294,7 +294,7 @@ def lock(root: Path) -> tuple[list[str], list[str], list[str]]:
         raise UserError("dvc.yaml does not match the Snakemake rules and params.yaml",
                         fix="run `python -m clipbackdoor dvc-yaml`, then this again (a run made with --configfile "
                             "PROFILE is recorded after `cp PROFILE params.yaml`)")
-    done, todo, stale = [], [], []
+    done, todo, stale, outs = [], [], [], []
     for job in jobs:
         if job.rule.name in ("all", "b2") or not job.rule.shellcmd:
             continue
@@ -304,10 +304,36 @@ def lock(root: Path) -> tuple[list[str], list[str], list[str]]:
             continue
         oldest_out = min(_newest_mtime(Path(root, f)) for f in job.output)
         code = [d for d in stage["deps"] if d.startswith(f"src/{PACKAGE}/")]
-        (stale if max((_newest_mtime(root / d) for d in code), default=0) > oldest_out else done).append(name)
+        if max((_newest_mtime(root / d) for d in code), default=0) > oldest_out:
+            stale.append(name)
+        else:
+            done.append(name)
+            outs += [Path(root, f) for f in job.output]
     if done:
-        _dvc(root, ["commit", "--force", "--quiet", *done], fix="see `dvc commit -v` for details")
+        with _kept_mtimes(outs):
+            _dvc(root, ["commit", "--force", "--quiet", *done], fix="see `dvc commit -v` for details")
     return done, todo, stale
+
+
+@contextlib.contextmanager
+def _kept_mtimes(paths: list[Path]):
+    """`dvc commit` rewrites the files it caches (a copy or link from the cache), giving them the time of the
+    commit: Snakemake would then see a stage's inputs as newer than its outputs and rerun it. The files' and
+    folders' times are put back afterwards (DVC rehashes a file whose time changed: its content is the same)."""
+    import os
+
+    times = {}
+    for path in paths:
+        for p in [path, *sorted(path.rglob("*"))] if path.is_dir() else [path]:
+            if p.exists() and not p.is_symlink():
+                st = p.stat()
+                times[p] = (st.st_atime_ns, st.st_mtime_ns)
+    try:
+        yield
+    finally:
+        for p in sorted(times, key=lambda q: len(q.parts), reverse=True):  # files before their folders
+            if p.exists() and not p.is_symlink():
+                os.utime(p, ns=times[p])
 
 
 def _dvc(root: Path, args: list[str], fix: str) -> None:

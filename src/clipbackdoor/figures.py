@@ -314,14 +314,14 @@ def training_figure(models: dict[str, Path], png: str | Path) -> None:
             colour = "0.2" if name == "clean" else attack_colour(parse_run(name.partition(".")[0])[0])
             window = max(1, len(h) // 25)
             ax.plot(h.step, h.loss, color=colour, alpha=0.25, lw=0.6)
-            ax.plot(h.step, h.loss.rolling(window, min_periods=1).mean(), color=colour, lw=1.3, label=name)
+            ax.plot(h.step, h.loss.rolling(window, center=True, min_periods=1).mean(), color=colour, lw=1.3, label=name)
         ax.set_title(stage, fontsize=9)
         ax.set_xlabel("step")
         ax.set_ylabel("training loss")
         ax.legend(fontsize=6)
     if not order:
         axes[0, 0].text(0.5, 0.5, "no trained model has a loss history", ha="center", va="center")
-    fig.suptitle("Training loss per step (faint: raw; solid: moving average over 1/25 of the run)", fontsize=9)
+    fig.suptitle("Training loss per step (faint: raw; solid: centred moving average over 1/25 of the run)", fontsize=9)
     fig.tight_layout()
     _save(fig, png)
     plt.close(fig)
@@ -339,9 +339,14 @@ def rate_sweep_figure(table: pd.DataFrame, png: str | Path) -> None:
                     ls="-" if parse_run(run)[1] == 0 else "--")
             ax.fill_between(rows.rate, rows[f"{metric}_lo"], rows[f"{metric}_hi"], color=attack_colour(attack),
                             alpha=0.15, lw=0)
+    from matplotlib.ticker import NullFormatter
+
+    rates = sorted(table.rate.unique())
     for ax, metric in zip(axes, ("ASR", "CACC")):
         ax.set_xscale("log")
-        ax.set_xlabel("poisoning rate (fraction of fine-tuning pairs, log scale)")
+        ax.set_xticks(rates, [f"{100 * r:g} %" for r in rates], fontsize=7)  # the swept rates, not 10^k
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("poisoning rate (share of fine-tuning pairs, log scale)")
         ax.set_ylabel(metric)
         ax.set_ylim(-0.02, 1.02)
         ax.set_title(f"{metric} against poisoning rate", fontsize=9)
