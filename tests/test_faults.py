@@ -100,3 +100,25 @@ def test_nothing_pulled_is_unpickled():
     files = [*ROOT.glob("src/**/*.py"), *ROOT.glob("benchmarks/*.py"), ROOT / "Snakefile", *ROOT.glob("rules/*.smk")]
     found = [f"{f.relative_to(ROOT)}: {what}" for f in files for rx, what in risky if rx.search(f.read_text())]
     assert not found, found
+
+
+def test_artifacts_get_the_modes_of_plain_files_not_private_temporaries(tmp_path):
+    """mkstemp / mkdtemp make 0600 / 0700 temporaries; a renamed artifact (a results table, a model folder) must be
+    readable by whoever the user's umask lets read a plain file -- a colleague on the cluster, a container."""
+    import os
+
+    from clipbackdoor.io import atomic_dir, write_json
+
+    old = os.umask(0o022)
+    try:
+        write_json(tmp_path / "metrics.json", {"asr": 0.5})
+        with atomic_dir(tmp_path / "model") as tmp:
+            (tmp / "weights.bin").write_bytes(b"x")
+        os.umask(0o027)
+        write_json(tmp_path / "group.json", {})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "metrics.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "model").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "model" / "weights.bin").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "group.json").stat().st_mode & 0o777 == 0o640

@@ -586,13 +586,6 @@ gradient background, clutter lines, one shape whose colour and form belong to th
 """
 
 
-def relax_modes(path: Path) -> None:
-    """World-readable modes: atomic_dir / atomic_path create 0700 folders and 0600 files (mkdtemp / mkstemp), which
-    another user or a container mounting DIR could not read."""
-    for p in [path, *path.rglob("*")]:
-        p.chmod(0o755 if p.is_dir() else 0o644)
-
-
 def generate(opts: Options, log=print) -> dict:
     """Write the requested parts under ``opts.out``; returns what was written per part."""
     out = Path(opts.out)
@@ -628,7 +621,6 @@ def generate(opts: Options, log=print) -> dict:
         elif part == "textspan":
             write_textspan(out / "textspan", opts.seed, opts.textspan_count)
             summary[part] = str(out / "textspan" / "image_descriptions.txt")
-        relax_modes(out / part)
         log(f"rehearsal: {part}: {summary[part]} ({time.perf_counter() - t0:.1f} s)")
     with atomic_path(out / "README.md") as tmp:
         tmp.write_text(README.format(seed=opts.seed, shards=opts.cc3m_shards, pairs=opts.cc3m_pairs,
