@@ -13,9 +13,7 @@ from clipbackdoor.errors import EXIT_USER_ERROR, UserError
 from clipbackdoor.tables import FORMATS as TABLE_FORMATS
 
 try:
-    # Each parameter file's own results (summary, tables, figures, analyses) go to results/<its name>/:
-    # results/default/ for params.yaml, results/abd/ for --configfile configs/abd.yaml; data/ stays shared
-    RESULTS = results_dir(list(workflow.config_settings.configfiles))
+    _configfiles = list(workflow.config_settings.configfiles)  # (before params.yaml is appended below)
     # params.yaml through the project's one loading path (bytes, aliases, budgets, finite numbers), unless a
     # profile replaces it; a --configfile was parsed by Snakemake already and is re-read here for the same checks
     if not workflow.config_settings.configfiles:
@@ -27,6 +25,9 @@ try:
     for _file in workflow.config_settings.configfiles:
         load_yaml(_file)
     validate_params(config, "params (params.yaml + --configfile/--config)")
+    # Each parameter file's own results (summary, tables, figures, analyses) go to results/<its name>/: its
+    # `results` key (configs/abd.yaml: abd), else the --configfile's name, else default (params.yaml); data/ is shared
+    RESULTS = results_dir(_configfiles, config)
     if "sweep" in config:
         from clipbackdoor.rate_sweep import check_sweep_attacks
 

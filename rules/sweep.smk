@@ -13,6 +13,13 @@ def sweep_model(run, rate):
     return f"data/models/{run}" if (run, rate) in OWN_RATE else f"{sweep_dir(run, rate)}/model"
 
 
+def trigger_keys(run):
+    """The run's attack settings but its rate: a sweep point's poisoning takes its rate from the path, and an edit
+    of the run's own rate must not redo every point (it reruns the run's own poison, whose params list it)."""
+    attack = attack_of(run)
+    return [f"attacks.{attack}.{key}" for key in config["attacks"][attack] if key != "rate"]
+
+
 def sweep_manifest(run, rate):
     return f"data/poisoned/{run}.manifest.parquet" if (run, rate) in OWN_RATE else f"{sweep_dir(run, rate)}/manifest.parquet"
 
@@ -26,7 +33,7 @@ rule sweep_poison:
         shards=directory("data/sweep/{run}/r{rate}/poisoned"),
         manifest="data/sweep/{run}/r{rate}/manifest.parquet",
     params:
-        cfg=lambda wc: params_json(f"attacks.{attack_of(wc.run)}", target_key(wc.run), "poison.caption_templates",
+        cfg=lambda wc: params_json(*trigger_keys(wc.run), target_key(wc.run), "poison.caption_templates",
                                     "data.image_size"),
         evals=lambda wc: eval_args(RUN_EVALS[wc.run]),
         asset=lambda wc: asset_args(wc.run, poisoning=True),
@@ -75,8 +82,7 @@ rule backdoor_eval:
     output:
         "data/sweep/{run}/r{rate}/{evalset}.json",
     params:
-        cfg=lambda wc: params_json("sweep.batch_size", f"attacks.{attack_of(wc.run)}", target_key(wc.run),
-                                    "zeroshot.templates"),
+        cfg=lambda wc: params_json("sweep.batch_size", *trigger_keys(wc.run), target_key(wc.run), "zeroshot.templates"),
         asset=lambda wc: asset_args(wc.run),
     threads: JOB_THREADS
     resources:
@@ -100,7 +106,9 @@ rule rate_sweep:
         csv=RESULTS + "/metrics/rate_sweep.csv",
         png=report_item(RESULTS + "/figures/asr_vs_rate.png", "attacks", "fig_rate_sweep", "Figures"),
     params:
-        cfg=stage_params("seed"),
+        # + the keys that shape the sweep's graph: an edit reaches this stage (under DVC: which then asks for a
+        # regenerated dvc.yaml), not the summary, which does not read them
+        cfg=stage_params("seed", "sweep.attacks", "sweep.rates"),
         points=[f"{r}:{e}:{rate}={sweep_dir(r, rate)}/{e}.json,{sweep_manifest(r, rate)}"
                 for r, rate, _ in SWEEP_POINTS for e in RUN_EVALS[r]],
     resources:

@@ -26,14 +26,19 @@ def test_embedded_variants_differ_from_params_yaml_only_where_they_say():
     every = yaml.safe_load((ROOT / "configs/all_attacks.yaml").read_text())
     from clipbackdoor.attacks import REGISTRY
 
+    assert "results" not in BASE  # params.yaml: results/default/; each profile names its own folder
+    assert every.pop("results") == "all_attacks"
+
     assert sorted(every["poison"].pop("attacks")) == sorted(REGISTRY)
     base = copy.deepcopy(BASE)
     base["poison"].pop("attacks")
     assert every == base
     core = yaml.safe_load((ROOT / "configs/core.yaml").read_text())
+    assert core.pop("results") == "core"
     baselines = {k: BASE[k] for k in ("repair", "cleanclip", "roclip", "abd", "detect", "analysis", "sweep")}
     assert core == {k: v for k, v in BASE.items() if k not in baselines} and all(baselines.values())
     abd = yaml.safe_load((ROOT / "configs/abd.yaml").read_text())  # seed 002's attacks, every repair arm
+    assert abd.pop("results") == "abd"
     assert abd["poison"].pop("attacks") == ["badnet", "blended", "badclip"]
     assert abd["repair"].pop("methods") == ["cleanclip", "roclip", "abd", "abd_img_only", "abd_eda_only",
                                             "finetune_clean", "uap"]
@@ -42,6 +47,7 @@ def test_embedded_variants_differ_from_params_yaml_only_where_they_say():
     assert abd == {k: v for k, v in base.items() if k not in ("detect", "analysis", "sweep")}
     # configs/b2.yaml: params.yaml plus seed 000's section (with it, `all` and dvc.yaml include the B² branch)
     b2 = yaml.safe_load((ROOT / "configs/b2.yaml").read_text())
+    assert b2.pop("results") == "b2"
     assert set(b2.pop("b2")) == {"backend", "t2i", "backdoor", "audit", "seed"} and b2 == BASE and "b2" not in BASE
 
 
@@ -71,6 +77,7 @@ SIZE_LEAVES = {"n_pairs", "shard_size", "batch_size", "steps", "warmup_steps", "
 def test_paper_b2_is_the_paper_profile_plus_seed_000s_section():
     paper = yaml.safe_load((ROOT / "configs/paper.yaml").read_text())
     with_b2 = yaml.safe_load((ROOT / "configs/paper_b2.yaml").read_text())
+    assert (paper.pop("results"), with_b2.pop("results")) == ("paper", "paper_b2")  # each its results folder
     assert with_b2.pop("b2")["backend"] == "stable_diffusion" and with_b2 == paper and "b2" not in paper
 
 
@@ -79,7 +86,7 @@ def test_rehearsal_differs_from_paper_only_in_sizes_steps_and_paths():
     paper = _flat(yaml.safe_load((ROOT / "configs/paper_b2.yaml").read_text()))
     rehearsal = _flat(yaml.safe_load((ROOT / "configs/rehearsal.yaml").read_text()))
     assert paper.keys() == rehearsal.keys()
-    changed = {k for k in paper if paper[k] != rehearsal[k]} - {"profile"}
+    changed = {k for k in paper if paper[k] != rehearsal[k]} - {"profile", "results"}
     allowed = REHEARSAL_PATHS | REHEARSAL_MODEL
     odd = {k for k in changed if k not in allowed and not k.startswith("b2.t2i.")
            and k.rpartition(".")[2] not in SIZE_LEAVES}
@@ -199,10 +206,12 @@ def test_a_setting_without_effect_in_the_chosen_mode_gets_a_note():
 def test_results_folder_is_named_after_the_parameter_file():
     from clipbackdoor.config import results_dir
 
-    assert results_dir([]) == "results/default"
-    assert results_dir(["configs/abd.yaml"]) == "results/abd"
+    assert results_dir([]) == results_dir(["params.yaml"], BASE) == "results/default"
+    assert results_dir(["/tmp/my_study.yaml"]) == "results/my_study"  # no `results` key: the file's name
     assert results_dir(["configs/paper.yaml", "/tmp/more.seeds.yaml"]) == "results/paper+more.seeds"
-    for bad in (["configs/shared.yaml"], ["my study.yaml"], ["-x.yaml"]):
+    abd = load_yaml(ROOT / "configs/abd.yaml")
+    assert results_dir(["/tmp/copy_of_abd.yaml"], abd) == results_dir([], abd) == "results/abd"  # the key travels
+    for bad in (["configs/shared.yaml"], ["my study.yaml"], ["-x.yaml"], ["configs/default.yaml"]):
         with pytest.raises(UserError) as err:
             results_dir(bad)
-        assert "cannot name a results folder" in str(err.value) and "rename the parameter file" in err.value.fix
+        assert "cannot name a results folder" in str(err.value) and "(or rename it)" in err.value.fix

@@ -92,7 +92,7 @@ def test_snakemake_runs_the_pipeline_and_reruns_only_what_changed(smoke_repo):
     assert snakemake_jobs(out) == ALL
     from clipbackdoor.report import read_summary
 
-    summary = read_summary(smoke_repo / "results/default/metrics/summary.csv")
+    summary = read_summary(smoke_repo / "results/smoke/metrics/summary.csv")
     assert list(summary.columns[:7]) == ["attack", "seed", "eval_set", "target", "repair", "defense", "variant"]
     methods = set(zip(summary.attack, summary.method))
     assert {("clean", "none"), ("badnet", "decomp_rep"), ("badnet", "cleanclip+decomp_rep"), ("badnet", "strip"),
@@ -100,14 +100,14 @@ def test_snakemake_runs_the_pipeline_and_reruns_only_what_changed(smoke_repo):
     rates = summary.dropna(subset=["asr"])  # every rate has its interval and its sample size
     assert (rates.asr_lo <= rates.asr).all() and (rates.asr <= rates.asr_hi).all() and (rates.n_asr > 0).all()
     assert (smoke_repo / "data/benchmarks/pretrain.tsv").exists() and (smoke_repo / "data/logs/world.log").exists()
-    assert (smoke_repo / "results/default/figures/fig5_prototype_cosine.png").stat().st_size > 10_000
-    sweep = pd.read_csv(smoke_repo / "results/default/metrics/rate_sweep.csv")  # the new rate and the run's own
+    assert (smoke_repo / "results/smoke/figures/fig5_prototype_cosine.png").stat().st_size > 10_000
+    sweep = pd.read_csv(smoke_repo / "results/smoke/metrics/rate_sweep.csv")  # the new rate and the run's own
     assert sweep.rate.tolist() == [0.02, 0.05] and sweep.n_poisoned.iloc[0] < sweep.n_poisoned.iloc[1]
     own = summary[(summary.attack == "badnet") & (summary.method == "none")].iloc[0]
     assert abs(sweep.asr.iloc[1] - own.asr) < 0.2  # all images vs the summary's test split: one model, close
     history = pd.read_csv(smoke_repo / "data/models/badnet-s0/history.csv")
     assert len(history) == yaml.safe_load((smoke_repo / "params.yaml").read_text())["finetune"]["steps"]
-    assert "## Position study" in (smoke_repo / "results/default/tables/b2_audit.md").read_text()  # B², part of `all`
+    assert "## Position study" in (smoke_repo / "results/smoke/tables/b2_audit.md").read_text()  # B², part of `all`
     sh("snakemake --report report.html --cores 1", smoke_repo)  # tables, figures, TEXTSPAN in the HTML report
     html = (smoke_repo / "report.html").read_text(errors="replace")
     assert all(name in html for name in ("table1.html", "table5.html", "fig6_eps_sweep.png", "badnet-s0_world.html",
@@ -118,7 +118,7 @@ def test_snakemake_runs_the_pipeline_and_reruns_only_what_changed(smoke_repo):
 
     if find_browser():  # (no browser on the CI machine: `make html-report` where there is one)
         png = screenshot_report(smoke_repo / "report.html", smoke_repo / "report.png",
-                                ["2. Core study", "Tables", "results/default/tables/table1.html"])
+                                ["2. Core study", "Tables", "results/smoke/tables/table1.html"])
         assert png.stat().st_size > 20_000
 
     assert "Nothing to be done" in sh("snakemake -n --cores 2", smoke_repo)
@@ -140,7 +140,7 @@ def test_lock_records_the_run_and_push_sends_every_output(smoke_repo):
     outs = lock_outs(smoke_repo)
     stages = yaml.safe_load((smoke_repo / "dvc.yaml").read_text())["stages"]
     assert set(outs) == {o for st in stages.values() for o in st["outs"]}  # every stage recorded, B² included
-    assert any(p.startswith("data/decomp/") for p in outs) and "results/default/metrics/b2.csv" in outs
+    assert any(p.startswith("data/decomp/") for p in outs) and "results/smoke/metrics/b2.csv" in outs
     # Snakemake does not track the package's code, DVC does: a module edited after a stage ran keeps it out
     module = smoke_repo / "src/clipbackdoor/defend.py"
     before = module.stat()
@@ -182,7 +182,7 @@ def test_fresh_clone_pulls_and_snakemake_plans_nothing(smoke_repo, tmp_path):
     # `dvc pull` sets fresh mtimes in arbitrary order: --touch records them without recomputing
     sh("snakemake --touch --cores 1", clone)
     assert "Nothing to be done" in sh("snakemake -n --cores 1", clone)
-    summary = "results/default/metrics/summary.csv"
+    summary = "results/smoke/metrics/summary.csv"
     assert (clone / summary).read_bytes() == (smoke_repo / summary).read_bytes()
 
 
@@ -198,7 +198,7 @@ def test_decompositions_alone_let_a_colleague_run_the_defenses(smoke_repo, tmp_p
     defenses = makefile.split("defenses: setup\n")[1].splitlines()[0].strip().replace("$(CORES)", "2")
     out = sh(defenses, clone)
     assert snakemake_jobs(out) == {"defenses", "defend", "mmd", "summary", "tables", "figures", "head_map"}
-    summary = "results/default/metrics/summary.csv"
+    summary = "results/smoke/metrics/summary.csv"
     assert (clone / summary).read_bytes() == (smoke_repo / summary).read_bytes()
 
 
@@ -254,7 +254,7 @@ def test_every_attack_runs_end_to_end_on_the_smoke_profile(tmp_path):
 
     from clipbackdoor.report import read_summary
 
-    summary = read_summary(repo / "results/default/metrics/summary.csv")
+    summary = read_summary(repo / "results/smoke/metrics/summary.csv")
     for attack in REGISTRY:
         rows = summary[summary.attack == attack]
         assert {"none", "decomp_rep", "decomp_rep_heads", "decomp_rep_mlp", "decomp_det", "cleanclip",
@@ -263,8 +263,8 @@ def test_every_attack_runs_end_to_end_on_the_smoke_profile(tmp_path):
     assert (repo / "results/shared/attacks/badclip-s0_patch.png").exists()
     assert (repo / "results/shared/attacks/issba-s0_codec.png").exists()
     for i in range(1, 6):
-        assert (repo / f"results/default/tables/table{i}.md").stat().st_size > 200
-    assert (repo / "results/default/analysis/textspan/badclip-s0_world.md").exists()
+        assert (repo / f"results/smoke/tables/table{i}.md").stat().st_size > 200
+    assert (repo / "results/smoke/analysis/textspan/badclip-s0_world.md").exists()
 
 
 def test_abd_study_runs_end_to_end_on_the_smoke_profile(tmp_path):
@@ -281,16 +281,16 @@ def test_abd_study_runs_end_to_end_on_the_smoke_profile(tmp_path):
     assert {"abd_generator", "abd_finetune", "abd_similarity", "abd_tables"} <= snakemake_jobs(out)
     from clipbackdoor.report import read_summary
 
-    summary = read_summary(repo / "results/default/metrics/summary.csv")
+    summary = read_summary(repo / "results/smoke/metrics/summary.csv")
     for attack in ("badnet", "blended"):
         assert {"none", "cleanclip", "roclip", "abd", "abd+decomp_rep", "abd_img_only", "abd_eda_only",
                 "finetune_clean", "uap", "uap_lbd"} <= set(summary[summary.attack == attack].method), attack
-    fig2 = (repo / "results/default/tables/abd_fig2.md").read_text()
+    fig2 = (repo / "results/smoke/tables/abd_fig2.md").read_text()
     assert sum(line.startswith("| badnet-s0 |") or line.startswith("| blended-s0 |") for line in fig2.splitlines()) == 16
-    table1 = (repo / "results/default/tables/abd_table1.md").read_text()
+    table1 = (repo / "results/smoke/tables/abd_table1.md").read_text()
     assert "| Ours (ABD) |" in table1 and "## Claim check" in table1
     for name in ("abd_table2.md", "abd_table3.md"):
-        assert "| Victim |" in (repo / "results/default/tables" / name).read_text()
+        assert "| Victim |" in (repo / "results/smoke/tables" / name).read_text()
 
 
 def test_b2_branch_runs_as_its_own_target_on_the_smoke_profile(smoke_repo):
@@ -301,10 +301,10 @@ def test_b2_branch_runs_as_its_own_target_on_the_smoke_profile(smoke_repo):
     assert B2 | {"world", "pretrain"} <= snakemake_jobs(out)
     assert not {"finetune", "poison", "summary"} & snakemake_jobs(out)  # the B² branch needs no attack run
     repo = smoke_repo
-    audit = pd.read_csv(repo / "results/default/metrics/b2.csv")
+    audit = pd.read_csv(repo / "results/smoke/metrics/b2.csv")
     assert set(audit.generator) == {"backdoored", "clean"} and audit.prompt.nunique() == 2
     assert {"seed (full vocab)", "discrete + contrast"} <= set(audit.audit)
-    md = (repo / "results/default/tables/b2_audit.md").read_text()
+    md = (repo / "results/smoke/tables/b2_audit.md").read_text()
     assert "## Position study" in md and "| discrete + contrast | backdoored |" in md
     metrics = json.loads((repo / "data/t2i/b2/metrics.json").read_text())
     assert {"bias_rate/both", "bias_rate/neither", "clean_generator/bias_rate/both"} <= set(metrics)

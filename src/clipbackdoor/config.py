@@ -181,22 +181,33 @@ SHARED_RESULTS = "shared"
 DEFAULT_RESULTS = "default"
 
 
-def results_name(configfiles: list) -> str:
+def results_name(configfiles: list, params: dict | None = None) -> str:
     """The folder under ``results/`` that holds one parameter file's own results (summary, tables, figures,
-    analyses), so profiles compared side by side never overwrite each other: ``default`` for params.yaml, else
-    the stem of the ``--configfile`` (``configs/abd.yaml`` -> ``abd``; several files: their stems joined by +)."""
-    if not configfiles:
+    analyses), so profiles compared side by side never overwrite each other: the file's ``results`` key when it
+    has one (it travels with the file: ``cp configs/abd.yaml params.yaml`` keeps results/abd/, where dvc.yaml and
+    ``lock`` look), else the stem of the ``--configfile`` (several: their stems joined by +), else ``default``
+    (params.yaml)."""
+    if params and params.get("results"):
+        name, culprit = params["results"], "its `results` key"
+    elif not configfiles or all(_is_params_yaml(f) for f in configfiles):
         return DEFAULT_RESULTS
-    name = "+".join(Path(str(f)).stem for f in configfiles)
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", name) or name == SHARED_RESULTS:
-        raise UserError(f"--configfile {configfiles[-1]}: its name {name!r} cannot name a results folder "
-                        f"(results/{name}/: letters, digits, _ . + - only; not {SHARED_RESULTS})",
-                        fix="rename the parameter file, e.g. configs/my_study.yaml -> results/my_study/")
+    else:
+        name, culprit = "+".join(Path(str(f)).stem for f in configfiles), "its name"
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", name) or name == SHARED_RESULTS or \
+            (name == DEFAULT_RESULTS and culprit == "its name"):
+        raise UserError(f"--configfile {configfiles[-1] if configfiles else 'params.yaml'}: {culprit} {name!r} cannot "
+                        f"name a results folder (results/{name}/: letters, digits, _ . + - only; not "
+                        f"{SHARED_RESULTS}, and `default` is params.yaml's)",
+                        fix="set `results: my_study` in the file (or rename it): its results go to results/my_study/")
     return name
 
 
-def results_dir(configfiles: list) -> str:
-    return f"{RESULTS_ROOT}/{results_name(configfiles)}"
+def _is_params_yaml(path) -> bool:
+    return Path(str(path)).resolve() == Path("params.yaml").resolve()
+
+
+def results_dir(configfiles: list, params: dict | None = None) -> str:
+    return f"{RESULTS_ROOT}/{results_name(configfiles, params)}"
 
 
 def moot_settings(params: dict) -> list[str]:
@@ -277,6 +288,14 @@ def _check_sweep(params: dict, source: str) -> None:
     """A swept attack reuses its run's trigger (and learned trigger asset): it must be a run of the profile.
     (What needs the attack registry -- poisoning tied to one rate -- is rate_sweep.check_sweep_attacks: this
     module stays free of the attacks' imports, which every stage's code dependencies would otherwise include.)"""
+    from clipbackdoor.runs import rate_tag
+
+    tags = [rate_tag(r) for r in (params.get("sweep") or {}).get("rates", [])]
+    for rate, tag in zip(params["sweep"]["rates"] if tags else [], tags):
+        if float(tag) == 0 or tags.count(tag) > 1:
+            raise UserError(f"{source}: sweep.rates has {rate}, which its path name data/sweep/RUN/r{tag}/ "
+                            + ("rounds to zero" if float(tag) == 0 else "shares with another rate"),
+                            fix="use rates of at least 1e-6 that differ in their first six decimals")
     for attack in (params.get("sweep") or {}).get("attacks", []):
         if attack not in params["poison"]["attacks"]:
             raise UserError(f"{source}: sweep.attacks lists {attack!r} but poison.attacks does not (the sweep reuses "
@@ -701,6 +720,7 @@ class Params:
     detect: DetectConfig | None = None
     analysis: AnalysisConfig | None = None
     sweep: SweepConfig | None = None
+    results: str | None = None  # the results folder's name (results_name)
 
 
 def _build(tp: Any, value: Any) -> Any:

@@ -35,8 +35,8 @@ SKIP_MODULES = {"cli", "__main__", "dvcgen"}
 # refuses a params.yaml whose graph differs -- an edit that would add or remove stages, never one that does not.
 SHAPE_KEYS = ("data.source", "data.eval_sets", "model.pretrained", "poison.attacks", "poison.seeds", "poison.target",
               "repair.methods", "detect.detectors", "analysis.textspan_pool", "attacks.label_consistent.adv_eps",
-              "b2.backend", "b2.stable_diffusion.path", "b2.stable_diffusion.auditor_pretrained", "sweep.attacks",
-              "sweep.rates")
+              "b2.backend", "b2.stable_diffusion.path", "b2.stable_diffusion.auditor_pretrained", "results")
+# (sweep.attacks and sweep.rates shape the graph too, but only the rate sweep's stages: rate_sweep lists them)
 SHAPE_PREFIX = "# stage graph of: "
 
 
@@ -89,7 +89,7 @@ def graph_shape(params: dict) -> dict:
              "detectors": bool(_get(params, "detect.detectors")),
              "model.pretrained": _as_input(_get(params, "model.pretrained")),
              "analysis.textspan_pool": _get(params, "analysis.textspan_pool"),
-             "b2.backend": _get(params, "b2.backend"),
+             "b2.backend": _get(params, "b2.backend"), "results": _get(params, "results"),
              # the rate sweep's points, and which of them reuse their run's model (no fine-tune of their own)
              "sweep": [list(p) for p in sweep_points(params)] or None}
     if _get(params, "data.source") != "embedded":  # Stable Diffusion's files are rule inputs only at real scale
@@ -227,7 +227,8 @@ def job_to_stage(job, root: Path) -> tuple[str, dict]:
 def render_dvc_yaml(root: Path, jobs: list | None = None) -> str:
     from clipbackdoor.config import load_yaml, results_dir
 
-    results = results_dir([])  # dvc.yaml is params.yaml's pipeline: its results folder
+    params = load_yaml(root / "params.yaml")
+    results = results_dir([], params)  # dvc.yaml is params.yaml's pipeline: its results folder
     stages, plots = {}, []
     for job in _workflow_jobs(root)[0] if jobs is None else jobs:
         if job.rule.name in ("all", "b2") or not job.rule.shellcmd:
@@ -237,7 +238,7 @@ def render_dvc_yaml(root: Path, jobs: list | None = None) -> str:
         plots += [str(f) for f in job.output if str(f).startswith(f"{results}/figures/")]
     doc = {"stages": stages, "metrics": [f"{results}/metrics/headline.json"], "plots": sorted(plots)}
 
-    shape = json.dumps(graph_shape(load_yaml(root / "params.yaml")), sort_keys=True, separators=(",", ":"))
+    shape = json.dumps(graph_shape(params), sort_keys=True, separators=(",", ":"))
     return HEADER + SHAPE_PREFIX + shape + "\n" + yaml.safe_dump(doc, sort_keys=False, width=120)
 
 

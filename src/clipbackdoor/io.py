@@ -11,16 +11,19 @@ from pathlib import Path
 from typing import Iterator
 
 
-def _umask() -> int:
-    mask = os.umask(0)
+def _read_umask() -> int:
+    mask = os.umask(0o022)  # (os.umask both sets and returns: read once, at import, and put back)
     os.umask(mask)
     return mask
+
+
+_UMASK = _read_umask()
 
 
 def _usual_mode(path: Path, directory: bool = False) -> None:
     """mkstemp / mkdtemp create 0600 / 0700 (private) temporaries; an artifact gets the mode a plain open() or
     mkdir() would give it under the user's umask, so colleagues sharing a cluster's results folder can read it."""
-    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+    os.chmod(path, (0o777 if directory else 0o666) & ~_UMASK)
 
 
 @contextlib.contextmanager
