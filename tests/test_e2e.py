@@ -146,7 +146,7 @@ def test_lock_records_the_run_and_push_sends_every_output(smoke_repo):
     before = module.stat()
     module.touch()
     out = sh("python -m clipbackdoor lock", smoke_repo)
-    assert "left out because their code (src/clipbackdoor) changed after they ran (e.g. defend_" in out, out
+    assert "left out because their code (src/clipbackdoor) changed after they ran (e.g. " in out, out
     os.utime(module, ns=(before.st_atime_ns, before.st_mtime_ns))
     assert "every stage is current" in sh("python -m clipbackdoor lock", smoke_repo)
     push = sh("dvc push", smoke_repo)

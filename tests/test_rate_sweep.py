@@ -43,6 +43,7 @@ def test_backdoor_eval_counts_match_the_cached_decompositions(world_dirs, micro_
 
 def test_sweep_table_and_figure_from_two_poisoned_sets(world_dirs, micro_model, tmp_path):
     from clipbackdoor.poison import poison
+    from clipbackdoor.figures import rate_sweep_figure
     from clipbackdoor.rate_sweep import backdoor_eval, rate_sweep
     from clipbackdoor.world import world_classes_json
 
@@ -56,13 +57,14 @@ def test_sweep_table_and_figure_from_two_poisoned_sets(world_dirs, micro_model, 
                "badnet", cfg, target, classes["templates"], 32, 0)
         backdoor_eval(micro_model, ev, "badnet", cfg, 0, target, "embedded", 64, tmp_path / f"e{rate}.json")
         points.append(("badnet-s0", "eval", rate, tmp_path / f"e{rate}.json", tmp_path / f"m{rate}.parquet"))
-    table = rate_sweep(points[::-1], 0, tmp_path / "sweep.csv", tmp_path / "sweep.png")
+    table = rate_sweep(points[::-1], 0, tmp_path / "sweep.csv")
+    rate_sweep_figure(table, tmp_path / "sweep.png")
     assert table.rate.tolist() == [0.25, 0.5] and table.n_poisoned.tolist() == [8, 16]  # of 32 fine-tuning pairs
     assert (table.asr_lo <= table.asr).all() and (table.asr <= table.asr_hi).all()
     assert (table.cacc_lo <= table.cacc).all() and (table.cacc <= table.cacc_hi).all()
     assert pd.read_csv(tmp_path / "sweep.csv").shape == (2, 15)
     assert (tmp_path / "sweep.png").stat().st_size > 10_000
-    again = rate_sweep(points, 0, tmp_path / "again.csv", tmp_path / "again.png")
+    again = rate_sweep(points, 0, tmp_path / "again.csv")
     assert (tmp_path / "again.csv").read_bytes() == (tmp_path / "sweep.csv").read_bytes()  # seeded per row
     assert again.equals(table)
 

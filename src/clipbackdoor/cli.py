@@ -496,6 +496,7 @@ def cmd_backdoor_eval(args) -> None:
 
 
 def cmd_rate_sweep(args) -> None:
+    from clipbackdoor.figures import rate_sweep_figure
     from clipbackdoor.rate_sweep import rate_sweep
 
     points = []
@@ -504,7 +505,8 @@ def cmd_rate_sweep(args) -> None:
         run, eval_set, rate = key.split(":")
         eval_json, manifest = paths.split(",")
         points.append((run, eval_set, float(rate), Path(eval_json), Path(manifest)))
-    table = rate_sweep(points, parse_params(args.params)["seed"], args.csv, args.png)
+    table = rate_sweep(points, parse_params(args.params)["seed"], args.csv)
+    rate_sweep_figure(table, args.png)
     print(table.to_string(index=False))
 
 

@@ -99,12 +99,10 @@ def sweep_table(points: list[tuple[str, str, float, Path, Path]], seed: int) -> 
             .reset_index(drop=True))
 
 
-def rate_sweep(points: list[tuple[str, str, float, Path, Path]], seed: int, out_csv: str | Path,
-               png: str | Path) -> pd.DataFrame:
+def rate_sweep(points: list[tuple[str, str, float, Path, Path]], seed: int, out_csv: str | Path) -> pd.DataFrame:
+    """The sweep table, written as CSV (the figure: figures.rate_sweep_figure; kept out of this module so that
+    backdoor_eval's code dependencies do not take in the plotting code)."""
     table = sweep_table(points, seed)
     with atomic_path(out_csv) as tmp:
         table.to_csv(tmp, index=False, float_format="%.6g")
-    from clipbackdoor.figures import rate_sweep_figure
-
-    rate_sweep_figure(table, png)
     return table
