@@ -54,6 +54,16 @@ def _name_paths(pairs: list[str]) -> dict[str, Path]:
     return out
 
 
+def _run_decomps(specs: list[str]) -> list[tuple[str, Path, Path, Path]]:
+    """RUN=CLEAN,TRIGGERED,PROTOTYPES arguments -> (run, clean decomposition, triggered decomposition, prototypes)."""
+    out = []
+    for spec in specs:
+        run, _, paths = spec.partition("=")
+        clean, trig, protos = paths.split(",")
+        out.append((run, Path(clean), Path(trig), Path(protos)))
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ stages
 
 
@@ -460,12 +470,7 @@ def cmd_figures(args) -> None:
     from clipbackdoor.figures import layerwise_figure, prototype_cosine_figure, roc_figure
 
     layerwise_figure(args.summary, args.layerwise)
-    entries = []
-    for spec in args.runs:
-        run, _, paths = spec.partition("=")
-        clean, trig, protos = paths.split(",")
-        entries.append((run, Path(clean), Path(trig), Path(protos)))
-    prototype_cosine_figure(entries, args.proto_cosine)
+    prototype_cosine_figure(_run_decomps(args.runs), args.proto_cosine)
     scores = []
     for spec in args.scores:
         run, _, paths = spec.partition("=")
@@ -515,11 +520,7 @@ def cmd_head_map(args) -> None:
     from clipbackdoor.figures import head_map_figure
 
     mmd = _name_paths(args.mmd)
-    entries = []
-    for spec in args.runs:
-        run, _, paths = spec.partition("=")
-        clean, trig, protos = paths.split(",")
-        entries.append((run, Path(clean), Path(trig), Path(protos), mmd.get(run)))
+    entries = [(*entry, mmd.get(entry[0])) for entry in _run_decomps(args.runs)]
     head_map_figure(entries, section(DefendConfig, parse_params(args.params)["defend"]), args.png)
 
 

@@ -290,8 +290,9 @@ def _check_sweep(params: dict, source: str) -> None:
     module stays free of the attacks' imports, which every stage's code dependencies would otherwise include.)"""
     from clipbackdoor.runs import rate_tag
 
-    tags = [rate_tag(r) for r in (params.get("sweep") or {}).get("rates", [])]
-    for rate, tag in zip(params["sweep"]["rates"] if tags else [], tags):
+    rates = (params.get("sweep") or {}).get("rates", [])
+    tags = [rate_tag(r) for r in rates]
+    for rate, tag in zip(rates, tags):
         if float(tag) == 0 or tags.count(tag) > 1:
             raise UserError(f"{source}: sweep.rates has {rate}, which its path name data/sweep/RUN/r{tag}/ "
                             + ("rounds to zero" if float(tag) == 0 else "shares with another rate"),

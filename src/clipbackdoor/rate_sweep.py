@@ -5,7 +5,7 @@ more backdoored model under ``data/sweep/RUN/rRATE/`` (the rate the run was made
 ``data/models/RUN``: no second fine-tune of the same thing). ``backdoor_eval`` scores a model zero-shot on every
 image of an evaluation set, clean and with the run's own trigger (the same per-image trigger streams as the
 decomposition), a batch at a time; ``rate_sweep`` collects the points, with seeded bootstrap intervals, into a
-CSV and the ASR-against-rate figure. (The summary's rows score the prototypes' test split; the sweep scores every
+CSV (the ASR-against-rate figure: figures.rate_sweep_figure). (The summary's rows score the prototypes' test split; the sweep scores every
 evaluation image, so its point at the run's own rate can differ from the summary's ``none`` row by that sample.)
 """
 
