@@ -4,7 +4,7 @@ import os
 
 import sys
 
-from snakemake.utils import update_config, validate
+from snakemake.utils import update_config
 
 from clipbackdoor.runs import parse_run, run_evals, sweep_points
 from clipbackdoor.config import eval_targets, load_yaml, moot_settings, names_local_path, results_dir, validate_params
@@ -24,6 +24,7 @@ try:
         update_config(config, _overrides)  # --config key=value still wins
     for _file in workflow.config_settings.configfiles:
         load_yaml(_file)
+    # (schemas/params.schema.json + the installed extensions' blocks: Snakemake's validate() knows only the file)
     validate_params(config, "params (params.yaml + --configfile/--config)")
     # Each parameter file's own results (summary, tables, figures, analyses) go to results/<its name>/: its
     # `results` key (configs/abd.yaml: abd), else the --configfile's name, else default (params.yaml); data/ is shared
@@ -49,7 +50,6 @@ except UserError as _exc:
     # the user sees our line (culprit + fix) and exit status 2, not a Snakemake stack frame
     print(_exc.report("clipbackdoor (workflow load)"), file=sys.stderr)
     sys.exit(EXIT_USER_ERROR)
-validate(config, schema="../schemas/params.schema.json")
 
 # Torch jobs take every core they are given: two jobs sharing 2 cores slow each other down by an order of
 # magnitude, so each torch job claims all cores Snakemake may use (capped by the machine).

@@ -25,10 +25,13 @@ SCHEMA_PATH = Path(__file__).resolve().parents[2] / "schemas" / "params.schema.j
 
 
 def load_schema() -> dict:
+    """schemas/params.schema.json with the blocks of the installed extensions (:mod:`clipbackdoor.extensions`)."""
+    from clipbackdoor.extensions import add_to_schema
+
     if not SCHEMA_PATH.exists():
         raise UserError(f"schema not found at {SCHEMA_PATH}",
                         fix="install clipbackdoor editable from its repository (pip install -e .)")
-    return json.loads(SCHEMA_PATH.read_text())
+    return add_to_schema(json.loads(SCHEMA_PATH.read_text()))
 
 
 # A parameter file is small and plain: these budgets refuse hostile documents before anything expands.
@@ -536,6 +539,7 @@ class DefendConfig:
     seed: int  # random-head and random-prototype ablations
     threshold: str = "fixed"  # "fixed": eps | "clean_quantile": per-head quantile of clean-validation similarity
     quantile: float = 0.02  # the quantile for threshold: clean_quantile
+    extensions: dict | None = None  # {extension defense: its settings}: the registered defenses that run
 
 
 @dataclass(frozen=True)
@@ -676,6 +680,7 @@ class DetectConfig:
     strip_n: int  # superimpositions per image
     teco_variants: tuple[str, ...]  # independent | compounding
     seed: int
+    extensions: dict | None = None  # {extension detector: its settings} (clipbackdoor.extensions)
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,14 @@ OUTPUT_SCHEMA = pa.schema([("defense", pa.string()), ("variant", pa.string()), (
                            ("score", pa.float32())])
 
 
+# the defense names the built-in settings write (an extension may not reuse one)
+BUILTIN_SETTINGS = ("none", "base_decomp", "decomp_rep", "decomp_rep_heads", "decomp_rep_mlp", "decomp_det",
+                    "decomp_det_score", "decomp_rep_sweep", "decomp_det_sweep", "abandon", "random_prototypes",
+                    "random_prototypes_official", "random_heads", "fixed_heads", "ablate_all_heads",
+                    "ablate_all_mlps", "decomp_reverse",
+                    *(f"ablate_{p}_{d}" for p in ("heads", "mlps") for d in ("forward", "backward", "separate")))
+
+
 def infected_mask(sim: np.ndarray, rule: str, eps: float | np.ndarray) -> np.ndarray:
     """The code's rule is ``<= eps`` on the dot product; the paper's is ``< eps`` on the cosine."""
     return sim <= eps if rule == "dot" else sim < eps
@@ -171,6 +179,24 @@ def _settings(split: TestSplit, protos: dict, cfg: DefendConfig, kind: str, clas
             yield f"ablate_{part}_forward", f"layer={l}", fn(list(range(0, l + 1))), None
             yield f"ablate_{part}_backward", f"layer={l}", fn(list(range(l, n_layers))), None
             yield f"ablate_{part}_separate", f"layer={l}", fn([l]), None
+
+    # the defenses that extensions register (clipbackdoor.extensions), those configured under defend.extensions
+    for name, ext in extension_defenses(cfg).items():
+        for variant, pred, score in ext.settings(split, protos, class_emb, cfg.extensions[name], kind):
+            yield name, variant, pred, score
+
+
+def extension_defenses(cfg: DefendConfig) -> dict:
+    """{name: Defense} of the registered extension defenses that ``defend.extensions`` configures."""
+    from clipbackdoor.extensions import Defense, check_unique, of_kind
+
+    registered = of_kind(Defense)
+    check_unique(Defense, BUILTIN_SETTINGS)
+    for name in cfg.extensions or {}:
+        if name not in registered:  # (params validation refuses it first; a stage run by hand lands here)
+            raise UserError(f"defend.extensions.{name}: no such defense is registered",
+                            fix=f"install the extension that provides it (registered: {', '.join(registered) or 'none'})")
+    return {name: registered[name] for name in cfg.extensions or {}}
 
 
 def decomp_reverse(clean: TestSplit, trig: TestSplit, protos: dict, cfg: DefendConfig, class_emb: np.ndarray):

@@ -1,4 +1,5 @@
-"""Stage ``detect``: STRIP, SCALE-UP and TeCo scores on the same clean / triggered test images as Decomp-Det.
+"""Stage ``detect``: STRIP, SCALE-UP and TeCo scores -- and those of any detector an extension registers
+(:func:`clipbackdoor.detectors.registry`) -- on the same clean / triggered test images as Decomp-Det.
 
 Images: a seeded subsample of ``n_images`` from the prototypes' test split (the images Decomp-Det scores), each
 clean and triggered; STRIP superimposes images of the clean-validation split (the defender's held-out clean
@@ -20,7 +21,7 @@ from clipbackdoor.attacks import make_trigger, parse_run, trigger_eval_images
 from clipbackdoor.config import DetectConfig
 from clipbackdoor.decompose_stage import load_class_embeddings
 from clipbackdoor.defend import OUTPUT_SCHEMA
-from clipbackdoor.detectors import scaleup_scores, strip_scores, teco_scores
+from clipbackdoor.detectors import registry
 from clipbackdoor.io import write_parquet
 from clipbackdoor.logs import progress
 from clipbackdoor.models import load_artifact, normalize
@@ -66,25 +67,29 @@ def run_detect(model_dir: str | Path, eval_dir: str | Path, prototypes_path: str
     pool = pick(val)  # uint8: strip_scores converts the partners it draws
     labels = split["labels"][[at[int(i)] for i in index]]
     rows: dict[str, list] = {name: [] for name in OUTPUT_SCHEMA.names}
-    settings = ([("strip", f"n={cfg.strip_n}")] if "strip" in cfg.detectors else []) + \
-        ([("scaleup", "scales=2..11")] if "scaleup" in cfg.detectors else []) + \
-        ([("teco", v) for v in cfg.teco_variants] if "teco" in cfg.detectors else [])
-    score = {"strip": lambda x, v: strip_scores(proba, x, pool, cfg.strip_n, cfg.seed),
-             "scaleup": lambda x, v: scaleup_scores(proba, x),
-             "teco": lambda x, v: teco_scores(proba, x, v == "compounding", cfg.seed)[0]}
-    jobs = [(split_name, detector, variant) for split_name in images for detector, variant in settings]
-    for split_name, detector, variant in progress(jobs, f"detect {len(index)} images x 2 splits"):
-        s = score[detector](images[split_name], variant)
-        n = len(s)
-        rows["defense"] += [detector] * n
-        rows["variant"] += [f"{variant},n_images={len(index)}"] * n
-        rows["split"] += [split_name] * n
-        rows["index"] += index.tolist()
-        rows["label"] += labels.tolist()
-        rows["pred"] += [-1] * n
-        rows["score"] += s.astype(np.float32).tolist()
+    chosen = [d for name, d in registry().items() if name in cfg.detectors]  # the registry's order
+    jobs = [(split_name, d) for split_name in images for d in chosen]
+    for split_name, detector in progress(jobs, f"detect {len(index)} images x 2 splits"):
+        settings = (cfg.extensions or {}).get(detector.name, {})
+        for variant, s in detector.scores(proba, images[split_name], pool, cfg, settings):
+            _add_rows(rows, detector.name, f"{variant},n_images={len(index)}", split_name, index, labels, s)
     meta = {"target": str(target), "target_name": target_name, "trigger": trigger, "n_images": str(len(index)),
             "checkpoint_sha256": loaded.checkpoint_sha256 or ""}
     table = pa.Table.from_pydict(rows, schema=OUTPUT_SCHEMA).replace_schema_metadata(meta)
     write_parquet(out_path, table)
     return table.num_rows
+
+
+def _add_rows(rows: dict[str, list], detector: str, variant: str, split_name: str, index: np.ndarray,
+              labels, scores) -> None:
+    """One detector setting's scores [N] on one split, as output rows (pred = -1: scores, no decision)."""
+    n = len(scores)
+    if n != len(index):
+        raise ValueError(f"detector {detector} returned {n} scores for {len(index)} images")
+    rows["defense"] += [detector] * n
+    rows["variant"] += [variant] * n
+    rows["split"] += [split_name] * n
+    rows["index"] += index.tolist()
+    rows["label"] += labels.tolist()
+    rows["pred"] += [-1] * n
+    rows["score"] += np.asarray(scores, dtype=np.float32).tolist()

@@ -24,6 +24,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from clipbackdoor.extensions import Detector, check_unique, of_kind
+
 ProbaFn = Callable[[torch.Tensor], torch.Tensor]
 TECO_SEVERITIES = (1, 2, 3, 4, 5)
 SCALEUP_SCALES = tuple(range(2, 12))
@@ -91,3 +93,22 @@ def teco_scores(proba: ProbaFn, images: torch.Tensor, compounding: bool, seed: i
             flipped = _batched(proba, x).argmax(-1).numpy() != base
             first[:, c] = np.where(flipped & (first[:, c] > s), s, first[:, c])
     return first.std(axis=1), first
+
+
+# The built-in detectors, in the detect stage's order; each reads its settings from the ``detect`` section.
+BUILTIN = (
+    Detector("strip", lambda proba, images, pool, detect, params: [
+        (f"n={detect.strip_n}", strip_scores(proba, images, pool, detect.strip_n, detect.seed))], title="STRIP"),
+    Detector("scaleup", lambda proba, images, pool, detect, params: [
+        (f"scales={SCALEUP_SCALES[0]}..{SCALEUP_SCALES[-1]}", scaleup_scores(proba, images))], title="SCALE-UP"),
+    Detector("teco", lambda proba, images, pool, detect, params: [
+        (v, teco_scores(proba, images, v == "compounding", detect.seed)[0]) for v in detect.teco_variants],
+        title="TeCo"),
+)
+
+
+def registry() -> dict[str, Detector]:
+    """{name: detector}: the built-in ones, then the extensions' (:mod:`clipbackdoor.extensions`)."""
+    builtin = {d.name: d for d in BUILTIN}
+    check_unique(Detector, builtin)
+    return {**builtin, **of_kind(Detector)}

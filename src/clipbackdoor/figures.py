@@ -33,9 +33,9 @@ def attack_colour(attack: str):
 
 
 def attack_label(attack: str) -> str:
-    from clipbackdoor.tables import PAPER_ATTACK_NAMES
+    from clipbackdoor.tables import attack_title
 
-    return PAPER_ATTACK_NAMES.get(attack, attack)
+    return attack_title(attack)
 
 
 def _save(fig, png) -> None:
@@ -110,6 +110,16 @@ ROC_METHODS = {"decomp_det": ("Decomp-Det", "tab:red"), "strip": ("STRIP", "tab:
                "scaleup": ("SCALE-UP", "tab:green"), "teco": ("TeCo", "tab:purple")}
 
 
+def roc_methods() -> dict[str, tuple[str, str]]:
+    """{method: (label, colour)} of the ROC figure: Decomp-Det, the input detectors, then every registered
+    extension detector and detecting defense (in grey tones)."""
+    from clipbackdoor.extensions import Defense, Detector, of_kind
+
+    extra = [e for e in of_kind(Detector).values()] + [e for e in of_kind(Defense).values() if e.detector]
+    return {**ROC_METHODS, **{e.name: (e.title or e.name, f"{0.2 + 0.5 * i / max(1, len(extra))}")
+                              for i, e in enumerate(extra)}}
+
+
 def roc_figure(entries: list[tuple[str, list[Path]]], png: str | Path) -> None:
     """ROC curves of Decomp-Det and the input detectors, one panel per attack run: (run, [its defend table, its
     detect table]) -> clean test images negative, triggered positive, each detector's per-image scores."""
@@ -122,11 +132,12 @@ def roc_figure(entries: list[tuple[str, list[Path]]], png: str | Path) -> None:
     for ax, (run, paths) in zip(axes[0], entries):
         for path in paths:
             table = read_parquet(path, made_by="the `defend` or `detect` stage").to_pandas()
-            table = table[table.defense.isin(list(ROC_METHODS))]
+            methods = roc_methods()
+            table = table[table.defense.isin(list(methods))]
             for (defense, variant), g in table.groupby(["defense", "variant"], sort=True):
                 y = (g.split == "triggered").to_numpy().astype(int)
                 fpr, tpr, _ = roc_curve(y, g.score.to_numpy())
-                name, colour = ROC_METHODS[defense]
+                name, colour = methods[defense]
                 mode = variant.split(",")[0] if defense == "teco" else ""
                 ax.plot(fpr, tpr, color=colour, ls=":" if mode == "compounding" else "-", lw=1.2,
                         label=f"{name}{' ' + mode if mode else ''} ({roc_auc_score(y, g.score.to_numpy()):.3f})")

@@ -107,21 +107,21 @@ def with_intervals(row: dict, rng: np.random.Generator, hits: dict[str, tuple[in
     return row
 
 
-DETECTORS = ("strip", "scaleup", "teco")  # the detect stage's outputs (scores, higher = more suspicious)
-
-
 def setting_rows(table: pd.DataFrame, target: int, seed: int = 0, key: str = "") -> list[dict]:
     """One row per (defense, variant) of a defend output table, with sample counts and bootstrap intervals
     (streams from ``seed`` and ``key`` + the setting)."""
+    from clipbackdoor.extensions import detection_kind
+
     rows = []
     for (defense, variant), g in table.groupby(["defense", "variant"], sort=False):
         clean, trig = g[g.split == "clean"], g[g.split == "triggered"]
         row = {"defense": defense, "variant": variant, "n_clean": len(clean), "n_triggered": len(trig)}
         rng = row_rng(seed, f"{key}|{defense}|{variant}")
-        if defense.startswith("decomp_det") or defense in DETECTORS:
+        detection = detection_kind(defense)  # declared by the defense or detector, not read from its name
+        if detection is not None:
             neg, pos = clean.score.to_numpy(), trig.score.to_numpy()
             row["auroc"] = detection_auroc(neg, pos)
-            if defense not in DETECTORS:  # input detectors give scores only, no hard decision
+            if detection == "decisions":  # input detectors give scores only, no hard decision
                 row["tpr"], row["fpr"] = rates_at(clean.pred.to_numpy(), trig.pred.to_numpy())
             rows.append(with_intervals(row, rng, {}, (neg, pos)))
             continue

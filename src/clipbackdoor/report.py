@@ -119,9 +119,23 @@ MAIN_DEFENSES = ("none", "decomp_rep", "decomp_rep_heads", "decomp_rep_mlp", "de
                  "ablate_all_heads", "ablate_all_mlps", "cleanclip", "cleanclip+decomp_rep", "strip", "scaleup", "teco")
 
 
+def main_methods() -> tuple[str, ...]:
+    """The main table's methods: the built-in ones, then every registered extension defense and detector."""
+    from clipbackdoor.extensions import Defense, Detector, of_kind
+
+    return MAIN_DEFENSES + tuple(of_kind(Defense)) + tuple(of_kind(Detector))
+
+
+def input_detectors(methods) -> list[str]:
+    """The methods among ``methods`` that are input-level detectors (scores, no decision), as declared."""
+    from clipbackdoor.extensions import detection_kind
+
+    return [m for m in dict.fromkeys(methods) if detection_kind(m) == "scores"]
+
+
 def main_table(df: pd.DataFrame) -> pd.DataFrame:
     """The rows a person reads first: clean model, undefended and defended attacked models, mean over seeds."""
-    keep = df[df.method.isin(MAIN_DEFENSES)].drop(columns="defense").rename(columns={"method": "defense"})
+    keep = df[df.method.isin(main_methods())].drop(columns="defense").rename(columns={"method": "defense"})
     metrics = ["asr", "asr_all", "cacc", "auroc"]
     keep = keep.assign(target=keep.target.fillna("-"))  # the clean model's own rows have no target
     grouped = keep.groupby(["attack", "defense", "variant", "eval_set", "target"], sort=False)
@@ -169,7 +183,7 @@ def findings(df: pd.DataFrame) -> list[str]:
             drop = a.loc[("none", "-"), "cacc"] - cc.cacc.mean()
             notes.append(f"{attack}: CleanCLIP ASR {base:.2f} -> {cc.asr.mean():.2f} at a CACC drop of {drop:.3f}"
                          + (" (within 0.03)." if drop <= 0.03 else " (MORE than 0.03)."))
-        detectors = df[(df.attack == attack) & df.method.isin(["strip", "scaleup", "teco"])]
+        detectors = df[(df.attack == attack) & df.method.isin(input_detectors(df.method))]
         if len(detectors) and len(det) and det.auroc.notna().any():
             best = detectors.groupby(["method", "variant"]).auroc.mean()
             (name, variant), top = best.idxmax(), best.max()

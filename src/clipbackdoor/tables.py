@@ -15,7 +15,7 @@ import pandas as pd
 
 from clipbackdoor.io import atomic_path, write_text
 from clipbackdoor.pages import write_page
-from clipbackdoor.report import read_summary
+from clipbackdoor.report import input_detectors, read_summary
 
 PAPER_ATTACK_NAMES = {"badnet": "BadNet", "badnet_random": "BadNet (random)", "blended": "Blended", "sig": "SIG",
                       "wanet": "WaNet", "label_consistent": "Label Consistent", "issba": "ISSBA", "badclip": "BadCLIP"}
@@ -176,12 +176,38 @@ def _asr_cacc_table(df, rows, attacks, eval_set, title, note="") -> Table:
         v = variant[0] if variant else None
         values.append(((label,), [_pct_value(_cell(df, a, method, m, eval_set, v)) for a in attacks
                                   for m in ("asr", "cacc")]))
-    return Table(title, note, [PAPER_ATTACK_NAMES.get(a, a) for a in attacks], ["ASR", "CACC"], values,
+    return Table(title, note, [attack_title(a) for a in attacks], ["ASR", "CACC"], values,
                  keys=[method if not variant else f"{method}/{variant[0]}" for _, method, *variant in rows])
 
 
+def attack_title(attack: str) -> str:
+    """An attack's column header: the paper's name, an extension's title, else the name."""
+    from clipbackdoor.extensions import titles
+
+    return PAPER_ATTACK_NAMES.get(attack) or titles().get(attack, attack)
+
+
+def table1_rows() -> list[tuple[str, str]]:
+    """Table 1's rows: the paper's, with every registered extension defense that repairs (not a detector) after
+    Decomp-Rep on the undefended model."""
+    from clipbackdoor.extensions import Defense, of_kind
+
+    extra = [(f"+ {e.title or e.name}", e.name) for e in of_kind(Defense).values() if not e.detector]
+    return TABLE1_ROWS[:3] + extra + TABLE1_ROWS[3:]
+
+
+def detector_rows() -> list[tuple[str, str, str | None]]:
+    """Table 2's rows: the paper's input detectors, every registered extension detector and detecting defense,
+    then Decomp-Det."""
+    from clipbackdoor.extensions import Defense, Detector, of_kind
+
+    extra = [(e.title or e.name, e.name, None) for e in of_kind(Detector).values()]
+    extra += [(e.title or e.name, e.name, None) for e in of_kind(Defense).values() if e.detector]
+    return DETECTOR_ROWS[:-1] + extra + DETECTOR_ROWS[-1:]
+
+
 def table1(df, eval_set) -> Table:
-    return _asr_cacc_table(df, TABLE1_ROWS, _attacks(df), eval_set,
+    return _asr_cacc_table(df, table1_rows(), _attacks(df), eval_set,
                            f"Table 1. ASR and CACC (%) on {_on(df, eval_set)}",
                            "Base-Decomp: the decomposed representation unchanged; Decomp-Rep: repaired heads "
                            "(Algorithm 1); CleanCLIP rows: the CleanCLIP-repaired model, then the same.")
@@ -190,14 +216,15 @@ def table1(df, eval_set) -> Table:
 def table2(df, eval_set, subsample: str) -> Table:
     attacks = _attacks(df)
     rows = []
-    for label, method, variant in DETECTOR_ROWS:
+    detectors = detector_rows()
+    for label, method, variant in detectors:
         vals = [_pct_value(_cell(df, a, method, "auroc", eval_set, variant)) for a in attacks]
         present = [x for x in vals if x is not None]
         rows.append(((label,), [*vals, float(np.mean(present)) if present else None]))
     return Table(f"Table 2. AUROC (%) on {_on(df, eval_set)}",
                  f"Input detectors score {subsample}; Decomp-Det scores every test image. Best per column in bold.",
-                 [PAPER_ATTACK_NAMES.get(a, a) for a in attacks] + ["Average"], ["AUROC"], rows, bold_max=True,
-                 keys=[m if v is None else f"{m}/{v}" for _, m, v in DETECTOR_ROWS])
+                 [attack_title(a) for a in attacks] + ["Average"], ["AUROC"], rows, bold_max=True,
+                 keys=[m if v is None else f"{m}/{v}" for _, m, v in detectors])
 
 
 def table3(df, eval_set, fixed_variants: list[str]) -> Table:
@@ -222,7 +249,7 @@ def table4(df, eval_sets: list[str]) -> Table:
     attack = "badnet" if "badnet" in set(df.attack) else _attacks(df)[0]
     rows = [((label,), [_pct_value(_cell(df, attack, method, m, e)) for e in eval_sets for m in ("asr", "cacc")])
             for label, method in TABLE1_ROWS]
-    return Table(f"Table 4. ASR and CACC (%) of {PAPER_ATTACK_NAMES.get(attack, attack)} per evaluation set",
+    return Table(f"Table 4. ASR and CACC (%) of {attack_title(attack)} per evaluation set",
                  "The paper's Caltech-101 and Oxford Pets columns are the profile's evaluation sets"
                  + (" (this profile has one)." if len(eval_sets) == 1 else "."),
                  [f"{e} (target {_target(df, e)})" for e in eval_sets], ["ASR", "CACC"], rows,
@@ -246,7 +273,7 @@ def write_tables(summary_csv: str | Path, out_dir: str | Path, fixed_heads: list
     df = read_summary(summary_csv)
     eval_sets = eval_set_order(df)
     first = eval_sets[0]
-    det = df[df.method.isin(["strip", "scaleup", "teco"])]
+    det = df[df.method.isin(input_detectors(df.method))]
     sizes = sorted({v.rpartition("n_images=")[2] for v in det.variant.astype(str) if "n_images=" in v})
     subsample = (f"a seeded subsample of {', '.join(sizes)} test images (each clean and triggered)" if sizes
                  else "no images (no detector configured)")
@@ -274,7 +301,7 @@ def abd_claims(df: pd.DataFrame, eval_set: str) -> str:
         get = lambda d, m: _cell(df, a, d, m, eval_set)
         abd, cc, abd_c, cc_c = get("abd", "asr"), get("cleanclip", "asr"), get("abd", "cacc"), get("cleanclip", "cacc")
         uap, lbd = get("uap", "asr"), get("uap_lbd", "asr")
-        name = PAPER_ATTACK_NAMES.get(a, a)
+        name = attack_title(a)
         if None not in (abd, cc, abd_c, cc_c):
             ok = abd < cc and cc_c - abd_c <= 0.02
             lines.append(f"- {name}: ABD ASR {_pct(abd)} vs CleanCLIP {_pct(cc)}, CACC {_pct(abd_c)} vs {_pct(cc_c)} "

@@ -1,4 +1,6 @@
-"""Attack registry. An attack is one module defining a :class:`Trigger` subclass, plus one entry here.
+"""Attack registry. An attack is one module defining a :class:`Trigger` subclass, plus one entry in ``BUILTIN``
+here -- or, from outside the package, one :class:`clipbackdoor.extensions.Attack` registered by an entry point
+(``REGISTRY`` holds both).
 
 A trigger maps clean uint8 images [N, 3, H, W] to triggered ones and records, per image, the parameters it
 used (patch position, ...), so the poison manifest says exactly what happened to each sample.
@@ -7,6 +9,8 @@ mean-ablates late MLPs); Decomp-Rep's automatic mode (Algorithm 1) follows it.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 from clipbackdoor.attacks.base import Trigger
 from clipbackdoor.attacks.badclip import BadCLIP
@@ -18,7 +22,7 @@ from clipbackdoor.attacks.sig import SIG
 from clipbackdoor.attacks.wanet import WaNet
 from clipbackdoor.runs import parse_run, run_name, target_slug  # noqa: F401  (re-exported)
 
-REGISTRY: dict[str, type[Trigger]] = {
+BUILTIN: dict[str, type[Trigger]] = {
     "badnet": BadNet,
     "badnet_random": BadNetRandom,
     "blended": Blended,
@@ -28,6 +32,29 @@ REGISTRY: dict[str, type[Trigger]] = {
     "badclip": BadCLIP,
     "issba": ISSBA,
 }
+
+
+class _Registry(Mapping):
+    """{attack name: Trigger class}: the built-in attacks, then the extensions' (looked up on first use, so
+    importing this package loads no outside code)."""
+
+    def _all(self) -> dict[str, type[Trigger]]:
+        from clipbackdoor.extensions import Attack, check_unique, of_kind
+
+        check_unique(Attack, BUILTIN)
+        return {**BUILTIN, **{name: ext.trigger for name, ext in of_kind(Attack).items()}}
+
+    def __getitem__(self, name: str) -> type[Trigger]:
+        return BUILTIN[name] if name in BUILTIN else self._all()[name]
+
+    def __iter__(self):
+        return iter(self._all())
+
+    def __len__(self) -> int:
+        return len(self._all())
+
+
+REGISTRY: Mapping[str, type[Trigger]] = _Registry()
 
 
 def make_trigger(name: str, cfg: dict, image_size: int, seed: int, asset_path=None) -> Trigger:
