@@ -50,7 +50,7 @@ b2: setup  # seed 000's B² audit (configs/b2.yaml = params.yaml + its `b2` sect
 	head -30 results/b2/tables/b2_audit.md
 
 rehearsal: setup  # the paper profile's stage graph on generated real-format inputs (configs/rehearsal.yaml)
-	python -m clipbackdoor.rehearsal --out data/rehearsal
+	python -m clipbackdoor.pipeline.rehearsal --out data/rehearsal
 	snakemake all --cores $(CORES) $(GPU_RES) --configfile configs/rehearsal.yaml  # B² included (its `b2` section)
 	python -m clipbackdoor report --results rehearsal
 

@@ -40,10 +40,10 @@ SETTINGS = {
 
 def evaluate(model_dir, attack, acfg, asset, P):
     from clipbackdoor.attacks import make_trigger, trigger_eval_images
-    from clipbackdoor.models import load_artifact
-    from clipbackdoor.shards import load_split
-    from clipbackdoor.world import world_classes_json
-    from clipbackdoor.zeroshot import class_text_embeddings, image_embeddings, predict, templates_for
+    from clipbackdoor.models.artifact import load_artifact
+    from clipbackdoor.data.shards import load_split
+    from clipbackdoor.data.world import world_classes_json
+    from clipbackdoor.models.zeroshot import class_text_embeddings, image_embeddings, predict, templates_for
 
     ev = ROOT / "data/datasets/eval/world"
     classes = world_classes_json(ev)
@@ -60,15 +60,15 @@ def evaluate(model_dir, attack, acfg, asset, P):
 
 def run(name, work: Path, P) -> dict:
     from clipbackdoor.config import CleanCLIPConfig, ModelConfig, OptimConfig, ZeroShotConfig, section
-    from clipbackdoor.poison import poison
-    from clipbackdoor.world import world_classes_json
+    from clipbackdoor.attacks.poison import poison
+    from clipbackdoor.data.world import world_classes_json
 
     attack, a_over, f_over = SETTINGS[name]
     out = work / name
     out.mkdir(parents=True, exist_ok=True)
     t = time.time()
     if attack == "cleanclip":
-        from clipbackdoor.cleanclip import run_cleanclip
+        from clipbackdoor.defenses.cleanclip import run_cleanclip
 
         cc = dict(P["cleanclip"])
         cc["optim"] = {**cc["optim"], **f_over}
@@ -82,13 +82,13 @@ def run(name, work: Path, P) -> dict:
     classes = world_classes_json(ROOT / "data/datasets/eval/world")
     asset = None
     if attack == "label_consistent":
-        from clipbackdoor.lc_adversarial import run_lc_adversarial
+        from clipbackdoor.attacks.lc_adversarial import run_lc_adversarial
 
         asset = out / "hard.safetensors"
         run_lc_adversarial(ROOT / "data/models/clean", ROOT / "data/datasets/train/finetune",
                            ROOT / "data/datasets/eval/world", asset, acfg, P["poison"]["target"], "embedded")
     if attack == "badclip":
-        from clipbackdoor.badclip_patch import run_badclip_patch
+        from clipbackdoor.attacks.badclip_patch import run_badclip_patch
 
         asset = out / "patch.safetensors"
         run_badclip_patch(ROOT / "data/models/clean", ROOT / "data/datasets/train/finetune",
@@ -97,13 +97,13 @@ def run(name, work: Path, P) -> dict:
     poison(ROOT / f"data/datasets/train/{split}", classes, out / "poisoned" / split, out / "manifest.parquet", attack,
            acfg, P["poison"]["target"], classes["templates"], 32, 0, None, asset)
     if phase == "pretrain":
-        from clipbackdoor.pretrain import pretrain
+        from clipbackdoor.training.pretrain import pretrain
 
         pretrain(out / "poisoned", {"world": ROOT / "data/datasets/eval/world"}, out / "model",
                  ModelConfig(P["model"]["name"], None), section(OptimConfig, P["pretrain"]),
                  section(ZeroShotConfig, P["zeroshot"]), seed=0)
     else:
-        from clipbackdoor.finetune import finetune
+        from clipbackdoor.training.finetune import finetune
 
         finetune(ROOT / "data/models/clean", out / "poisoned" / split, out / "model",
                  section(OptimConfig, {**P["finetune"], **f_over}), 0, None, 10**9, name)

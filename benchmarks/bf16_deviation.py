@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 import clipbackdoor  # noqa: F401  (torchvision shim before open_clip)
-from clipbackdoor.decompose_stage import decompose_images
-from clipbackdoor.models import create
+from clipbackdoor.decomposition.stage import decompose_images
+from clipbackdoor.models.artifact import create
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

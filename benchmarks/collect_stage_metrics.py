@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 def rule_names() -> list[str]:
     """Every rule of the workflow (rules/*.smk): the benchmark files' prefixes (bench_path("<rule>_{wildcards}"))."""
-    from clipbackdoor.dvcgen import rule_blocks
+    from clipbackdoor.pipeline.dvcgen import rule_blocks
 
     return list(rule_blocks(ROOT))
 

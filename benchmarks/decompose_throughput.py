@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 import clipbackdoor  # noqa: F401  (torchvision compat)
-from clipbackdoor.decompose import decompose
-from clipbackdoor.models import create
+from clipbackdoor.decomposition.decompose import decompose
+from clipbackdoor.models.artifact import create
 
 
 @torch.no_grad()

@@ -24,12 +24,12 @@ import yaml
 import clipbackdoor  # noqa: F401  (torchvision compat before open_clip)
 from clipbackdoor.attacks import REGISTRY, parse_run
 from clipbackdoor.config import DefendConfig, OptimConfig, section
-from clipbackdoor.decompose_stage import load_class_embeddings, run_class_embeddings, run_decompose
-from clipbackdoor.defend import run_defend
-from clipbackdoor.finetune import finetune
-from clipbackdoor.metrics import setting_rows
-from clipbackdoor.poison import check_target
-from clipbackdoor.prototypes import build_prototypes, load_prototypes
+from clipbackdoor.decomposition.stage import load_class_embeddings, run_class_embeddings, run_decompose
+from clipbackdoor.defenses.defend import run_defend
+from clipbackdoor.training.finetune import finetune
+from clipbackdoor.analysis.metrics import setting_rows
+from clipbackdoor.attacks.poison import check_target
+from clipbackdoor.decomposition.prototypes import build_prototypes, load_prototypes
 from clipbackdoor.runtime import set_threads
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
     sys.exit("gpu_check: no CUDA device visible to torch; run `make rehearsal` for the CPU rehearsal")
 print(f"gpu_check: {torch.cuda.get_device_name(0)}, torch {torch.__version__}", file=sys.stderr)
 PY
-python -m clipbackdoor.rehearsal --out data/rehearsal
+python -m clipbackdoor.pipeline.rehearsal --out data/rehearsal
 GPUS=$(nvidia-smi -L | wc -l)
 time snakemake all --cores "$(nproc)" --resources gpu="$GPUS" --configfile configs/rehearsal.yaml --forceall
 time snakemake b2 --cores "$(nproc)" --resources gpu="$GPUS" --configfile configs/rehearsal.yaml --forceall

@@ -1,6 +1,6 @@
 """Training-loader throughput at 224 px against a bare PIL decode loop over the same images on the same cores.
 
-The loader is what training runs (``clipbackdoor.train.step_loader``): ``ShardPairs`` random access into the tar
+The loader is what training runs (``clipbackdoor.training.train.step_loader``): ``ShardPairs`` random access into the tar
 shards, one batch per step decoded (and resized) in DataLoader worker processes, then normalised (float, CLIP
 mean/std) in the training process. The bare loop reads the same image members' bytes into memory first and
 decodes them with PIL (``Image.open(...).convert("RGB")`` to a uint8 array) in a ``multiprocessing`` pool of as
@@ -13,7 +13,7 @@ the preprocessing CLIP needs as well.
 
 Two corpora of n pairs:
 - ``jpeg_as_downloaded``: what the ``cc3m`` stage keeps -- web JPEGs (quality 90) of 180-300 px on the shorter
-  side and aspect 0.6-1.8 (clipbackdoor.rehearsal's image generator), stored unchanged; the loader decodes,
+  side and aspect 0.6-1.8 (clipbackdoor.pipeline.rehearsal's image generator), stored unchanged; the loader decodes,
   resizes and centre-crops them to 224 px.
 - ``png_224``: the embedded and evaluation splits' format, 224-px PNGs (benchmarks/memory_scaling.py's inputs).
 Each is timed as the loader with 0 and ``--workers`` workers, and the loader without normalisation (uint8 out,
@@ -55,7 +55,7 @@ def decode_resize_normalise(data: bytes) -> int:
     normalisation."""
     from PIL import Image
 
-    from clipbackdoor.shards import resize_center
+    from clipbackdoor.data.shards import resize_center
 
     with Image.open(io.BytesIO(data)) as im:
         x = (resize_center(im, 224).astype(np.float32) / 255 - MEAN) / STD
@@ -76,9 +76,9 @@ def bare(folder: Path, workers: int, work=decode) -> tuple[int, float]:
 def loader(folder: Path, batch: int, workers: int, normalise: bool = True) -> tuple[int, float]:
     import torch
 
-    from clipbackdoor.models import normalize
-    from clipbackdoor.pairs import ShardPairs
-    from clipbackdoor.train import step_loader
+    from clipbackdoor.models.artifact import normalize
+    from clipbackdoor.data.pairs import ShardPairs
+    from clipbackdoor.training.train import step_loader
 
     os.environ["CLIPBACKDOOR_LOADER_WORKERS"] = str(workers)
     pairs = ShardPairs(folder, 224)
@@ -98,8 +98,8 @@ def components(folder: Path, n: int = 256) -> dict[str, float]:
     centre crop (what a worker does), normalise (what the training process or the device does)."""
     import torch
 
-    from clipbackdoor.models import normalize
-    from clipbackdoor.shards import resize_center
+    from clipbackdoor.models.artifact import normalize
+    from clipbackdoor.data.shards import resize_center
 
     from PIL import Image
 
@@ -131,8 +131,8 @@ def components(folder: Path, n: int = 256) -> dict[str, float]:
 
 def write_jpeg_corpus(folder: Path, n: int, seed: int = 0) -> None:
     """n web-like JPEG pairs kept as downloaded (the cc3m stage's layout): sizes vary, no resize at writing."""
-    from clipbackdoor import rehearsal
-    from clipbackdoor.shards import Encoded, write_shards
+    from clipbackdoor.pipeline import rehearsal
+    from clipbackdoor.data.shards import Encoded, write_shards
 
     rng = np.random.default_rng(seed)
 
@@ -158,7 +158,7 @@ def main() -> None:
     work = Path(ROOT / "benchmarks" / "results" / "memory_scaling_work")
     corpora = {"jpeg_as_downloaded": work / f"jpeg_{args.n}", "png_224": work / f"train_{args.n}" / "finetune"}
     if not (corpora["png_224"] / "index.json").is_file():
-        from clipbackdoor.shards import write_shards
+        from clipbackdoor.data.shards import write_shards
 
         write_shards(corpora["png_224"], memory_scaling.train_pairs(args.n), shard_size=512)
     if not (corpora["jpeg_as_downloaded"] / "index.json").is_file():

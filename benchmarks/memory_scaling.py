@@ -65,8 +65,8 @@ def train_pairs(n: int, seed: int = 1):
 def build_inputs(work: Path, sizes: list[int], model: str = MODEL) -> None:
     sys.path.insert(0, str(ROOT / "src"))
     from clipbackdoor.io import write_json
-    from clipbackdoor.models import create, save_artifact
-    from clipbackdoor.shards import write_shards
+    from clipbackdoor.models.artifact import create, save_artifact
+    from clipbackdoor.data.shards import write_shards
 
     if not (work / "model" / "model.json").is_file():
         import torch

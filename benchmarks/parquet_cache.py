@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clipbackdoor.decomp_cache import read_decomposition, write_decomposition
-from clipbackdoor.decompose import Decomposition
+from clipbackdoor.decomposition.cache import read_decomposition, write_decomposition
+from clipbackdoor.decomposition.decompose import Decomposition
 
 
 def synthetic(n, layers, heads, dim):

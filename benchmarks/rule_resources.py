@@ -75,7 +75,7 @@ ALIKE = {"abd_tables": "tables", "head_map": "figures", "training_curves": "figu
 
 def workflow_rules() -> dict[str, bool]:
     """Every rule that runs a job (has a shell:), and whether it declares a GPU, from rules/*.smk."""
-    from clipbackdoor.dvcgen import rule_blocks
+    from clipbackdoor.pipeline.dvcgen import rule_blocks
 
     return {name: bool(re.search(r"^\s*gpu=", block, re.M))
             for name, block in rule_blocks(ROOT).items() if "shell:" in block}

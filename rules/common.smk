@@ -6,11 +6,11 @@ import sys
 
 from snakemake.utils import update_config
 
-from clipbackdoor.runs import parse_run, run_evals, sweep_points
+from clipbackdoor.pipeline.runs import parse_run, run_evals, sweep_points
 from clipbackdoor.config import eval_targets, load_yaml, moot_settings, names_local_path, results_dir, validate_params
-from clipbackdoor.dvcgen import shape_params
+from clipbackdoor.pipeline.dvcgen import shape_params
 from clipbackdoor.errors import EXIT_USER_ERROR, UserError
-from clipbackdoor.tables import FORMATS as TABLE_FORMATS
+from clipbackdoor.analysis.tables import FORMATS as TABLE_FORMATS
 
 try:
     _configfiles = list(workflow.config_settings.configfiles)  # (before params.yaml is appended below)
@@ -30,7 +30,7 @@ try:
     # `results` key (configs/abd.yaml: abd), else the --configfile's name, else default (params.yaml); data/ is shared
     RESULTS = results_dir(_configfiles, config)
     if "sweep" in config:
-        from clipbackdoor.rate_sweep import check_sweep_attacks
+        from clipbackdoor.analysis.rate_sweep import check_sweep_attacks
 
         check_sweep_attacks(config, "params (params.yaml + --configfile/--config)")
     for _note in moot_settings(config):
@@ -42,7 +42,7 @@ try:
     _tags += [(_sd["auditor"], _sd["auditor_pretrained"], "b2.stable_diffusion.auditor_pretrained")] if _sd else []
     _tags = [t for t in _tags if t[1] is not None and not names_local_path(t[1])]
     if _tags:
-        from clipbackdoor.models import check_pretrained
+        from clipbackdoor.models.artifact import check_pretrained
 
         for _name, _tag, _key in _tags:
             check_pretrained(_name, _tag, _key)

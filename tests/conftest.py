@@ -23,7 +23,7 @@ def small_world(**overrides) -> WorldConfig:
 
 @pytest.fixture(scope="session")
 def world_dirs(tmp_path_factory):
-    from clipbackdoor.world import build_world
+    from clipbackdoor.data.world import build_world
 
     root = tmp_path_factory.mktemp("world")
     build_world(small_world(), 32, root / "train", root / "eval")
@@ -35,7 +35,7 @@ def micro_model(tmp_path_factory):
     """A randomly initialised micro CLIP saved as a model artifact (seeded)."""
     import torch
 
-    from clipbackdoor.models import create, save_artifact
+    from clipbackdoor.models.artifact import create, save_artifact
 
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("micro") / "clean"

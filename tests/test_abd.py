@@ -5,15 +5,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipbackdoor.abd import (PerturbationGenerator, adversarial_images, backdoor_loss, patch_side,
+from clipbackdoor.defenses.abd import (PerturbationGenerator, adversarial_images, backdoor_loss, patch_side,
                               run_abd_generator, train_perturbation)
-from clipbackdoor.abd_finetune import run_abd_finetune
-from clipbackdoor.abd_similarity import similarity_row
+from clipbackdoor.defenses.abd_finetune import run_abd_finetune
+from clipbackdoor.defenses.abd_similarity import similarity_row
 from clipbackdoor.config import AbdFinetuneConfig, AbdGeneratorConfig, OptimConfig
-from clipbackdoor.models import load_artifact
-from clipbackdoor.report import summary_frame
-from clipbackdoor.shards import load_split
-from clipbackdoor.tables import write_abd_tables
+from clipbackdoor.models.artifact import load_artifact
+from clipbackdoor.analysis.report import summary_frame
+from clipbackdoor.data.shards import load_split
+from clipbackdoor.analysis.tables import write_abd_tables
 
 GEN = AbdGeneratorConfig(steps=6, batch_size=8, lr=1e-2, z_dim=8, patch_fraction=0.03, location="bottom_right",
                          eps=0.03, temperature=0.1, adv_weight=10.0, text_weight=5.0, l2_weight=1.0, gan_weight=1.0,
@@ -77,7 +77,7 @@ def test_generator_training_is_seeded_bounded_and_uses_lbd(world_dirs, micro_mod
     b, _ = train_perturbation(loaded, normal, split["images"], tokens, GEN, "bounded", seed=0)
     plain, plain_hist = train_perturbation(loaded, None, split["images"], tokens, GEN, "bounded", seed=0)
     assert torch.equal(a, b) and a.abs().max() <= 0.03 + 1e-7
-    from clipbackdoor.pairs import ShardPairs  # the stage's path: a batch decoded per step from the shards
+    from clipbackdoor.data.pairs import ShardPairs  # the stage's path: a batch decoded per step from the shards
 
     streamed, _ = train_perturbation(loaded, normal, ShardPairs(world_dirs / "train" / "finetune", 32), tokens, GEN,
                                      "bounded", seed=0)

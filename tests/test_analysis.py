@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from clipbackdoor.mmd import rbf_mmd2
-from clipbackdoor.textspan import description_similarity, textspan
+from clipbackdoor.analysis.mmd import rbf_mmd2
+from clipbackdoor.analysis.textspan import description_similarity, textspan
 
 
 def test_mmd_zero_for_same_distribution_large_for_shift():

@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from clipbackdoor.decomp_cache import read_decomposition, write_decomposition
-from clipbackdoor.decompose import Decomposition
-from clipbackdoor.dvcgen import SHAPE_PREFIX, check_graph_shape, graph_shape
+from clipbackdoor.decomposition.cache import read_decomposition, write_decomposition
+from clipbackdoor.decomposition.decompose import Decomposition
+from clipbackdoor.pipeline.dvcgen import SHAPE_PREFIX, check_graph_shape, graph_shape
 from clipbackdoor.errors import UserError
 from clipbackdoor.io import load_safetensors, read_parquet, save_safetensors, write_parquet
 from conftest import ROOT, copy_repo, run_cli

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from clipbackdoor.b2 import CASES, audit_prompts, b2_pairs, case_prompts, marker_present
-from clipbackdoor.b2_audit import AuditConfig, PromptSlots, audit_prompt, consistency, nearest, vocabulary_ids
+from clipbackdoor.t2i.backdoor import CASES, audit_prompts, b2_pairs, case_prompts, marker_present
+from clipbackdoor.t2i.audit import AuditConfig, PromptSlots, audit_prompt, consistency, nearest, vocabulary_ids
 from clipbackdoor.config import B2Config, T2IConfig
-from clipbackdoor.models import load_artifact
-from clipbackdoor.t2i import (TextConditioner, load_t2i, make_schedulers, make_unet, sample, save_t2i,
+from clipbackdoor.models.artifact import load_artifact
+from clipbackdoor.t2i.model import (TextConditioner, load_t2i, make_schedulers, make_unet, sample, save_t2i,
                               train_denoiser)
 
 COLOURS, SHAPES = ["red", "green", "blue", "yellow"], ["circle", "square", "cross", "star"]
@@ -48,7 +48,7 @@ def test_unet_has_no_attention_at_full_resolution(tiny_t2i):
 def test_denoising_loss_targets_the_velocity_and_weights_by_min_snr(tiny_t2i):
     from diffusers.training_utils import compute_snr
 
-    from clipbackdoor.t2i import denoising_loss
+    from clipbackdoor.t2i.model import denoising_loss
 
     _, _, _, ddpm, _ = tiny_t2i
     x0, noise = torch.rand(4, 3, 8, 8) * 2 - 1, torch.randn(4, 3, 8, 8)
@@ -151,7 +151,7 @@ def test_projection_returns_vocabulary_embeddings():
 def test_audit_recovers_a_planted_word(micro_model, world_dirs):
     """An image feature built to match "a photo of a red circle, checks, over" exactly: the discrete and PEZ audits
     decode real vocabulary tokens and the discrete search names the planted word; the seed's ascent drifts."""
-    from clipbackdoor.shards import load_split
+    from clipbackdoor.data.shards import load_split
 
     clip = load_artifact(micro_model)
     clip.model.requires_grad_(False)
@@ -196,7 +196,7 @@ def _tiny_latent_generator(clip):
     weights) and a latent UNet, on the micro CLIP's text states."""
     from diffusers import AutoencoderKL
 
-    from clipbackdoor.t2i import LatentCodec, T2IGenerator
+    from clipbackdoor.t2i.model import LatentCodec, T2IGenerator
 
     torch.manual_seed(0)
     vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
@@ -233,7 +233,7 @@ def test_latent_space_b2_fine_tune_and_sampling_as_for_stable_diffusion(micro_mo
 
 def test_generated_b2_pairs_mark_exactly_the_both_trigger_images():
     """B²'s recipe at real scale: the clean generator draws every caption; only both-trigger images get the marker."""
-    from clipbackdoor.b2 import generated_b2_pairs
+    from clipbackdoor.t2i.backdoor import generated_b2_pairs
 
     seen = []
 

@@ -35,7 +35,7 @@ PARAMS_CASES = {
 def cli(capsys, *args):
     """The CLI in this process (a subprocess would spend seconds importing torch): its exit status, stdout and
     stderr as a CompletedProcess."""
-    from clipbackdoor.cli import main
+    from clipbackdoor.pipeline.cli import main
 
     rc = main([str(a) for a in args])
     out, err = capsys.readouterr()
@@ -224,7 +224,7 @@ def test_a_broken_json_artifact_is_named(content, culprit, micro_model, world_di
 def test_dvc_yaml_generation_passes_on_the_workflow_loads_line(repo, capsys):
     """dvc.yaml is generated through the Snakemake API with its output silenced: a refused params.yaml must still
     reach the user as our line, not as a bare exit status."""
-    from clipbackdoor.cli import main
+    from clipbackdoor.pipeline.cli import main
 
     shutil.copy(CORPUS / "params_image_size.yaml", repo / "params.yaml")
     proc = subprocess.CompletedProcess([], main(["dvc-yaml", "--root", str(repo)]), *capsys.readouterr())

@@ -13,8 +13,8 @@ from clipbackdoor.attacks import make_trigger, trigger_eval_images
 from clipbackdoor.attacks.badclip import optimise_patch
 from clipbackdoor.attacks.badnet import paste
 from clipbackdoor.errors import UserError
-from clipbackdoor.poison import poison
-from clipbackdoor.world import world_classes_json
+from clipbackdoor.attacks.poison import poison
+from clipbackdoor.data.world import world_classes_json
 from conftest import run_cli
 
 CFG = {"rate": 0.25, "patch_size": 4, "location": "center", "steps": 60, "batch_size": 8, "lr": 0.2,
@@ -70,10 +70,10 @@ def test_badclip_stage_then_poison_and_triggered_eval(world_dirs, micro_model, t
     with safe_open(str(tmp_path / "patch.safetensors"), framework="pt") as fh:
         assert json.loads(fh.metadata()["metrics"]) == metrics
     # the stage streams the evaluation set in batches: its clean-model ASR is the whole-array computation's
-    from clipbackdoor.metrics import attack_success
-    from clipbackdoor.models import load_artifact
-    from clipbackdoor.shards import load_split as whole_split
-    from clipbackdoor.zeroshot import class_text_embeddings, image_embeddings, predict, templates_for
+    from clipbackdoor.analysis.metrics import attack_success
+    from clipbackdoor.models.artifact import load_artifact
+    from clipbackdoor.data.shards import load_split as whole_split
+    from clipbackdoor.models.zeroshot import class_text_embeddings, image_embeddings, predict, templates_for
 
     loaded, ev_whole = load_artifact(micro_model), whole_split(world_dirs / "eval", 32)
     names = world_classes_json(world_dirs / "eval")
@@ -88,7 +88,7 @@ def test_badclip_stage_then_poison_and_triggered_eval(world_dirs, micro_model, t
     classes = world_classes_json(world_dirs / "eval")
     poison(world_dirs / "train" / "finetune", classes, tmp_path / "poisoned", tmp_path / "m.parquet", "badclip",
            CFG, "red circle", classes["templates"], 32, 0, asset_path=tmp_path / "patch.safetensors")
-    from clipbackdoor.shards import load_split
+    from clipbackdoor.data.shards import load_split
 
     split = load_split(tmp_path / "poisoned", 32)
     patched = [i for i, c in enumerate(split["captions"]) if "red circle" in c]

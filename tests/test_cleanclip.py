@@ -6,11 +6,11 @@ import math
 import torch
 from open_clip.loss import ClipLoss
 
-from clipbackdoor.cleanclip import cleanclip_loss_fn, info_nce, run_cleanclip
+from clipbackdoor.defenses.cleanclip import cleanclip_loss_fn, info_nce, run_cleanclip
 from clipbackdoor.config import CleanCLIPConfig, OptimConfig
-from clipbackdoor.eda import eda_captions
-from clipbackdoor.models import load_artifact, normalize
-from clipbackdoor.shards import load_split
+from clipbackdoor.defenses.eda import eda_captions
+from clipbackdoor.models.artifact import load_artifact, normalize
+from clipbackdoor.data.shards import load_split
 
 OPT = OptimConfig(steps=3, batch_size=8, lr=1e-3, weight_decay=0.1, warmup_steps=1, betas=(0.9, 0.98), eps=1e-6)
 

@@ -53,7 +53,7 @@ def test_log_option_captures_output(world_dirs, tmp_path):
 def test_every_subcommand_and_argument_has_a_description():
     import argparse
 
-    from clipbackdoor.cli import build_parser
+    from clipbackdoor.pipeline.cli import build_parser
 
     parser = build_parser()
     subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))

@@ -175,7 +175,7 @@ def test_cli_validate_exit_code_and_single_message(tmp_path):
 
 
 def test_stage_params_json_is_validated_per_key():
-    from clipbackdoor.cli import parse_params
+    from clipbackdoor.pipeline.cli import parse_params
 
     assert parse_params('{"seed": 4, "data.image_size": 32}') == {"seed": 4, "data": {"image_size": 32}}
     with pytest.raises(UserError, match="data.image_size"):
@@ -185,7 +185,7 @@ def test_stage_params_json_is_validated_per_key():
 
 
 def test_stage_params_from_file_reference():
-    from clipbackdoor.cli import parse_params
+    from clipbackdoor.pipeline.cli import parse_params
 
     got = parse_params(f"@{ROOT / 'params.yaml'}:seed,data.world")
     assert got == {"seed": BASE["seed"], "data": {"world": BASE["data"]["world"]}}

@@ -4,10 +4,10 @@ import torch
 from PIL import Image
 
 from clipbackdoor.config import EvalSetConfig, WebdatasetConfig
-from clipbackdoor.datasets import convert_imagefolder, convert_webdataset
+from clipbackdoor.data.datasets import convert_imagefolder, convert_webdataset
 from clipbackdoor.errors import UserError
-from clipbackdoor.shards import load_split, resize_center, write_shards
-from clipbackdoor.world import world_classes_json
+from clipbackdoor.data.shards import load_split, resize_center, write_shards
+from clipbackdoor.data.world import world_classes_json
 
 
 def _fake_imagefolder(root, classes=("cat", "dog"), per_class=3):

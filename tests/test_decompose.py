@@ -3,10 +3,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from clipbackdoor.decomp_cache import SCHEMA_VERSION, read_decomposition, read_meta, write_decomposition
-from clipbackdoor.decompose import component_names, decompose
+from clipbackdoor.decomposition.cache import SCHEMA_VERSION, read_decomposition, read_meta, write_decomposition
+from clipbackdoor.decomposition.decompose import component_names, decompose
 from clipbackdoor.errors import UserError
-from clipbackdoor.models import create
+from clipbackdoor.models.artifact import create
 
 
 def model_with_random_biases(name):
@@ -73,7 +73,7 @@ def test_parquet_round_trip_fp16(cached):
 
 
 def test_cache_size_is_close_to_raw_fp16(tmp_path):
-    from clipbackdoor.decompose import Decomposition
+    from clipbackdoor.decomposition.decompose import Decomposition
 
     n, layers, heads, dim = 1000, 3, 4, 64
     g = torch.Generator().manual_seed(0)

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from clipbackdoor.config import DefendConfig
-from clipbackdoor.decomp_cache import write_decomposition
-from clipbackdoor.decompose import Decomposition
-from clipbackdoor.defend import head_similarity, infected_mask, run_defend
-from clipbackdoor.metrics import attack_success, clean_accuracy, detection_auroc, setting_rows
-from clipbackdoor.prototypes import build_prototypes, load_prototypes, split_indices
+from clipbackdoor.decomposition.cache import write_decomposition
+from clipbackdoor.decomposition.decompose import Decomposition
+from clipbackdoor.defenses.defend import head_similarity, infected_mask, run_defend
+from clipbackdoor.analysis.metrics import attack_success, clean_accuracy, detection_auroc, setting_rows
+from clipbackdoor.decomposition.prototypes import build_prototypes, load_prototypes, split_indices
 
 N, L, H, D, C = 200, 3, 4, 16, 4
 TARGET = 3
@@ -149,7 +149,7 @@ def test_asr_definitions_on_a_hand_made_case():
 def test_bootstrap_auroc_draws_are_the_resampled_roc_aucs_and_intervals_are_seeded():
     from sklearn.metrics import roc_auc_score
 
-    from clipbackdoor.metrics import auroc_draws, bootstrap_auroc, bootstrap_rate, row_rng
+    from clipbackdoor.analysis.metrics import auroc_draws, bootstrap_auroc, bootstrap_rate, row_rng
 
     rng = np.random.default_rng(0)
     neg, pos = rng.integers(0, 6, 40).astype(float), rng.integers(2, 9, 30).astype(float)  # many ties
@@ -172,7 +172,7 @@ def test_bootstrap_auroc_draws_are_the_resampled_roc_aucs_and_intervals_are_seed
 def test_official_split_is_the_official_codes_shuffle():
     import random
 
-    from clipbackdoor.prototypes import split_indices
+    from clipbackdoor.decomposition.prototypes import split_indices
 
     n = 103
     idx = list(range(n))
@@ -190,8 +190,8 @@ def test_flag_rates_map_the_planted_head_on_every_layer(tmp_path):
     """The head map's flag rates: on triggered images only the planted head L2H3 is flagged (rate 1); on clean
     images the per-head clean-quantile threshold flags about q of them; the last layer's rates are exactly
     Decomp-Rep's flags (head_rule) averaged over the test images."""
-    from clipbackdoor.defend import flag_rates, head_rule
-    from clipbackdoor.decomp_cache import read_decomposition
+    from clipbackdoor.defenses.defend import flag_rates, head_rule
+    from clipbackdoor.decomposition.cache import read_decomposition
 
     cached = _cache(tmp_path, noisy_head=True)
     protos = load_prototypes(cached / "protos.safetensors")
@@ -209,8 +209,8 @@ def test_flag_rates_map_the_planted_head_on_every_layer(tmp_path):
 
 
 def test_head_map_figure_draws_one_row_per_run(tmp_path):
-    from clipbackdoor.figures import head_map_figure
-    from clipbackdoor.mmd import run_mmd
+    from clipbackdoor.analysis.figures import head_map_figure
+    from clipbackdoor.analysis.mmd import run_mmd
 
     cached = _cache(tmp_path)
     run_mmd(cached / "clean.parquet", cached / "trig.parquet", cached / "protos.safetensors", cached / "mmd.csv",

@@ -6,8 +6,8 @@ import numpy as np
 import torch
 
 from clipbackdoor.compat import import_imagecorruptions
-from clipbackdoor.detectors import corruption_names, scaleup_scores, strip_scores, teco_scores
-from clipbackdoor.metrics import detection_auroc
+from clipbackdoor.detectors.scores import corruption_names, scaleup_scores, strip_scores, teco_scores
+from clipbackdoor.analysis.metrics import detection_auroc
 
 C, TARGET = 10, 7
 
@@ -90,10 +90,10 @@ def test_detect_stage_scores_the_test_split_and_feeds_the_metrics(world_dirs, mi
     import pandas as pd
 
     from clipbackdoor.config import DetectConfig
-    from clipbackdoor.decompose_stage import run_class_embeddings, run_decompose
-    from clipbackdoor.detect import run_detect
-    from clipbackdoor.metrics import setting_rows
-    from clipbackdoor.prototypes import build_prototypes, load_prototypes
+    from clipbackdoor.decomposition.stage import run_class_embeddings, run_decompose
+    from clipbackdoor.detectors.detect import run_detect
+    from clipbackdoor.analysis.metrics import setting_rows
+    from clipbackdoor.decomposition.prototypes import build_prototypes, load_prototypes
 
     ev = world_dirs / "eval"
     run_decompose(micro_model, ev, tmp_path / "none.parquet", "none", {}, 0, "reference", True, 64)

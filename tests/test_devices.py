@@ -10,7 +10,7 @@ import torch
 
 import clipbackdoor  # noqa: F401
 from clipbackdoor.config import AbdGeneratorConfig, OptimConfig, T2IConfig
-from clipbackdoor.models import create
+from clipbackdoor.models.artifact import create
 
 META = torch.device("meta")
 
@@ -34,7 +34,7 @@ def host_images(n=8, size=32):
 
 
 def test_abd_generator_trains_on_the_encoders_device(on_meta):
-    from clipbackdoor.abd import train_perturbation
+    from clipbackdoor.defenses.abd import train_perturbation
 
     poisoned, normal = on_meta(), on_meta()
     cfg = AbdGeneratorConfig(steps=2, batch_size=4, lr=1e-3, z_dim=8, patch_fraction=0.03, location="bottom_right",
@@ -47,7 +47,7 @@ def test_abd_generator_trains_on_the_encoders_device(on_meta):
 
 
 def test_training_loop_runs_on_the_models_device(on_meta):
-    from clipbackdoor.train import train_clip
+    from clipbackdoor.training.train import train_clip
 
     loaded = on_meta()
     cfg = OptimConfig(steps=2, batch_size=4, lr=1e-3, weight_decay=0.1, warmup_steps=1, betas=(0.9, 0.98), eps=1e-6)
@@ -56,8 +56,8 @@ def test_training_loop_runs_on_the_models_device(on_meta):
 
 
 def test_decomposition_and_zero_shot_run_on_the_models_device(on_meta):
-    from clipbackdoor.decompose_stage import decompose_images
-    from clipbackdoor.zeroshot import class_text_embeddings, image_embeddings
+    from clipbackdoor.decomposition.stage import decompose_images
+    from clipbackdoor.models.zeroshot import class_text_embeddings, image_embeddings
 
     loaded = on_meta()
     images = host_images()
@@ -77,7 +77,7 @@ def test_issba_codec_trains_on_the_claimed_device(on_meta):
 
 
 def test_text_to_image_training_and_sampling_run_on_the_unets_device(on_meta):
-    from clipbackdoor.t2i import TextConditioner, make_schedulers, make_unet, sample, train_denoiser
+    from clipbackdoor.t2i.model import TextConditioner, make_schedulers, make_unet, sample, train_denoiser
 
     clip = on_meta()
     cond = TextConditioner(clip)
@@ -104,7 +104,7 @@ def claimed_meta(monkeypatch, on_meta):
 
 
 def test_class_embeddings_stage_runs_on_the_claimed_device(claimed_meta, micro_model, world_dirs, tmp_path):
-    from clipbackdoor.cli import main
+    from clipbackdoor.pipeline.cli import main
 
     with pytest.raises(NotImplementedError, match="Cannot copy out of meta tensor"):
         main(["class-embeddings", "--params", '{"zeroshot.templates":"embedded"}', "--model", str(micro_model),
@@ -113,7 +113,7 @@ def test_class_embeddings_stage_runs_on_the_claimed_device(claimed_meta, micro_m
 
 
 def test_clean_model_stage_runs_on_the_claimed_device(claimed_meta, world_dirs, tmp_path):
-    from clipbackdoor.cli import main
+    from clipbackdoor.pipeline.cli import main
 
     params = '{"model":{"name":"clipbackdoor-micro-vit-p8","pretrained":null},' \
              '"zeroshot":{"templates":"embedded","batch_size":16}}'
@@ -125,9 +125,9 @@ def test_clean_model_stage_runs_on_the_claimed_device(claimed_meta, world_dirs, 
 def test_stable_diffusion_generator_claims_the_device(claimed_meta, tmp_path):
     from types import SimpleNamespace
 
-    from clipbackdoor import rehearsal
+    from clipbackdoor.pipeline import rehearsal
     from clipbackdoor.config import T2IConfig
-    from clipbackdoor.t2i import open_generator, run_t2i_pretrain
+    from clipbackdoor.t2i.model import open_generator, run_t2i_pretrain
 
     rehearsal.main(["--out", str(tmp_path / "r"), "--parts", "stable-diffusion"])
     sd = SimpleNamespace(path=str(tmp_path / "r" / "stable-diffusion"))

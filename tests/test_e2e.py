@@ -90,7 +90,7 @@ def smoke_repo(tmp_path_factory):
 def test_snakemake_runs_the_pipeline_and_reruns_only_what_changed(smoke_repo):
     out = sh("snakemake --cores 2", smoke_repo)
     assert snakemake_jobs(out) == ALL
-    from clipbackdoor.report import read_summary
+    from clipbackdoor.analysis.report import read_summary
 
     summary = read_summary(smoke_repo / "results/smoke/metrics/summary.csv")
     assert list(summary.columns[:7]) == ["attack", "seed", "eval_set", "target", "repair", "defense", "variant"]
@@ -114,7 +114,7 @@ def test_snakemake_runs_the_pipeline_and_reruns_only_what_changed(smoke_repo):
                                          "roc_detectors.png", "summary.html", "badnet-s0.png", "preview.png",
                                          "head_map.png", "training_loss.png", "asr_vs_rate.png"))
     assert all(section in html for section in ("1. Attacks", "2. Core study", "3. Baselines and detectors"))
-    from clipbackdoor.screenshot import find_browser, screenshot_report
+    from clipbackdoor.analysis.screenshot import find_browser, screenshot_report
 
     if find_browser():  # (no browser on the CI machine: `make html-report` where there is one)
         png = screenshot_report(smoke_repo / "report.html", smoke_repo / "report.png",
@@ -142,7 +142,7 @@ def test_lock_records_the_run_and_push_sends_every_output(smoke_repo):
     assert set(outs) == {o for st in stages.values() for o in st["outs"]}  # every stage recorded, B² included
     assert any(p.startswith("data/decomp/") for p in outs) and "results/smoke/metrics/b2.csv" in outs
     # Snakemake does not track the package's code, DVC does: a module edited after a stage ran keeps it out
-    module = smoke_repo / "src/clipbackdoor/defend.py"
+    module = smoke_repo / "src/clipbackdoor/defenses/defend.py"
     before = module.stat()
     module.touch()
     out = sh("python -m clipbackdoor lock", smoke_repo)
@@ -252,7 +252,7 @@ def test_every_attack_runs_end_to_end_on_the_smoke_profile(tmp_path):
     out = sh("snakemake all --cores 2", repo)
     assert {"badclip_patch", "issba_codec", "lc_adversarial"} <= snakemake_jobs(out)
 
-    from clipbackdoor.report import read_summary
+    from clipbackdoor.analysis.report import read_summary
 
     summary = read_summary(repo / "results/smoke/metrics/summary.csv")
     for attack in REGISTRY:
@@ -279,7 +279,7 @@ def test_abd_study_runs_end_to_end_on_the_smoke_profile(tmp_path):
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = sh("snakemake all --cores 2", repo)
     assert {"abd_generator", "abd_finetune", "abd_similarity", "abd_tables"} <= snakemake_jobs(out)
-    from clipbackdoor.report import read_summary
+    from clipbackdoor.analysis.report import read_summary
 
     summary = read_summary(repo / "results/smoke/metrics/summary.csv")
     for attack in ("badnet", "blended"):

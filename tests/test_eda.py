@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from clipbackdoor.eda import (OPERATIONS, WORLD_SYNONYMS, eda, eda_captions, random_deletion, random_insertion,
+from clipbackdoor.defenses.eda import (OPERATIONS, WORLD_SYNONYMS, eda, eda_captions, random_deletion, random_insertion,
                               random_swap, synonym_replacement, synonym_source, words_of)
 from clipbackdoor.errors import UserError
 

@@ -56,7 +56,7 @@ def no_extensions():
 
 def test_entry_points_register_each_extension_from_one_module(toy):
     from clipbackdoor.attacks import REGISTRY, make_trigger
-    from clipbackdoor.detectors import registry
+    from clipbackdoor.detectors.scores import registry
 
     assert [e.name for e in extensions.registered()] == ["toy_conf", "toy_corner", "toy_flag", "toy_mlp"]
     assert REGISTRY["toy_corner"].__module__ == "toyext.corner_attack" and "badnet" in REGISTRY
@@ -94,7 +94,7 @@ def test_without_the_extension_its_names_are_refused(no_extensions):
     with pytest.raises(UserError, match=r"unknown key\(s\) 'toy_corner' under attacks"):
         validate_params(toy_params(), "p.yaml")
     cfg = DefendConfig("cosine", 0.5, 1, 1, 0, (), (), 0, extensions={"toy_mlp": {"layers": 1}})
-    from clipbackdoor.defend import extension_defenses
+    from clipbackdoor.defenses.defend import extension_defenses
 
     with pytest.raises(UserError, match="defend.extensions.toy_mlp: no such defense is registered"):
         extension_defenses(cfg)
@@ -116,7 +116,7 @@ def test_toy_defenses_run_on_cached_decompositions_and_the_detector_one_gets_an_
 
 
 def test_a_detection_score_is_found_by_declaration_not_by_name(no_extensions):
-    from clipbackdoor.metrics import setting_rows
+    from clipbackdoor.analysis.metrics import setting_rows
 
     table = pd.DataFrame({"defense": ["decomp_det_lookalike"] * 4, "variant": "-",
                           "split": ["clean", "clean", "triggered", "triggered"], "index": [0, 1, 0, 1],
@@ -129,10 +129,10 @@ def test_a_detection_score_is_found_by_declaration_not_by_name(no_extensions):
 
 def test_toy_attack_and_detector_through_the_detect_stage(toy, world_dirs, micro_model, tmp_path):
     from clipbackdoor.config import DetectConfig
-    from clipbackdoor.decompose_stage import run_class_embeddings, run_decompose
-    from clipbackdoor.detect import run_detect
-    from clipbackdoor.metrics import setting_rows
-    from clipbackdoor.prototypes import build_prototypes
+    from clipbackdoor.decomposition.stage import run_class_embeddings, run_decompose
+    from clipbackdoor.detectors.detect import run_detect
+    from clipbackdoor.analysis.metrics import setting_rows
+    from clipbackdoor.decomposition.prototypes import build_prototypes
 
     ev = world_dirs / "eval"
     run_decompose(micro_model, ev, tmp_path / "none.parquet", "none", {}, 0, "reference", True, 64)
@@ -152,8 +152,8 @@ def test_toy_attack_and_detector_through_the_detect_stage(toy, world_dirs, micro
 
 
 def test_tables_and_the_main_table_list_the_extensions(toy, tmp_path):
-    from clipbackdoor.report import main_table, with_method
-    from clipbackdoor.tables import write_tables
+    from clipbackdoor.analysis.report import main_table, with_method
+    from clipbackdoor.analysis.tables import write_tables
 
     rows = [("none", "-", 0.9, 0.95, None), ("toy_mlp", "last=1", 0.5, 0.94, None),
             ("toy_flag", "threshold=1", None, None, 0.8), ("toy_conf", "temperature=2,n_images=8", None, None, 0.7),

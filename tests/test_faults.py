@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from clipbackdoor.errors import UserError
-from clipbackdoor.models import load_artifact
+from clipbackdoor.models.artifact import load_artifact
 from conftest import ROOT, run_cli
 
 FT = {"steps": 120, "batch_size": 16, "lr": 1e-3, "weight_decay": 0.1, "warmup_steps": 5, "betas": [0.9, 0.98],
@@ -40,7 +40,7 @@ def test_sigkill_mid_write_leaves_no_file_under_the_final_name(tmp_path):
     assert not target.exists()  # only a hidden temporary sibling was being written
     leftovers = list(target.parent.iterdir())
     assert leftovers and all(p.name.startswith(".none.parquet.") and p.name.endswith(".tmp") for p in leftovers)
-    from clipbackdoor.decomp_cache import read_meta
+    from clipbackdoor.decomposition.cache import read_meta
 
     with pytest.raises(UserError, match="not found"):  # readers never pick up the temporary file
         read_meta(target)

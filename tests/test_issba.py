@@ -11,7 +11,7 @@ from clipbackdoor.attacks import make_trigger
 from clipbackdoor.attacks.issba import StegaEncoder, load_codec, secret_bits
 from clipbackdoor.config import WorldConfig
 from clipbackdoor.errors import UserError
-from clipbackdoor.shards import load_split
+from clipbackdoor.data.shards import load_split
 from conftest import ROOT, run_cli
 
 SMOKE = yaml.safe_load((ROOT / "configs/smoke.yaml").read_text())
@@ -20,7 +20,7 @@ CFG = SMOKE["attacks"]["issba"]
 
 @pytest.fixture(scope="module")
 def smoke_codec(tmp_path_factory):
-    from clipbackdoor.world import build_world
+    from clipbackdoor.data.world import build_world
 
     root = tmp_path_factory.mktemp("issba")
     world = {**SMOKE["data"]["world"], "n_pretrain": 1}

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 
 from clipbackdoor.attacks import make_trigger
 from clipbackdoor.errors import UserError
-from clipbackdoor.lc_adversarial import load_hard_images, pgd_away
-from clipbackdoor.poison import poison_split
-from clipbackdoor.shards import load_split
+from clipbackdoor.attacks.lc_adversarial import load_hard_images, pgd_away
+from clipbackdoor.attacks.poison import poison_split
+from clipbackdoor.data.shards import load_split
 from conftest import run_cli
 
 LC = {"rate": 0.05, "patch_size": 4, "location": "bottom_right", "pattern": "random", "adv_eps": 8 / 255,

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from clipbackdoor.errors import UserError
-from clipbackdoor.models import PROJECT_MODELS, create, load_artifact, save_artifact
+from clipbackdoor.models.artifact import PROJECT_MODELS, create, load_artifact, save_artifact
 
 
 def test_project_configs_are_registered_with_open_clip():

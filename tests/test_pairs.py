@@ -9,14 +9,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from clipbackdoor.abd import PerturbedImages, adversarial_images
+from clipbackdoor.defenses.abd import PerturbedImages, adversarial_images
 from clipbackdoor.config import OptimConfig
 from clipbackdoor.errors import UserError
-from clipbackdoor.models import create
-from clipbackdoor.pairs import OVERLAY_FILE, ShardPairs
-from clipbackdoor.poison import poison, poison_split
-from clipbackdoor.shards import load_split
-from clipbackdoor.train import train_clip
+from clipbackdoor.models.artifact import create
+from clipbackdoor.data.pairs import OVERLAY_FILE, ShardPairs
+from clipbackdoor.attacks.poison import poison, poison_split
+from clipbackdoor.data.shards import load_split
+from clipbackdoor.training.train import train_clip
 
 CLASSES = {"classnames": ["red circle", "blue square"], "templates": ["a {}."]}
 BADNET = {"rate": 0.25, "patch_size": 4, "location": "bottom_right", "pattern": "random"}
@@ -74,7 +74,7 @@ def test_a_corpus_kept_as_downloaded_is_resized_on_reading_and_poisoned_as_an_ov
 
     from PIL import Image
 
-    from clipbackdoor.shards import Encoded, resize_center, write_shards
+    from clipbackdoor.data.shards import Encoded, resize_center, write_shards
 
     clean = load_split(world_dirs / "train" / "finetune", 32, limit=24)
     samples, expected = [], []
@@ -160,7 +160,7 @@ def test_lazily_perturbed_batches_equal_the_whole_array(world_dirs):
 def test_resume_with_a_randomised_loss_reads_the_same_random_stream(world_dirs, tmp_path):
     """A loss that draws from the global torch generator (CleanCLIP's augmentations do) must see the same draws
     after a resume: the loader must not consume that generator (a DataLoader does unless given its own)."""
-    from clipbackdoor.train import clip_loss_fn
+    from clipbackdoor.training.train import clip_loss_fn
 
     opt = OptimConfig(steps=6, batch_size=16, lr=2e-3, weight_decay=0.1, warmup_steps=1, betas=(0.9, 0.98), eps=1e-6)
     folder = world_dirs / "train" / "pretrain"
@@ -187,7 +187,7 @@ def test_resume_with_a_randomised_loss_reads_the_same_random_stream(world_dirs, 
 
 
 def test_a_corrupt_training_image_stops_the_stage_before_training(world_dirs, tmp_path, monkeypatch):
-    from clipbackdoor.shards import write_shards
+    from clipbackdoor.data.shards import write_shards
 
     split = load_split(world_dirs / "train" / "pretrain", 32)
     samples = [(k, img.permute(1, 2, 0).numpy(), c, {}) for k, img, c in
@@ -201,7 +201,7 @@ def test_a_corrupt_training_image_stops_the_stage_before_training(world_dirs, tm
     with pytest.raises(UserError, match=f"image of sample '{split['keys'][7]}' cannot be read"):
         ShardPairs(tmp_path / "pairs", 32).digest()
     # met inside a loader worker process, the error reaches the trainer as the same one-line UserError
-    from clipbackdoor.train import step_loader
+    from clipbackdoor.training.train import step_loader
 
     monkeypatch.setenv("CLIPBACKDOOR_LOADER_WORKERS", "1")
     with pytest.raises(UserError, match=f"image of sample '{split['keys'][7]}' cannot be decoded") as err:

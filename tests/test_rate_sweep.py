@@ -17,10 +17,10 @@ ATTACK_CFG = {"rate": 0.25, "patch_size": 4, "location": "bottom_right", "patter
 def test_backdoor_eval_counts_match_the_cached_decompositions(world_dirs, micro_model, tmp_path):
     """Streamed in batches that do not divide the set, with the run's trigger streams: the counts equal those of
     classifying the decomposition cache's embeddings (clean and triggered, same seed) with the class embeddings."""
-    from clipbackdoor.decomp_cache import read_decomposition
-    from clipbackdoor.decompose_stage import load_class_embeddings, run_class_embeddings, run_decompose
-    from clipbackdoor.rate_sweep import backdoor_eval
-    from clipbackdoor.world import world_classes_json
+    from clipbackdoor.decomposition.cache import read_decomposition
+    from clipbackdoor.decomposition.stage import load_class_embeddings, run_class_embeddings, run_decompose
+    from clipbackdoor.analysis.backdoor_eval import backdoor_eval
+    from clipbackdoor.data.world import world_classes_json
 
     ev = world_dirs / "eval"
     target = world_classes_json(ev)["classnames"][1]
@@ -42,10 +42,11 @@ def test_backdoor_eval_counts_match_the_cached_decompositions(world_dirs, micro_
 
 
 def test_sweep_table_and_figure_from_two_poisoned_sets(world_dirs, micro_model, tmp_path):
-    from clipbackdoor.poison import poison
-    from clipbackdoor.figures import rate_sweep_figure
-    from clipbackdoor.rate_sweep import backdoor_eval, rate_sweep
-    from clipbackdoor.world import world_classes_json
+    from clipbackdoor.attacks.poison import poison
+    from clipbackdoor.analysis.figures import rate_sweep_figure
+    from clipbackdoor.analysis.backdoor_eval import backdoor_eval
+    from clipbackdoor.analysis.rate_sweep import rate_sweep
+    from clipbackdoor.data.world import world_classes_json
 
     ev = world_dirs / "eval"
     classes = world_classes_json(ev)
@@ -76,7 +77,7 @@ def _sweep_params(**sweep):
 
 
 def test_sweep_points_reuse_the_runs_own_rate():
-    from clipbackdoor.runs import sweep_points
+    from clipbackdoor.pipeline.runs import sweep_points
 
     params = _sweep_params()
     assert params["attacks"]["badnet"]["rate"] == 0.05 and params["attacks"]["blended"]["rate"] == 0.04

@@ -12,9 +12,9 @@ import torch
 import yaml
 
 from conftest import ROOT, copy_repo
-from clipbackdoor.config import eval_targets, stage_target, validate_params
+from clipbackdoor.config import eval_targets, stage_target, stage_view, validate_params
 from clipbackdoor.errors import UserError
-from clipbackdoor.runs import parse_run, run_name
+from clipbackdoor.pipeline.runs import parse_run, run_name
 
 
 def load(profile: str) -> dict:
@@ -47,14 +47,14 @@ def test_run_names_carry_the_target_when_targets_differ():
 
 
 def test_a_stage_reads_the_one_target_its_rule_passes():
-    assert stage_target({"poison": {"target": "banana"}}) == "banana"
-    assert stage_target({"poison": {"target": {"pets": "Samoyed"}}}) == "Samoyed"
+    assert stage_target(stage_view({"poison": {"target": "banana"}})) == "banana"
+    assert stage_target(stage_view({"poison": {"target": {"pets": "Samoyed"}}})) == "Samoyed"
     with pytest.raises(UserError, match="2 different targets"):
-        stage_target({"poison": {"target": {"pets": "Samoyed", "imagenet": "banana"}}})
+        stage_target(stage_view({"poison": {"target": {"pets": "Samoyed", "imagenet": "banana"}}}))
 
 
 def test_target_case_is_forgiven_only_when_unambiguous():
-    from clipbackdoor.poison import check_target, names_target
+    from clipbackdoor.attacks.poison import check_target, names_target
 
     assert check_target("Samoyed", ["pug", "samoyed"]) == 1
     with pytest.raises(UserError):
@@ -74,7 +74,7 @@ def test_two_spellings_of_one_target_are_refused():
 def test_tables_follow_the_profiles_eval_set_order():
     import pandas as pd
 
-    from clipbackdoor.tables import eval_set_order
+    from clipbackdoor.analysis.tables import eval_set_order
 
     df = pd.DataFrame([{"attack": "clean", "eval_set": e} for e in ("caltech101", "imagenet", "pets")]
                       + [{"attack": "badnet", "eval_set": e} for e in ("imagenet", "caltech101", "pets")])
@@ -82,8 +82,8 @@ def test_tables_follow_the_profiles_eval_set_order():
 
 
 def test_tables_and_summary_name_the_target(tmp_path):
-    from clipbackdoor.report import summary_frame, with_method
-    from clipbackdoor.tables import table1, table4
+    from clipbackdoor.analysis.report import summary_frame, with_method
+    from clipbackdoor.analysis.tables import table1, table4
 
     rows = [{"attack": "badnet", "repair": "-", "defense": "none", "variant": "-", "seed": 0, "eval_set": e,
              "target": t, "asr": 0.9, "cacc": 0.5} for e, t in (("imagenet", "banana"), ("pets", "Samoyed"))]
@@ -95,7 +95,7 @@ def test_tables_and_summary_name_the_target(tmp_path):
 # --- OpenAI templates, preprocessing, clean subsets, captions --------------------------------------------------------
 
 def test_openai_templates_are_format_strings():
-    from clipbackdoor.zeroshot import templates_for
+    from clipbackdoor.models.zeroshot import templates_for
 
     templates = templates_for("openai_imagenet", [])
     assert len(templates) == 80 and templates[0] == "a bad photo of a {}."
@@ -104,7 +104,7 @@ def test_openai_templates_are_format_strings():
 
 
 def test_model_artifact_keeps_its_preprocessing(tmp_path):
-    from clipbackdoor.models import create, load_artifact, save_artifact
+    from clipbackdoor.models.artifact import create, load_artifact, save_artifact
 
     loaded = create("clipbackdoor-micro-vit-p8")
     loaded.mean, loaded.std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)  # e.g. a pretrained tag's statistics
@@ -114,8 +114,8 @@ def test_model_artifact_keeps_its_preprocessing(tmp_path):
 
 
 def test_clean_subset_is_the_first_n_pairs(world_dirs, micro_model):
-    from clipbackdoor.shards import load_split
-    from clipbackdoor.train import load_training_pairs
+    from clipbackdoor.data.shards import load_split
+    from clipbackdoor.training.train import load_training_pairs
 
     split = load_split(world_dirs / "train" / "finetune")
     _, first, tokens = load_training_pairs(micro_model, world_dirs / "train" / "finetune", "cpu", n_pairs=5)
@@ -130,7 +130,7 @@ def test_profiles_give_cleanclip_and_abd_their_clean_subsets():
 
 
 def test_captions_are_read_without_decoding_images(world_dirs, monkeypatch):
-    from clipbackdoor import shards
+    from clipbackdoor.data import shards
 
     expected = shards.load_split(world_dirs / "train" / "finetune")["captions"]
     monkeypatch.setattr(shards, "_decode_image", lambda *a: pytest.fail("an image was decoded"))
@@ -141,7 +141,7 @@ def test_captions_are_read_without_decoding_images(world_dirs, monkeypatch):
 
 def test_missing_local_inputs_stop_the_dry_run(tmp_path):
     """Local files named by parameters are rule inputs: the checkpoint file, then the TEXTSPAN pool."""
-    from clipbackdoor import rehearsal
+    from clipbackdoor.pipeline import rehearsal
 
     repo = copy_repo(tmp_path / "repo")
 
@@ -160,7 +160,7 @@ def test_missing_local_inputs_stop_the_dry_run(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_sd(tmp_path_factory):
-    from clipbackdoor import rehearsal
+    from clipbackdoor.pipeline import rehearsal
 
     out = tmp_path_factory.mktemp("sd")
     rehearsal.main(["--out", str(out), "--parts", "stable-diffusion,clip", "--clip-model", "clipbackdoor-micro-vit-p8"])
@@ -169,7 +169,7 @@ def tiny_sd(tmp_path_factory):
 
 def test_stable_diffusion_pretrain_writes_its_preview(tiny_sd, tmp_path):
     from clipbackdoor.config import T2IConfig
-    from clipbackdoor.t2i import run_t2i_pretrain
+    from clipbackdoor.t2i.model import run_t2i_pretrain
 
     sd = SimpleNamespace(path=str(tiny_sd / "stable-diffusion"))
     cfg = T2IConfig(block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=8, cross_attention_levels=1,
@@ -181,7 +181,7 @@ def test_stable_diffusion_pretrain_writes_its_preview(tiny_sd, tmp_path):
 
 
 def test_stable_diffusion_audit_uses_the_profiles_auditor(tiny_sd, micro_model):
-    from clipbackdoor.t2i import load_auditor
+    from clipbackdoor.t2i.model import load_auditor
 
     ckpt = tiny_sd / "clip" / "clipbackdoor-micro-vit-p8-random.safetensors"
     sd = SimpleNamespace(auditor="clipbackdoor-micro-vit-p8", auditor_pretrained=str(ckpt))
@@ -194,7 +194,7 @@ def test_stable_diffusion_audit_uses_the_profiles_auditor(tiny_sd, micro_model):
 
 
 def test_cleanclip_trains_on_its_clean_subset_only(world_dirs, micro_model, tmp_path):
-    from clipbackdoor.cleanclip import run_cleanclip
+    from clipbackdoor.defenses.cleanclip import run_cleanclip
     from clipbackdoor.config import CleanCLIPConfig, OptimConfig
 
     optim = OptimConfig(steps=1, batch_size=4, lr=1e-4, weight_decay=0.1, warmup_steps=0, betas=(0.9, 0.98), eps=1e-6)

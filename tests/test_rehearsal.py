@@ -1,4 +1,4 @@
-"""The rehearsal inputs (clipbackdoor.rehearsal) are read by the real loaders: webdataset + convert_webdataset for
+"""The rehearsal inputs (clipbackdoor.pipeline.rehearsal) are read by the real loaders: webdataset + convert_webdataset for
 the img2dataset CC3M shards, convert_imagefolder for the evaluation sets, open_clip's ``pretrained=`` file path for
 the checkpoint, diffusers' from_pretrained (via t2i.load_stable_diffusion) for the Stable Diffusion directory."""
 
@@ -15,12 +15,12 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from clipbackdoor import rehearsal
+from clipbackdoor.pipeline import rehearsal
 from clipbackdoor.config import EvalSetConfig, WebdatasetConfig
-from clipbackdoor.datasets import convert_imagefolder, convert_webdataset
+from clipbackdoor.data.datasets import convert_imagefolder, convert_webdataset
 from clipbackdoor.errors import UserError
-from clipbackdoor.pairs import ShardPairs
-from clipbackdoor.shards import load_split, resize_center
+from clipbackdoor.data.pairs import ShardPairs
+from clipbackdoor.data.shards import load_split, resize_center
 
 MICRO = "clipbackdoor-micro-vit-p8"  # the project's smallest open_clip config: a 13 MB checkpoint
 SMALL = ["--seed", "0", "--cc3m-pairs", "40", "--cc3m-shards", "4", "--cc3m-without-jpg", "2", "--eval-classes", "3",
@@ -147,7 +147,7 @@ def test_real_folder_and_file_names(rehearsal_dir):
 def test_imagenet_folders_are_real_wnids(rehearsal_dir):
     from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 
-    from clipbackdoor.datasets import imagenet_wnids
+    from clipbackdoor.data.datasets import imagenet_wnids
 
     wnids = imagenet_wnids()
     assert len(wnids) == 1000 and wnids == sorted(wnids)
@@ -203,11 +203,11 @@ def test_vit_b_32_checkpoint_loads_and_decomposes(tmp_path, rehearsal_dir):
     `pretrained=` path, as clean_model runs it), then the decomposition of an ImageFolder set at 224 px; the terms
     sum to the model's own embedding."""
     from clipbackdoor.config import EvalSetConfig, ModelConfig, ZeroShotConfig
-    from clipbackdoor.datasets import convert_imagefolder
-    from clipbackdoor.decomp_cache import read_decomposition
-    from clipbackdoor.decompose_stage import run_decompose
-    from clipbackdoor.pretrain import clean_model
-    from clipbackdoor.zeroshot import templates_for
+    from clipbackdoor.data.datasets import convert_imagefolder
+    from clipbackdoor.decomposition.cache import read_decomposition
+    from clipbackdoor.decomposition.stage import run_decompose
+    from clipbackdoor.training.pretrain import clean_model
+    from clipbackdoor.models.zeroshot import templates_for
 
     rehearsal.main(["--out", str(tmp_path), "--parts", "clip", "--seed", "3", "--clip-model", "ViT-B-32"])
     path = tmp_path / "clip" / "ViT-B-32-random.safetensors"
@@ -228,7 +228,7 @@ def test_vit_b_32_checkpoint_loads_and_decomposes(tmp_path, rehearsal_dir):
 def test_stable_diffusion_directory_loads(rehearsal_dir):
     import open_clip
 
-    from clipbackdoor.t2i import load_stable_diffusion
+    from clipbackdoor.t2i.model import load_stable_diffusion
 
     sd = rehearsal_dir / "stable-diffusion"
     assert sorted(p.name for p in (sd / "tokenizer").iterdir()) == [
@@ -251,7 +251,7 @@ def test_stable_diffusion_directory_loads(rehearsal_dir):
 
 
 def test_textspan_pool_is_read(rehearsal_dir):
-    from clipbackdoor.textspan import text_pool
+    from clipbackdoor.analysis.textspan import text_pool
 
     texts = text_pool(str(rehearsal_dir / "textspan" / "image_descriptions.txt"), [], [])
     assert len(texts) == 30 == len(set(texts)) and all(len(t.split()) <= 8 for t in texts)

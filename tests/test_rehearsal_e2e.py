@@ -1,7 +1,7 @@
 """The paper profile's stage graph, run for real on the rehearsal inputs (marked slow; ~20 min on 2 cores).
 
 configs/rehearsal.yaml = configs/paper.yaml with sizes, steps and paths shrunk (tests/test_config.py keeps it so);
-its inputs are generated in their real on-disk formats by ``python -m clipbackdoor.rehearsal``. Every rule of
+its inputs are generated in their real on-disk formats by ``python -m clipbackdoor.pipeline.rehearsal``. Every rule of
 ``all`` (B² included: the profile has a ``b2`` section) runs through Snakemake; DVC then records the same outputs
 (``python -m clipbackdoor lock``: its DAG and the Snakemake one agree) and reruns one stage of every rule through dvc.yaml's own commands, byte-identically."""
 
@@ -38,7 +38,7 @@ def sha(path: Path) -> str:
 @pytest.fixture(scope="module")
 def rehearsed(tmp_path_factory):
     repo = copy_repo(tmp_path_factory.mktemp("rehearsal") / "repo")
-    sh("python -m clipbackdoor.rehearsal --out data/rehearsal", repo)
+    sh("python -m clipbackdoor.pipeline.rehearsal --out data/rehearsal", repo)
     sh(f"snakemake all --cores 2 --configfile {PROFILE}", repo)  # the profile's `b2` section puts B² in `all`
     return repo
 

@@ -1,7 +1,7 @@
 """The computed findings of summary.md on a fixture table."""
 
 
-from clipbackdoor.report import findings, summary_frame, with_method
+from clipbackdoor.analysis.report import findings, summary_frame, with_method
 
 
 def _row(attack, defense, variant="-", seed=0, **metrics):
@@ -37,7 +37,7 @@ def test_training_figure_reads_each_models_loss_history(tmp_path):
     without one (open_clip pretrained weights) is skipped, a folder of none draws a note, not an error."""
     from PIL import Image
 
-    from clipbackdoor.figures import training_figure
+    from clipbackdoor.analysis.figures import training_figure
 
     models = {}
     for name, steps in (("clean", 40), ("badnet-s0", 20), ("blended-s0", 20), ("badnet-s0.cleanclip", 10)):

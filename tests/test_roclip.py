@@ -3,7 +3,7 @@
 import torch
 
 from clipbackdoor.config import OptimConfig, RoCLIPConfig
-from clipbackdoor.roclip import RoCLIPLoss, nearest_in_bank, run_roclip
+from clipbackdoor.defenses.roclip import RoCLIPLoss, nearest_in_bank, run_roclip
 
 OPT = OptimConfig(steps=8, batch_size=8, lr=1e-3, weight_decay=0.1, warmup_steps=1, betas=(0.9, 0.98), eps=1e-6)
 

@@ -10,14 +10,14 @@ import torch
 
 from clipbackdoor.attacks import make_trigger, trigger_eval_images
 from clipbackdoor.config import DefendConfig
-from clipbackdoor.decomp_cache import ROW_GROUP_SIZE, iter_decomposition, read_decomposition, write_decomposition
-from clipbackdoor.decompose import Decomposition
-from clipbackdoor.decompose_stage import decompose_images, run_decompose
-from clipbackdoor.defend import prototype_cosines, run_defend
+from clipbackdoor.decomposition.cache import ROW_GROUP_SIZE, iter_decomposition, read_decomposition, write_decomposition
+from clipbackdoor.decomposition.decompose import Decomposition
+from clipbackdoor.decomposition.stage import decompose_images, run_decompose
+from clipbackdoor.defenses.defend import prototype_cosines, run_defend
 from clipbackdoor.errors import UserError
-from clipbackdoor.models import load_artifact
-from clipbackdoor.prototypes import build_prototypes, load_prototypes
-from clipbackdoor.shards import count_samples, iter_batches, load_rows, load_split
+from clipbackdoor.models.artifact import load_artifact
+from clipbackdoor.decomposition.prototypes import build_prototypes, load_prototypes
+from clipbackdoor.data.shards import count_samples, iter_batches, load_rows, load_split
 
 N, L, H, D = 2 * ROW_GROUP_SIZE + 88, 2, 3, 8  # three row groups, the last one short
 
@@ -149,9 +149,9 @@ def test_decompose_stage_streams_batches_and_triggers_per_image(world_dirs, micr
 
 def test_zero_shot_accuracy_streams_the_evaluation_set(world_dirs, micro_model):
     from clipbackdoor.config import ZeroShotConfig
-    from clipbackdoor.pretrain import evaluate_zeroshot
-    from clipbackdoor.world import world_classes_json
-    from clipbackdoor.zeroshot import class_text_embeddings, image_embeddings, predict, templates_for
+    from clipbackdoor.training.pretrain import evaluate_zeroshot
+    from clipbackdoor.data.world import world_classes_json
+    from clipbackdoor.models.zeroshot import class_text_embeddings, image_embeddings, predict, templates_for
 
     loaded, ev = load_artifact(micro_model), world_dirs / "eval"
     split, classes = load_split(ev, 32), world_classes_json(ev)
@@ -180,7 +180,7 @@ def svd_textspan(outputs: np.ndarray, texts: np.ndarray, m: int, rank: int) -> l
 
 
 def test_textspan_from_streamed_moments_equals_the_whole_matrix_svd(caches):
-    from clipbackdoor.textspan import component_outputs, stream_moments, textspan_from_moments
+    from clipbackdoor.analysis.textspan import component_outputs, stream_moments, textspan_from_moments
 
     rng = np.random.default_rng(3)
     texts = rng.normal(size=(40, D))

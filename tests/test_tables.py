@@ -2,8 +2,8 @@
 
 import pandas as pd
 
-from clipbackdoor.report import summary_frame
-from clipbackdoor.tables import write_tables
+from clipbackdoor.analysis.report import summary_frame
+from clipbackdoor.analysis.tables import write_tables
 
 
 def fixture_summary(path):
@@ -85,7 +85,7 @@ def test_tables_have_the_paper_rows_and_this_runs_values(tmp_path):
 
 
 def test_latex_escapes_text():
-    from clipbackdoor.tables import Table
+    from clipbackdoor.analysis.tables import Table
 
     tex = Table("50% of a_b & c", "", [], ["x"], [(("row_1 #2",), [1.0])]).latex()
     assert r"\caption{50\% of a\_b \& c}" in tex and r"row\_1 \#2 & 1.00 \\" in tex
@@ -94,9 +94,9 @@ def test_latex_escapes_text():
 def test_repaired_models_become_defense_rows(tmp_path):
     import pyarrow as pa
 
-    from clipbackdoor.defend import OUTPUT_SCHEMA
+    from clipbackdoor.defenses.defend import OUTPUT_SCHEMA
     from clipbackdoor.io import write_parquet
-    from clipbackdoor.report import defend_rows
+    from clipbackdoor.analysis.report import defend_rows
 
     rows = {"defense": ["none"] * 4 + ["decomp_rep"] * 4, "variant": ["-"] * 4 + ["auto"] * 4,
             "split": ["clean", "clean", "triggered", "triggered"] * 2, "index": [0, 1, 0, 1] * 2,
@@ -114,9 +114,9 @@ def test_repaired_models_become_defense_rows(tmp_path):
 def test_abd_image_only_arm_is_also_table_iii_uap_lbd(tmp_path):
     import pyarrow as pa
 
-    from clipbackdoor.defend import OUTPUT_SCHEMA
+    from clipbackdoor.defenses.defend import OUTPUT_SCHEMA
     from clipbackdoor.io import write_parquet
-    from clipbackdoor.report import defend_rows
+    from clipbackdoor.analysis.report import defend_rows
 
     rows = {"defense": ["none"] * 4, "variant": ["-"] * 4, "split": ["clean", "clean", "triggered", "triggered"],
             "index": [0, 1, 0, 1], "label": [1, 2, 1, 2], "pred": [1, 1, 0, 2], "score": [None] * 4}
@@ -129,7 +129,7 @@ def test_abd_image_only_arm_is_also_table_iii_uap_lbd(tmp_path):
 
 
 def test_summary_keeps_repair_defense_and_each_setting_in_columns(tmp_path):
-    from clipbackdoor.report import read_summary
+    from clipbackdoor.analysis.report import read_summary
 
     fixture_summary(tmp_path / "s.csv")
     raw = pd.read_csv(tmp_path / "s.csv")
@@ -152,7 +152,7 @@ def test_summary_keeps_repair_defense_and_each_setting_in_columns(tmp_path):
 
 
 def test_headline_metrics_are_a_few_numbers_per_attack(tmp_path):
-    from clipbackdoor.report import headline, read_summary
+    from clipbackdoor.analysis.report import headline, read_summary
 
     fixture_summary(tmp_path / "s.csv")
     tree = headline(read_summary(tmp_path / "s.csv"))
@@ -163,7 +163,7 @@ def test_headline_metrics_are_a_few_numbers_per_attack(tmp_path):
 
 
 def test_every_markdown_page_has_an_html_twin_that_renders_its_table(tmp_path):
-    from clipbackdoor.pages import markdown_to_html
+    from clipbackdoor.analysis.pages import markdown_to_html
 
     fixture_summary(tmp_path / "s.csv")
     write_tables(tmp_path / "s.csv", tmp_path / "tables", [["L5H0", "L5H1", "L5H2"]])

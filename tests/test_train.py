@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from clipbackdoor.config import OptimConfig
-from clipbackdoor.models import create
-from clipbackdoor.shards import load_split
-from clipbackdoor.train import LOGIT_SCALE_MAX, batch_indices, make_optimizer, param_groups, train_clip
+from clipbackdoor.models.artifact import create
+from clipbackdoor.data.shards import load_split
+from clipbackdoor.training.train import LOGIT_SCALE_MAX, batch_indices, make_optimizer, param_groups, train_clip
 
 OPT = OptimConfig(steps=12, batch_size=32, lr=2e-3, weight_decay=0.1, warmup_steps=2, betas=(0.9, 0.98), eps=1e-6)
 
@@ -31,7 +31,7 @@ def test_a_trained_model_artifact_keeps_its_loss_history(world_dirs, tmp_path):
     """save_trained writes history.csv (step, loss, lr per step) beside the weights: the training-curve figure."""
     import pandas as pd
 
-    from clipbackdoor.train import save_trained
+    from clipbackdoor.training.train import save_trained
 
     loaded, images, tokens = _data(world_dirs)
     history = train_clip(loaded, images, tokens, OPT, seed=0)
@@ -117,7 +117,7 @@ from pathlib import Path
 import torch
 import clipbackdoor
 from clipbackdoor.config import ModelConfig, OptimConfig, ZeroShotConfig
-from clipbackdoor.pretrain import pretrain
+from clipbackdoor.training.pretrain import pretrain
 torch.set_num_threads(1)
 root = Path(sys.argv[1])
 pretrain(root / "train", {"world": root / "eval"}, Path(sys.argv[2]), ModelConfig("clipbackdoor-micro-vit-p8", None),

@@ -185,7 +185,7 @@ def test_every_rule_has_log_benchmark_and_thin_shell():
 
 
 def test_committed_dvc_yaml_is_generated_from_the_rules():
-    from clipbackdoor.dvcgen import check_dvc_yaml
+    from clipbackdoor.pipeline.dvcgen import check_dvc_yaml
 
     assert check_dvc_yaml(ROOT) is None, "dvc.yaml is stale: run `python -m clipbackdoor dvc-yaml`"
 
@@ -198,7 +198,7 @@ def test_dvc_yaml_mirrors_rule_params_and_outputs():
             "defend_badnet-s0.cleanclip_world_badnet-s0", "detect_badclip-s0_world_badclip-s0"} <= set(stages)
     assert stages["decompose_clean_world_badnet-s0"]["params"] == ["attacks.badnet", "decompose"]
     assert stages["cleanclip_badnet-s0"]["params"] == ["cleanclip"]
-    assert {"src/clipbackdoor/cleanclip.py", "src/clipbackdoor/eda.py", "src/clipbackdoor/train.py"} <= set(
+    assert {"src/clipbackdoor/defenses/cleanclip.py", "src/clipbackdoor/defenses/eda.py", "src/clipbackdoor/training/train.py"} <= set(
         stages["cleanclip_badnet-s0"]["deps"])
     assert "data/attacks/badclip-s0/patch.safetensors" in stages["detect_badclip-s0_world_badclip-s0"]["deps"]
     assert "results/default/figures/fig6_eps_sweep.png" in doc["plots"]
@@ -206,16 +206,18 @@ def test_dvc_yaml_mirrors_rule_params_and_outputs():
     assert doc["metrics"] == ["results/default/metrics/headline.json"]
     assert "results/default/figures/fig2_layerwise_ablation.png" in doc["plots"]
     assert stages["pretrain"]["params"] == ["model", "pretrain", "seed", "zeroshot"]
-    assert "src/clipbackdoor/train.py" in stages["pretrain"]["deps"]
-    assert "src/clipbackdoor/train.py" not in stages["world"]["deps"]  # only the modules a stage imports
-    assert "src/clipbackdoor/attacks" in stages["poison_badnet-s0"]["deps"]  # sub-packages as folders
-    assert "src/clipbackdoor/attacks" in stages["defend_badnet-s0_world_badnet-s0"]["deps"]
+    assert "src/clipbackdoor/training/train.py" in stages["pretrain"]["deps"]
+    assert "src/clipbackdoor/training/train.py" not in stages["world"]["deps"]  # only the modules a stage imports
+    # the attacks package's modules, file by file (its __init__ imports every trigger)
+    for stage in ("poison_badnet-s0", "defend_badnet-s0_world_badnet-s0"):
+        assert {"src/clipbackdoor/attacks/__init__.py", "src/clipbackdoor/attacks/badnet.py"} <= set(stages[stage]["deps"])
+    assert "src/clipbackdoor/analysis/figures.py" not in stages["defend_badnet-s0_world_badnet-s0"]["deps"]
     assert "@params.yaml:data.image_size,data.world" in stages["world"]["cmd"]
     assert "data/models/clean" in stages["pretrain"]["outs"]
 
 
 def test_stale_dvc_yaml_is_detected(tmp_path):
-    from clipbackdoor.dvcgen import check_dvc_yaml
+    from clipbackdoor.pipeline.dvcgen import check_dvc_yaml
 
     repo = copy_repo(tmp_path / "repo")
     smk = repo / "rules" / "model.smk"
@@ -262,7 +264,7 @@ def test_slurm_profile_submission_parameters(paper_textspan_pool):
                   "partition": "-p part", "workdir": "/w"}
         return get_submit_command(job, params) + set_gres_string(job)
 
-    from clipbackdoor.dvcgen import rule_blocks
+    from clipbackdoor.pipeline.dvcgen import rule_blocks
 
     blocks = rule_blocks(ROOT)
     gpu_rules = [r for r in jobs if r != "all" and re.search(r"^\s*gpu=", blocks[r], re.M)]
@@ -284,7 +286,7 @@ def test_slurm_profile_submission_parameters(paper_textspan_pool):
 def test_every_rule_declares_its_measured_memory_and_time():
     """Each rule that runs a job sizes itself from configs/resources.yaml under its own name, and the three
     tables (embedded, rehearsal, paper) size every such rule; the embedded dry run shows the embedded sizes."""
-    from clipbackdoor.dvcgen import rule_blocks
+    from clipbackdoor.pipeline.dvcgen import rule_blocks
 
     tables = yaml.safe_load((ROOT / "configs" / "resources.yaml").read_text())
     assert set(tables) == {"embedded", "rehearsal", "paper"}

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from clipbackdoor.errors import UserError
-from clipbackdoor.shards import iter_shards, load_split, shard_paths, write_shards
-from clipbackdoor.world import build_world, class_names, generate_split, world_classes_json
+from clipbackdoor.data.shards import iter_shards, load_split, shard_paths, write_shards
+from clipbackdoor.data.world import build_world, class_names, generate_split, world_classes_json
 from conftest import small_world
 
 
@@ -49,7 +49,7 @@ def test_shard_round_trip_and_labels(world_dirs):
 
 def test_object_has_its_colour(world_dirs):
     """The rendered object really carries the named colour: the dominant channel matches."""
-    from clipbackdoor.world import RGB
+    from clipbackdoor.data.world import RGB
 
     split = load_split(world_dirs / "eval", 32)
     hits = 0

@@ -1,5 +1,5 @@
 import sys
 
-from clipbackdoor.cli import main
+from clipbackdoor.pipeline.cli import main
 
 sys.exit(main())

@@ -266,7 +266,7 @@ def _check_semantics(params: dict, source: str) -> None:
                         fix="keep it below the number of block_out_channels: full-resolution attention is the cost")
     target = params["poison"]["target"]
     if isinstance(target, dict):
-        from clipbackdoor.runs import target_slug
+        from clipbackdoor.pipeline.runs import target_slug
 
         slugs: dict[str, str] = {}
         for name in dict.fromkeys(target.values()):
@@ -291,7 +291,7 @@ def _check_sweep(params: dict, source: str) -> None:
     """A swept attack reuses its run's trigger (and learned trigger asset): it must be a run of the profile.
     (What needs the attack registry -- poisoning tied to one rate -- is rate_sweep.check_sweep_attacks: this
     module stays free of the attacks' imports, which every stage's code dependencies would otherwise include.)"""
-    from clipbackdoor.runs import rate_tag
+    from clipbackdoor.pipeline.runs import rate_tag
 
     rates = (params.get("sweep") or {}).get("rates", [])
     tags = [rate_tag(r) for r in rates]
@@ -311,7 +311,7 @@ def model_geometry(name: str) -> dict | None:
     open_clip's own) without importing open_clip; None when the file cannot be found."""
     import importlib.util
 
-    folders = [Path(__file__).with_name("model_configs")]
+    folders = [Path(__file__).parent / "models" / "configs"]
     spec = importlib.util.find_spec("open_clip")
     if spec and spec.submodule_search_locations:
         folders.append(Path(spec.submodule_search_locations[0]) / "model_configs")
@@ -368,10 +368,10 @@ def eval_targets(params: dict) -> dict[str, str]:
     return {name: target for name in sets} if isinstance(target, str) else {name: target[name] for name in sets}
 
 
-def stage_target(p: dict) -> str:
+def stage_target(p: "Params") -> str:
     """The one target class in a stage's ``--params``: rules pass ``poison.target`` (one class for every set) or
     the single ``poison.target.<eval set>`` key of the run they work on."""
-    target = p["poison"]["target"]
+    target = p.poison.target
     if isinstance(target, str):
         return target
     values = set(target.values())
@@ -381,8 +381,10 @@ def stage_target(p: dict) -> str:
     return values.pop()
 
 
-def check_devices(finetune: dict, source: str = "params") -> None:
+def check_devices(finetune: "dict | OptimConfig", source: str = "params") -> None:
     """Each data-parallel worker takes an equal slice of the global batch."""
+    if isinstance(finetune, OptimConfig):
+        finetune = dataclasses.asdict(finetune)
     devices, batch = finetune.get("devices", 1), finetune["batch_size"]
     if batch % devices:
         raise UserError(f"{source}: finetune.batch_size = {batch} is not divisible by finetune.devices = {devices}",
@@ -601,9 +603,9 @@ class AbdFinetuneConfig:
     n_pairs: int | None = None  # the defender's clean pairs: the first N of the fine-tuning split (None: all)
 
     @classmethod
-    def from_section(cls, abd: dict) -> "AbdFinetuneConfig":
-        return cls(abd["perturbation"], abd["generator"]["location"], abd["adv_fraction"], abd["eda_alpha"],
-                   abd["synonyms"], _build(OptimConfig, abd["optim"]), abd.get("n_pairs"))
+    def from_abd(cls, abd: "AbdConfig") -> "AbdFinetuneConfig":
+        return cls(abd.perturbation, abd.generator.location, abd.adv_fraction, abd.eda_alpha, abd.synonyms,
+                   abd.optim, abd.n_pairs)
 
 
 @dataclass(frozen=True)
@@ -729,22 +731,28 @@ class Params:
     results: str | None = None  # the results folder's name (results_name)
 
 
-def _build(tp: Any, value: Any) -> Any:
-    """Recursively turn validated plain data into the annotated dataclass/tuple/dict types."""
+def _build(tp: Any, value: Any, partial: bool = False) -> Any:
+    """Recursively turn validated plain data into the annotated dataclass/tuple/dict types. ``partial``: a
+    dataclass field the data lacks takes its default, or None when it has none (a stage's view of the sections
+    its rule passes)."""
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         hints = typing.get_type_hints(tp)
-        return tp(**{k: _build(hints[k], v) for k, v in value.items()})
+        given = {k: _build(hints[k], v, partial) for k, v in value.items()}
+        if partial:
+            given.update({f.name: None for f in dataclasses.fields(tp) if f.name not in given
+                          and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING})
+        return tp(**given)
     if origin in (typing.Union, types.UnionType):
         if value is None:
             return None
         inner = [a for a in typing.get_args(tp) if a is not type(None)]
-        return _build(inner[0], value)
+        return _build(inner[0], value, partial)
     if origin is tuple or tp is tuple:
         return tuple(tuple(v) if isinstance(v, list) else v for v in value)
     if origin is dict:
         _, vt = typing.get_args(tp)
-        return {k: _build(vt, v) for k, v in value.items()}
+        return {k: _build(vt, v, partial) for k, v in value.items()}
     if tp is dict:
         return dict(value)
     if tp is float and isinstance(value, int):
@@ -765,4 +773,11 @@ def load_params(path: str | Path = "params.yaml") -> Params:
 def section(tp: type, value: Any) -> Any:
     """Build one section's dataclass from the JSON a rule passes on the command line."""
     return _build(tp, value)
+
+
+def stage_view(value: dict) -> Params:
+    """A stage's typed parameters: the (validated) keys its rule passes in ``--params``, built into
+    :class:`Params` -- every section and key the rule does not pass is None, so a stage reads only what its rule
+    declares (and an edit elsewhere in params.yaml never reruns it)."""
+    return _build(Params, value, partial=True)
 

@@ -60,7 +60,7 @@ class Attack:
 class Defense:
     """A defense on cached decompositions. ``settings(split, protos, class_emb, params, kind)`` yields
     ``(variant, pred [N] int, score [N] float or None)`` for one chunk of one split's test images: ``split`` is a
-    :class:`clipbackdoor.defend.TestSplit` (its ``heads`` [N, L, H, d], ``mlps`` [N, L, d], ``total`` [N, d],
+    :class:`clipbackdoor.defenses.defend.TestSplit` (its ``heads`` [N, L, H, d], ``mlps`` [N, L, d], ``total`` [N, d],
     ``labels`` [N]), ``protos`` the run's prototypes (``heads`` [L, H, d], ``mlps`` [L, d]), ``class_emb`` [C, d],
     ``params`` its ``defend.extensions.<name>`` block, ``kind`` the attack's (local / global).
     ``detector=True`` declares ``score`` a detection score (higher = more suspicious) and ``pred`` a hard

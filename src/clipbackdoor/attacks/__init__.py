@@ -20,7 +20,7 @@ from clipbackdoor.attacks.issba import ISSBA
 from clipbackdoor.attacks.label_consistent import LabelConsistent
 from clipbackdoor.attacks.sig import SIG
 from clipbackdoor.attacks.wanet import WaNet
-from clipbackdoor.runs import parse_run, run_name, target_slug  # noqa: F401  (re-exported)
+from clipbackdoor.pipeline.runs import parse_run, run_name, target_slug  # noqa: F401  (re-exported)
 
 BUILTIN: dict[str, type[Trigger]] = {
     "badnet": BadNet,

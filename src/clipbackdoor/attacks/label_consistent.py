@@ -28,7 +28,7 @@ class LabelConsistent(BadNet):
     def prepare_poison(self, images, keys):
         if self.poison_asset(self.cfg) is None:
             return images
-        from clipbackdoor.lc_adversarial import load_hard_images
+        from clipbackdoor.attacks.lc_adversarial import load_hard_images
 
         if self.asset_path is None:
             raise UserError("label_consistent: adv_eps > 0 needs the perturbed images of the `lc_adversarial` stage",

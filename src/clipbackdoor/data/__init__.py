@@ -1,0 +1,1 @@
+"""Data: the embedded world, image-text shards and pairs, evaluation sets (ImageFolder, the world)."""

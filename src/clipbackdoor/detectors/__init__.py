@@ -1,0 +1,1 @@
+"""Input-level detectors (STRIP, SCALE-UP, TeCo, extensions) and the detect stage."""

@@ -1,0 +1,1 @@
+"""Models: CLIP artifacts (create, load, save: safetensors + config), zero-shot heads."""

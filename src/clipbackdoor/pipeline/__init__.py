@@ -1,0 +1,1 @@
+"""The pipeline: the CLI, run names, dvc.yaml generation, the rehearsal inputs."""

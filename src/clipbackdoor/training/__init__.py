@@ -1,0 +1,1 @@
+"""Training: contrastive CLIP training, pretraining, backdoor fine-tuning, data parallelism."""
