@@ -28,7 +28,7 @@ from clipbackdoor.decomposition.stage import load_class_embeddings, run_class_em
 from clipbackdoor.defenses.defend import run_defend
 from clipbackdoor.training.finetune import finetune
 from clipbackdoor.analysis.metrics import setting_rows
-from clipbackdoor.attacks.poison import check_target
+from clipbackdoor.models.zeroshot import check_target
 from clipbackdoor.decomposition.prototypes import build_prototypes, load_prototypes
 from clipbackdoor.runtime import set_threads
 

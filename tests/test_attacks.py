@@ -6,7 +6,8 @@ import torch
 from clipbackdoor.attacks import REGISTRY, make_trigger, trigger_eval_images
 from clipbackdoor.attacks.base import Trigger, to_uint8
 from clipbackdoor.errors import UserError
-from clipbackdoor.attacks.poison import check_target, poison, poison_split, select_poison
+from clipbackdoor.attacks.poison import poison, poison_split, select_poison
+from clipbackdoor.models.zeroshot import check_target
 from clipbackdoor.data.shards import load_split
 
 BADNET = {"rate": 0.1, "patch_size": 4, "location": "bottom_right", "pattern": "random"}

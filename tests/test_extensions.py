@@ -198,3 +198,37 @@ def test_a_broken_or_misnamed_entry_point_is_one_line(tmp_path):
 def test_the_toy_package_is_not_installed_in_the_project_environment():
     """The extensions are found only where the package is on the path: the other tests see the built-ins."""
     assert not any(str(TOY) == p for p in sys.path) and "toyext" not in os.environ.get("PYTHONPATH", "")
+
+
+def test_the_built_in_defense_names_are_declared(toy, tmp_path):
+    """An extension may not take a name the defend stage writes: the declared list holds every one it writes."""
+    import dataclasses
+
+    from test_defend import CFG, _cache, results
+
+    written = {d for d, _ in results(_cache(tmp_path), dataclasses.replace(CFG, extensions={"toy_mlp": {"layers": 1}}))}
+    assert written - {"toy_mlp"} == set(extensions.BUILTIN_DEFENSES)
+
+
+@pytest.mark.parametrize("ext, message", [
+    (extensions.Defense("cleanclip", lambda *a: iter(())), "extension defense 'cleanclip'"),
+    (extensions.Defense("decomp_rep", lambda *a: iter(())), "extension defense 'decomp_rep'"),
+    (extensions.Defense("teco", lambda *a: iter(())), "extension defense 'teco'"),
+])
+def test_an_extension_may_not_take_a_built_in_name(monkeypatch, ext, message):
+    monkeypatch.setattr(extensions, "registered", lambda: (ext,))
+    with pytest.raises(UserError, match=message):
+        validate_params(yaml.safe_load((ROOT / "configs/smoke.yaml").read_text()))
+
+
+def test_a_listed_detector_whose_settings_are_required_needs_its_block(monkeypatch):
+    needy = extensions.Detector("needy", lambda *a: [], schema={
+        "type": "object", "required": ["k"], "properties": {"k": {"type": "integer"}}})
+    monkeypatch.setattr(extensions, "registered", lambda: (needy,))
+    params = yaml.safe_load((ROOT / "configs/smoke.yaml").read_text())
+    validate_params(params)  # not listed: nothing asked
+    params["detect"]["detectors"] = ["strip", "needy"]
+    with pytest.raises(UserError, match="detect.detectors lists 'needy' but detect.extensions.needy is missing"):
+        validate_params(params, "p.yaml")
+    params["detect"]["extensions"] = {"needy": {"k": 3}}
+    validate_params(params)

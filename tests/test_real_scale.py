@@ -54,7 +54,8 @@ def test_a_stage_reads_the_one_target_its_rule_passes():
 
 
 def test_target_case_is_forgiven_only_when_unambiguous():
-    from clipbackdoor.attacks.poison import check_target, names_target
+    from clipbackdoor.attacks.poison import names_target
+    from clipbackdoor.models.zeroshot import check_target
 
     assert check_target("Samoyed", ["pug", "samoyed"]) == 1
     with pytest.raises(UserError):

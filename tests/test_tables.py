@@ -94,14 +94,14 @@ def test_latex_escapes_text():
 def test_repaired_models_become_defense_rows(tmp_path):
     import pyarrow as pa
 
-    from clipbackdoor.defenses.defend import OUTPUT_SCHEMA
+    from clipbackdoor.defenses.predictions import PREDICTIONS_SCHEMA
     from clipbackdoor.io import write_parquet
     from clipbackdoor.analysis.report import defend_rows
 
     rows = {"defense": ["none"] * 4 + ["decomp_rep"] * 4, "variant": ["-"] * 4 + ["auto"] * 4,
             "split": ["clean", "clean", "triggered", "triggered"] * 2, "index": [0, 1, 0, 1] * 2,
             "label": [1, 2, 1, 2] * 2, "pred": [1, 2, 0, 0, 1, 2, 1, 2], "score": [None] * 8}
-    table = pa.Table.from_pydict(rows, schema=OUTPUT_SCHEMA).replace_schema_metadata({"target": "0"})
+    table = pa.Table.from_pydict(rows, schema=PREDICTIONS_SCHEMA).replace_schema_metadata({"target": "0"})
     write_parquet(tmp_path / "d.parquet", table)  # as the defend stage writes it (with its column digests)
     out = defend_rows([{"model": "badnet-s1.cleanclip", "trigger": "badnet-s1", "eval_set": "world",
                         "path": tmp_path / "d.parquet"}])
@@ -114,14 +114,14 @@ def test_repaired_models_become_defense_rows(tmp_path):
 def test_abd_image_only_arm_is_also_table_iii_uap_lbd(tmp_path):
     import pyarrow as pa
 
-    from clipbackdoor.defenses.defend import OUTPUT_SCHEMA
+    from clipbackdoor.defenses.predictions import PREDICTIONS_SCHEMA
     from clipbackdoor.io import write_parquet
     from clipbackdoor.analysis.report import defend_rows
 
     rows = {"defense": ["none"] * 4, "variant": ["-"] * 4, "split": ["clean", "clean", "triggered", "triggered"],
             "index": [0, 1, 0, 1], "label": [1, 2, 1, 2], "pred": [1, 1, 0, 2], "score": [None] * 4}
     write_parquet(tmp_path / "d.parquet",
-                  pa.Table.from_pydict(rows, schema=OUTPUT_SCHEMA).replace_schema_metadata({"target": "0"}))
+                  pa.Table.from_pydict(rows, schema=PREDICTIONS_SCHEMA).replace_schema_metadata({"target": "0"}))
     out = defend_rows([{"model": "badnet-s0.abd_img_only", "trigger": "badnet-s0", "eval_set": "world",
                         "path": tmp_path / "d.parquet"}])
     assert [(r["repair"], r["defense"], r["asr"], r["cacc"]) for r in out] == [

@@ -259,6 +259,9 @@ def _check_semantics(params: dict, source: str) -> None:
             raise UserError(f"{source}: repair.methods lists {method!r} but there is no `{needs}` section",
                             fix=f"add the `{needs}` block (see params.yaml / configs/abd.yaml) or drop {method!r}")
     _check_sweep(params, source)
+    from clipbackdoor.extensions import check_params
+
+    check_params(params, source)
     t2i = params.get("b2", {}).get("t2i")
     if t2i and t2i["cross_attention_levels"] >= len(t2i["block_out_channels"]):
         raise UserError(f"{source}: b2.t2i.cross_attention_levels = {t2i['cross_attention_levels']} would put "

@@ -30,6 +30,7 @@ stages it touches with ``dvc repro --force-downstream`` or Snakemake's ``--force
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -110,6 +111,9 @@ def registered() -> tuple:
         if obj.name != ep.name or not NAME.fullmatch(obj.name):
             raise UserError(f"{where} names an extension {obj.name!r}",
                             fix="give the entry point the object's name, lower-case letters, digits and _")
+        if obj.name in {e.name for e in found}:  # (two packages may declare the same entry point name)
+            raise UserError(f"{where}: another installed package registers an extension {obj.name!r} too",
+                            fix="uninstall one of them or rename one extension")
         found.append(obj)
     return tuple(found)
 
@@ -122,31 +126,56 @@ def of_kind(kind: type) -> dict:
 def check_unique(kind: type, builtin: Iterable[str]) -> None:
     clash = sorted(set(of_kind(kind)) & set(builtin))
     if clash:
-        raise UserError(f"extension {KINDS[kind]} {clash[0]!r} ({ENTRY_POINT_GROUP}) has the name of a built-in one",
-                        fix="rename the extension")
+        raise UserError(f"extension {KINDS[kind]} {clash[0]!r} ({ENTRY_POINT_GROUP}) has the name of a built-in "
+                        "attack, defense, detector or repair", fix="rename the extension")
 
 
 def add_to_schema(schema: dict) -> dict:
-    """The parameter schema with every extension's block and name added (in place; returned)."""
+    """The parameter schema with every extension's block and name added (in place; returned). An extension that
+    takes a built-in's name (the file's attacks, detectors and repair methods, the defend settings) is refused."""
     props = schema["properties"]
+    builtin_detectors = props["detect"]["properties"]["detectors"]["items"]["enum"]
     check_unique(Attack, props["attacks"]["properties"])  # (the file's blocks are the built-in attacks)
-    check_unique(Detector, props["detect"]["properties"]["detectors"]["items"]["enum"])
+    check_unique(Detector, builtin_detectors)
+    # a defense's rows share summary.csv's `defense` / `method` columns with these
+    check_unique(Defense, [*BUILTIN_DEFENSES, *builtin_detectors, *props["repair"]["properties"]["methods"]["items"]
+                           ["enum"]])
     for name, ext in of_kind(Attack).items():
         for listing in (props["poison"], props["sweep"]):  # (an extension attack can be swept too)
             listing["properties"]["attacks"]["items"]["enum"].append(name)
-        block = {**ext.schema, "required": sorted({"rate", *ext.schema.get("required", [])})}
+        block = copy.deepcopy(ext.schema)
+        block["required"] = sorted({"rate", *block.get("required", [])})
         block.setdefault("properties", {}).setdefault("rate", props["attacks"]["properties"]["badnet"]
                                                       ["properties"]["rate"])
         props["attacks"]["properties"][name] = block
     for section, kind in (("defend", Defense), ("detect", Detector)):
         found = of_kind(kind)
-        if kind is Detector:
-            props[section]["properties"]["detectors"]["items"]["enum"] += list(found)
         props[section]["properties"]["extensions"] = {
-            "type": "object", "additionalProperties": False, "properties": {n: e.schema for n, e in found.items()},
+            "type": "object", "additionalProperties": False,
+            "properties": {n: copy.deepcopy(e.schema) for n, e in found.items()},
             "description": f"settings of the {KINDS[kind]}s that extensions register (clipbackdoor.extensions)"}
+    props["detect"]["properties"]["detectors"]["items"]["enum"] += list(of_kind(Detector))
     return schema
 
+
+def check_params(params: dict, source: str) -> None:
+    """What the schema cannot say: a detector listed in ``detect.detectors`` whose settings have required keys
+    needs its ``detect.extensions`` block."""
+    detect = params.get("detect") or {}
+    for name in detect.get("detectors", []):
+        ext = of_kind(Detector).get(name)
+        required = ext.schema.get("required", []) if ext else []
+        if required and name not in (detect.get("extensions") or {}):
+            raise UserError(f"{source}: detect.detectors lists {name!r} but detect.extensions.{name} is missing",
+                            fix=f"add its settings, e.g. detect.extensions.{name}: {{{', '.join(required)}: ...}}")
+
+
+# The defense names the defend stage's built-in settings write (an extension may not take one).
+BUILTIN_DEFENSES = ("none", "base_decomp", "decomp_rep", "decomp_rep_heads", "decomp_rep_mlp", "decomp_det",
+                    "decomp_det_score", "decomp_rep_sweep", "decomp_det_sweep", "abandon", "random_prototypes",
+                    "random_prototypes_official", "random_heads", "fixed_heads", "ablate_all_heads",
+                    "ablate_all_mlps", "decomp_reverse",
+                    *(f"ablate_{p}_{d}" for p in ("heads", "mlps") for d in ("forward", "backward", "separate")))
 
 # Built-in detection outputs: the defend settings that flag images (pred = the hard decision, score = the
 # detection score) and the input-level detectors of the detect stage (scores only).

@@ -454,3 +454,12 @@ def read_json(path: str | Path, made_by: str = "the stage that writes it"):
         raise UserError(f"{path}: not UTF-8 text (offset {exc.start})", fix=fix) from None
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})", fix=fix) from None
+
+
+def save_figure(fig, path: str | Path, dpi: int = 110) -> None:
+    """A matplotlib figure as a PNG, written atomically, then closed (its memory freed)."""
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    plt.close(fig)

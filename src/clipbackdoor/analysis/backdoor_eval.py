@@ -22,7 +22,7 @@ def backdoor_eval(model_dir: str | Path, eval_dir: str | Path, attack: str, atta
     from clipbackdoor.attacks import make_trigger, trigger_eval_images
     from clipbackdoor.logs import progress
     from clipbackdoor.models.artifact import load_artifact
-    from clipbackdoor.attacks.poison import check_target
+    from clipbackdoor.models.zeroshot import check_target
     from clipbackdoor.data.shards import count_samples, iter_batches
     from clipbackdoor.data.world import world_classes_json
     from clipbackdoor.models.zeroshot import class_text_embeddings, image_embeddings, predict, templates_for

@@ -10,7 +10,7 @@ import pandas as pd
 
 from clipbackdoor.config import Params
 from clipbackdoor.pipeline.runs import parse_run
-from clipbackdoor.io import atomic_path
+from clipbackdoor.io import save_figure
 from clipbackdoor.analysis.report import read_summary
 
 
@@ -39,9 +39,18 @@ def attack_label(attack: str) -> str:
     return attack_title(attack)
 
 
-def _save(fig, png) -> None:
-    with atomic_path(png) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+def _layer_ablations(df: pd.DataFrame, attacks: list[str], metrics: list[str]):
+    """Per panel of the per-layer ablation figures -- (row, column, heads | mlps, forward | backward | separate) --
+    each attack's mean ``metrics`` per ablated layer: (row, column, part, mode, [(attack, curve [layers x metrics])])."""
+    for r, part in enumerate(("heads", "mlps")):
+        for c, mode in enumerate(("forward", "backward", "separate")):
+            curves = []
+            for attack in attacks:
+                rows = df[(df.attack == attack) & (df.method == f"ablate_{part}_{mode}")]
+                if len(rows):
+                    layer = rows.variant.str.removeprefix("layer=").astype(int).rename("layer")
+                    curves.append((attack, rows.groupby(layer)[metrics].mean()))
+            yield r, c, part, mode, curves
 
 
 def layerwise_figure(summary_csv: str | Path, png: str | Path) -> None:
@@ -51,29 +60,22 @@ def layerwise_figure(summary_csv: str | Path, png: str | Path) -> None:
     df = df[df.attack != "clean"]
     attacks = _attack_rows(df)
     fig, axes = plt.subplots(2, 3, figsize=(13, 7), sharey=True)
-    for r, part in enumerate(("heads", "mlps")):
-        for c, mode in enumerate(("forward", "backward", "separate")):
-            ax = axes[r, c]
-            for attack in attacks:
-                rows = df[(df.attack == attack) & (df.method == f"ablate_{part}_{mode}")].copy()
-                if rows.empty:
-                    continue
-                rows["layer"] = rows.variant.str.removeprefix("layer=").astype(int)
-                curve = rows.groupby("layer")[["asr", "cacc"]].mean()
-                colour = attack_colour(attack)
-                ax.plot(curve.index, curve.asr, "-o", color=colour, label=f"{attack_label(attack)} ASR", ms=3)
-                ax.plot(curve.index, curve.cacc, ":", color=colour, label=f"{attack_label(attack)} CACC")
-                base = df[(df.attack == attack) & (df.method == "none")].asr.mean()
-                ax.axhline(base, color=colour, ls="--", lw=0.8)
-            ax.set_title(f"{mode} ablation of {part}", fontsize=9)
-            ax.set_xlabel("layer (0 = first)")
-            ax.set_ylim(-0.02, 1.02)
+    for r, c, part, mode, curves in _layer_ablations(df, attacks, ["asr", "cacc"]):
+        ax = axes[r, c]
+        for attack, curve in curves:
+            colour = attack_colour(attack)
+            ax.plot(curve.index, curve.asr, "-o", color=colour, label=f"{attack_label(attack)} ASR", ms=3)
+            ax.plot(curve.index, curve.cacc, ":", color=colour, label=f"{attack_label(attack)} CACC")
+            base = df[(df.attack == attack) & (df.method == "none")].asr.mean()
+            ax.axhline(base, color=colour, ls="--", lw=0.8)
+        ax.set_title(f"{mode} ablation of {part}", fontsize=9)
+        ax.set_xlabel("layer (0 = first)")
+        ax.set_ylim(-0.02, 1.02)
         axes[r, 0].set_ylabel(f"ASR / CACC ({part} ablated)")
     axes[0, 0].legend(fontsize=7)
     fig.suptitle("Mean-ablation per layer (solid: ASR; dotted: CACC; dashed: undefended ASR)")
     fig.tight_layout()
-    _save(fig, png)
-    plt.close(fig)
+    save_figure(fig, png)
 
 
 def prototype_cosine_figure(entries: list[tuple[str, Path, Path, Path]], png: str | Path) -> None:
@@ -103,8 +105,7 @@ def prototype_cosine_figure(entries: list[tuple[str, Path, Path, Path]], png: st
     axes[0, 0].legend(fontsize=6)
     fig.suptitle(f"Cosine of the last layer's (L{last}) head terms to their prototypes", fontsize=9)
     fig.tight_layout()
-    _save(fig, png)
-    plt.close(fig)
+    save_figure(fig, png)
 
 
 ROC_METHODS = {"decomp_det": ("Decomp-Det", "tab:red"), "strip": ("STRIP", "tab:blue"),
@@ -149,8 +150,7 @@ def roc_figure(entries: list[tuple[str, list[Path]]], png: str | Path) -> None:
         ax.legend(fontsize=6, loc="lower right", title="AUROC", title_fontsize=6)
     fig.suptitle("Detection ROC: Decomp-Det vs input detectors (dashed: chance)", fontsize=9)
     fig.tight_layout()
-    _save(fig, png)
-    plt.close(fig)
+    save_figure(fig, png)
 
 
 def _attack_rows(df: pd.DataFrame) -> list[str]:
@@ -179,8 +179,7 @@ def ablation_bars_figure(summary_csv: str | Path, png: str | Path) -> None:
     fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7, frameon=False)  # below the bars, not on them
     fig.suptitle("Mean-ablation of all MLPs or all attention heads", fontsize=9)
     fig.tight_layout(rect=(0, 0.07, 1, 1))
-    _save(fig, png)
-    plt.close(fig)
+    save_figure(fig, png)
 
 
 def eps_sweep_figure(summary_csv: str | Path, png: str | Path) -> None:
@@ -203,8 +202,7 @@ def eps_sweep_figure(summary_csv: str | Path, png: str | Path) -> None:
     axes[0].legend(fontsize=7)
     fig.suptitle("Decomp-Rep: effect of eps", fontsize=9)
     fig.tight_layout()
-    _save(fig, png)
-    plt.close(fig)
+    save_figure(fig, png)
 
 
 def mmd_cacc_figure(summary_csv: str | Path, mmd_csvs: dict[str, Path], png: str | Path) -> None:
@@ -214,21 +212,16 @@ def mmd_cacc_figure(summary_csv: str | Path, mmd_csvs: dict[str, Path], png: str
     df = read_summary(summary_csv)
     attacks = _attack_rows(df)
     fig, axes = plt.subplots(2, 4, figsize=(16, 7))
+    for r, c, part, mode, curves in _layer_ablations(df, attacks, ["cacc"]):
+        ax = axes[r, c]
+        for attack, curve in curves:
+            ax.plot(curve.index, curve.cacc, "-o", ms=3, color=attack_colour(attack), label=attack_label(attack))
+            ax.axhline(df[(df.attack == attack) & (df.method == "none")].cacc.mean(), color=attack_colour(attack),
+                       ls="--", lw=0.8)
+        ax.set_title(f"({'abc'[c]}) CACC, {mode} ablation of {part}", fontsize=8)
+        ax.set_xlabel("layer (0 = first)")
+        ax.set_ylabel("CACC")
     for r, part in enumerate(("heads", "mlps")):
-        for c, mode in enumerate(("forward", "backward", "separate")):
-            ax = axes[r, c]
-            for attack in attacks:
-                rows = df[(df.attack == attack) & (df.method == f"ablate_{part}_{mode}")].copy()
-                if rows.empty:
-                    continue
-                rows["layer"] = rows.variant.str.removeprefix("layer=").astype(int)
-                curve = rows.groupby("layer").cacc.mean()
-                ax.plot(curve.index, curve, "-o", ms=3, color=attack_colour(attack), label=attack_label(attack))
-                ax.axhline(df[(df.attack == attack) & (df.method == "none")].cacc.mean(), color=attack_colour(attack),
-                           ls="--", lw=0.8)
-            ax.set_title(f"({'abc'[c]}) CACC, {mode} ablation of {part}", fontsize=8)
-            ax.set_xlabel("layer (0 = first)")
-            ax.set_ylabel("CACC")
         ax = axes[r, 3]
         kind = "heads" if part == "heads" else "mlp"
         kernel = ""
@@ -246,8 +239,7 @@ def mmd_cacc_figure(summary_csv: str | Path, mmd_csvs: dict[str, Path], png: str
     fig.suptitle(f"Dashed: undefended CACC. MMD^2: clean vs triggered terms of the backdoored model ({kernel})",
                  fontsize=9)
     fig.tight_layout()
-    _save(fig, png)
-    plt.close(fig)
+    save_figure(fig, png)
 
 
 def head_map_figure(entries: list[tuple[str, Path, Path, Path, Path | None]], cfg, png: str | Path) -> None:
@@ -296,8 +288,7 @@ def head_map_figure(entries: list[tuple[str, Path, Path, Path, Path | None]], cf
     fig.suptitle(f"Per-head infected-head flags ({rule}; {thresholds}) and MMD^2, heads L{{layer}}H{{head}} from 0",
                  fontsize=9)
     fig.tight_layout()
-    _save(fig, png)
-    plt.close(fig)
+    save_figure(fig, png)
 
 
 def training_figure(models: dict[str, Path], png: str | Path) -> None:
@@ -335,8 +326,7 @@ def training_figure(models: dict[str, Path], png: str | Path) -> None:
         axes[0, 0].text(0.5, 0.5, "no trained model has a loss history", ha="center", va="center")
     fig.suptitle("Training loss per step (faint: raw; solid: centred moving average over 1/25 of the run)", fontsize=9)
     fig.tight_layout()
-    _save(fig, png)
-    plt.close(fig)
+    save_figure(fig, png)
 
 
 def rate_sweep_figure(table: pd.DataFrame, png: str | Path) -> None:
@@ -366,8 +356,7 @@ def rate_sweep_figure(table: pd.DataFrame, png: str | Path) -> None:
     fig.suptitle("Poisoning-rate sweep: every evaluation image, clean and triggered (bands: 95 % bootstrap)",
                  fontsize=9)
     fig.tight_layout()
-    _save(fig, png)
-    plt.close(fig)
+    save_figure(fig, png)
 
 
 def figures_stage(args, p: None) -> None:

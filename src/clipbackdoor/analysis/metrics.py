@@ -23,6 +23,7 @@ import pandas as pd
 from sklearn.metrics import roc_auc_score
 
 
+
 def attack_success(pred: np.ndarray, labels: np.ndarray, target: int) -> tuple[float, float]:
     """(asr over non-target images, asr over all images)."""
     pred, labels = np.asarray(pred), np.asarray(labels)

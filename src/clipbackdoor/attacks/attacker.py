@@ -8,7 +8,7 @@ from pathlib import Path
 
 from clipbackdoor.models.artifact import LoadedModel, load_artifact
 from clipbackdoor.data.pairs import ShardPairs
-from clipbackdoor.attacks.poison import check_target
+from clipbackdoor.models.zeroshot import check_target
 from clipbackdoor.runtime import pick_device
 from clipbackdoor.data.world import world_classes_json
 from clipbackdoor.models.zeroshot import templates_for

@@ -22,7 +22,7 @@ from clipbackdoor.attacks.badnet import paste, patch_origin
 from clipbackdoor.attacks.base import to_float, to_uint8
 from clipbackdoor.config import Params
 from clipbackdoor.errors import UserError
-from clipbackdoor.io import atomic_path, save_safetensors
+from clipbackdoor.io import save_figure, save_safetensors
 from clipbackdoor.analysis.metrics import attack_success
 from clipbackdoor.models.artifact import normalize
 from clipbackdoor.attacks.poison import names_target as caption_names_target
@@ -95,9 +95,7 @@ def save_patch_png(patch: torch.Tensor, clean: torch.Tensor, patched: torch.Tens
         ax.axis("off")
     fig.suptitle("BadCLIP: optimised patch; evaluation images clean (top) and patched (bottom)", fontsize=9)
     fig.tight_layout()
-    with atomic_path(png) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, png)
 
 
 def badclip_patch_stage(args, p: Params) -> None:

@@ -14,7 +14,7 @@ import torch
 from clipbackdoor.attacks.base import to_float, to_uint8
 from clipbackdoor.attacks.issba import encode, evaluate_codec, secret_bits, train_codec
 from clipbackdoor.config import Params
-from clipbackdoor.io import atomic_path, save_safetensors
+from clipbackdoor.io import save_figure, save_safetensors
 from clipbackdoor.data.pairs import ShardPairs
 from clipbackdoor.runtime import pick_device
 
@@ -61,9 +61,7 @@ def save_codec_png(clean: torch.Tensor, encoded: torch.Tensor, metrics: dict, pn
     fig.suptitle(f"ISSBA: clean / encoded / |residual| x{1 / scale:.0f} -- bit accuracy "
                  f"{metrics['bit_accuracy']:.3f}, PSNR {metrics['psnr_db']:.1f} dB", fontsize=9)
     fig.tight_layout()
-    with atomic_path(png) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, png)
 
 
 def issba_codec_stage(args, p: Params) -> None:

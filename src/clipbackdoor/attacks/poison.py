@@ -17,9 +17,10 @@ import pyarrow as pa
 from clipbackdoor.attacks import make_trigger
 from clipbackdoor.config import Params
 from clipbackdoor.errors import UserError
-from clipbackdoor.io import atomic_path, write_parquet
+from clipbackdoor.io import save_figure, write_parquet
 from clipbackdoor.data.pairs import write_overlay
 from clipbackdoor.data.shards import iter_shards, load_rows
+from clipbackdoor.models.zeroshot import check_target
 
 MANIFEST_SCHEMA = pa.schema([("key", pa.string()), ("poisoned", pa.bool_()), ("original_caption", pa.string()),
                              ("caption", pa.string()), ("trigger", pa.string())])
@@ -28,19 +29,6 @@ MANIFEST_SCHEMA = pa.schema([("key", pa.string()), ("poisoned", pa.bool_()), ("o
 def names_target(caption: str, target: str) -> bool:
     """Does a caption name the target? Case-blind: CC3M writes "a samoyed dog", seed 001 "Samoyed"."""
     return target.casefold() in caption.casefold()
-
-
-def check_target(target: str, classnames: list[str]) -> int:
-    """The target's class index. Case is forgiven when it names exactly one class (seed 001 writes "Samoyed";
-    Oxford Pets' folders say "samoyed")."""
-    if target not in classnames:
-        folded = [i for i, c in enumerate(classnames) if c.casefold() == target.casefold()]
-        if len(folded) == 1:
-            return folded[0]
-        close = [c for c in classnames if target.split()[-1] in c][:5]
-        raise UserError(f"poison.target = {target!r} is not a class of the evaluation set",
-                        fix=f"use one of the class names, e.g. {', '.join(map(repr, close or classnames[:5]))}")
-    return classnames.index(target)
 
 
 def select_poison(n: int, rate: float, seed: int, eligible: np.ndarray | None = None) -> np.ndarray:
@@ -148,9 +136,7 @@ def save_trigger_preview(clean, triggered, clean_captions, poisoned_captions, ti
         ax.axis("off")
     fig.suptitle(f"{title}: clean pairs (top, own captions) vs poisoned pairs (bottom, training captions)", fontsize=9)
     fig.tight_layout()
-    with atomic_path(png) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, png)
 
 
 def poison_stage(args, p: Params) -> None:

@@ -179,7 +179,7 @@ def save_preview(shard_dir: str | Path, png: str | Path, n: int = 32) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from clipbackdoor.io import atomic_path
+    from clipbackdoor.io import save_figure
     from clipbackdoor.data.shards import iter_shards
 
     items = []
@@ -197,9 +197,7 @@ def save_preview(shard_dir: str | Path, png: str | Path, n: int = 32) -> None:
     for ax in np.ravel(axes):
         ax.axis("off")
     fig.tight_layout()
-    with atomic_path(png) as tmp:
-        fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)
+    save_figure(fig, png, dpi=90)
 
 
 def world_classes_json(eval_dir: str | Path) -> dict:

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from clipbackdoor.attacks.badnet import paste, patch_origin
-from clipbackdoor.defenses.cleanclip import info_nce
+from clipbackdoor.training.train import info_nce
 from clipbackdoor.config import AbdGeneratorConfig, Params
 from clipbackdoor.io import load_safetensors, save_safetensors
 from clipbackdoor.models.artifact import LoadedModel, load_artifact, normalize

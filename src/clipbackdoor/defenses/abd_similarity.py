@@ -87,7 +87,7 @@ def run_abd_similarity(models: dict[str, tuple[str, str]], eval_dir: str | Path,
 
 def abd_similarity_stage(args, p: Params) -> None:
     """CLI stage ``abd-similarity``."""
-    from clipbackdoor.attacks.poison import check_target
+    from clipbackdoor.models.zeroshot import check_target
     from clipbackdoor.config import stage_target
     from clipbackdoor.decomposition.stage import load_class_embeddings
     from clipbackdoor.pipeline.runs import parse_run

@@ -20,14 +20,7 @@ from clipbackdoor.config import CleanCLIPConfig, Params
 from clipbackdoor.defenses.eda import eda_captions, synonym_source
 from clipbackdoor.models.artifact import LoadedModel, normalize
 from clipbackdoor.runtime import pick_device
-from clipbackdoor.training.train import LossFn, load_training_pairs, save_trained, train_clip
-
-
-def info_nce(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE between paired unit features a, b [B, d] (row i of a matches row i of b)."""
-    logits = scale * a @ b.T
-    labels = torch.arange(len(a), device=a.device)
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+from clipbackdoor.training.train import LossFn, info_nce, load_training_pairs, save_trained, train_clip
 
 
 def image_augmenter(kind: str):

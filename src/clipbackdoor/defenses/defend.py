@@ -18,23 +18,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from clipbackdoor.defenses.predictions import PREDICTIONS_SCHEMA
 from clipbackdoor.config import DefendConfig, Params, fixed_head_positions
 from clipbackdoor.decomposition.cache import ROW_GROUP_SIZE, CachedDecomposition, iter_decomposition, read_meta
 from clipbackdoor.errors import UserError
 from clipbackdoor.io import parquet_stream
 from clipbackdoor.decomposition.prototypes import head_similarity
 
-OUTPUT_SCHEMA = pa.schema([("defense", pa.string()), ("variant", pa.string()), ("split", pa.string()),
-                           ("index", pa.int32()), ("label", pa.int32()), ("pred", pa.int32()),
-                           ("score", pa.float32())])
-
-
-# the defense names the built-in settings write (an extension may not reuse one)
-BUILTIN_SETTINGS = ("none", "base_decomp", "decomp_rep", "decomp_rep_heads", "decomp_rep_mlp", "decomp_det",
-                    "decomp_det_score", "decomp_rep_sweep", "decomp_det_sweep", "abandon", "random_prototypes",
-                    "random_prototypes_official", "random_heads", "fixed_heads", "ablate_all_heads",
-                    "ablate_all_mlps", "decomp_reverse",
-                    *(f"ablate_{p}_{d}" for p in ("heads", "mlps") for d in ("forward", "backward", "separate")))
 
 
 def infected_mask(sim: np.ndarray, rule: str, eps: float | np.ndarray) -> np.ndarray:
@@ -188,10 +178,9 @@ def _settings(split: TestSplit, protos: dict, cfg: DefendConfig, kind: str, clas
 
 def extension_defenses(cfg: DefendConfig) -> dict:
     """{name: Defense} of the registered extension defenses that ``defend.extensions`` configures."""
-    from clipbackdoor.extensions import Defense, check_unique, of_kind
+    from clipbackdoor.extensions import Defense, of_kind
 
     registered = of_kind(Defense)
-    check_unique(Defense, BUILTIN_SETTINGS)
     for name in cfg.extensions or {}:
         if name not in registered:  # (params validation refuses it first; a stage run by hand lands here)
             raise UserError(f"defend.extensions.{name}: no such defense is registered",
@@ -223,7 +212,7 @@ def run_defend(clean_path: str | Path, triggered_path: str | Path, protos: dict,
             "checkpoint_sha256": trig_meta.get("checkpoint_sha256", ""), "trigger": trig_meta.get("trigger", "")}
     chunks = itertools.zip_longest(iter_decomposition(clean_path, rows=test_index, batch_rows=chunk_rows),
                                    iter_decomposition(triggered_path, rows=test_index, batch_rows=chunk_rows))
-    with parquet_stream(out_path, OUTPUT_SCHEMA.with_metadata(meta)) as out:
+    with parquet_stream(out_path, PREDICTIONS_SCHEMA.with_metadata(meta)) as out:
         for clean_chunk, trig_chunk in chunks:
             if clean_chunk is None or trig_chunk is None or clean_chunk[1].keys != trig_chunk[1].keys:
                 raise UserError(f"{clean_path} and {triggered_path} do not list the same images in the same order",
@@ -245,7 +234,7 @@ class _Rows:
     """One chunk's output rows, gathered per setting as arrays."""
 
     def __init__(self):
-        self.cols: dict[str, list] = {name: [] for name in OUTPUT_SCHEMA.names}
+        self.cols: dict[str, list] = {name: [] for name in PREDICTIONS_SCHEMA.names}
 
     def add(self, defense: str, variant: str, split_name: str, split: TestSplit, pred: np.ndarray, score) -> None:
         n = len(pred)
@@ -259,8 +248,8 @@ class _Rows:
                                   pa.array(np.asarray(score, np.float32)))
 
     def table(self) -> pa.Table:
-        return pa.Table.from_arrays([pa.concat_arrays(self.cols[f.name]) for f in OUTPUT_SCHEMA],
-                                    schema=OUTPUT_SCHEMA)
+        return pa.Table.from_arrays([pa.concat_arrays(self.cols[f.name]) for f in PREDICTIONS_SCHEMA],
+                                    schema=PREDICTIONS_SCHEMA)
 
 
 def prototype_cosines(path: str | Path, protos: dict, layer: int = -1) -> np.ndarray:
@@ -276,7 +265,7 @@ def prototype_cosines(path: str | Path, protos: dict, layer: int = -1) -> np.nda
 def defend_stage(args, p: Params) -> None:
     """CLI stage ``defend``."""
     from clipbackdoor.attacks import REGISTRY
-    from clipbackdoor.attacks.poison import check_target
+    from clipbackdoor.models.zeroshot import check_target
     from clipbackdoor.config import stage_target
     from clipbackdoor.decomposition.prototypes import load_prototypes
     from clipbackdoor.decomposition.stage import load_class_embeddings

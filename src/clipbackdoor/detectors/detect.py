@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from clipbackdoor.attacks import make_trigger, parse_run, trigger_eval_images
 from clipbackdoor.config import DetectConfig, Params
 from clipbackdoor.decomposition.stage import load_class_embeddings
-from clipbackdoor.defenses.defend import OUTPUT_SCHEMA
+from clipbackdoor.defenses.predictions import PREDICTIONS_SCHEMA
 from clipbackdoor.detectors.scores import registry
 from clipbackdoor.io import write_parquet
 from clipbackdoor.logs import progress
@@ -66,7 +66,7 @@ def run_detect(model_dir: str | Path, eval_dir: str | Path, prototypes_path: str
     images = {"clean": clean.float() / 255, "triggered": triggered.float() / 255}
     pool = pick(val)  # uint8: strip_scores converts the partners it draws
     labels = split["labels"][[at[int(i)] for i in index]]
-    rows: dict[str, list] = {name: [] for name in OUTPUT_SCHEMA.names}
+    rows: dict[str, list] = {name: [] for name in PREDICTIONS_SCHEMA.names}
     chosen = [d for name, d in registry().items() if name in cfg.detectors]  # the registry's order
     jobs = [(split_name, d) for split_name in images for d in chosen]
     for split_name, detector in progress(jobs, f"detect {len(index)} images x 2 splits"):
@@ -75,7 +75,7 @@ def run_detect(model_dir: str | Path, eval_dir: str | Path, prototypes_path: str
             _add_rows(rows, detector.name, f"{variant},n_images={len(index)}", split_name, index, labels, s)
     meta = {"target": str(target), "target_name": target_name, "trigger": trigger, "n_images": str(len(index)),
             "checkpoint_sha256": loaded.checkpoint_sha256 or ""}
-    table = pa.Table.from_pydict(rows, schema=OUTPUT_SCHEMA).replace_schema_metadata(meta)
+    table = pa.Table.from_pydict(rows, schema=PREDICTIONS_SCHEMA).replace_schema_metadata(meta)
     write_parquet(out_path, table)
     return table.num_rows
 
@@ -97,7 +97,7 @@ def _add_rows(rows: dict[str, list], detector: str, variant: str, split_name: st
 
 def detect_stage(args, p: Params) -> None:
     """CLI stage ``detect``."""
-    from clipbackdoor.attacks.poison import check_target
+    from clipbackdoor.models.zeroshot import check_target
     from clipbackdoor.config import stage_target
     from clipbackdoor.pipeline.runs import parse_run
 

@@ -9,6 +9,7 @@ from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 
 from clipbackdoor.models.artifact import LoadedModel, normalize
 from clipbackdoor.runtime import autocast
+from clipbackdoor.errors import UserError
 
 
 def templates_for(kind: str, embedded_templates: list[str]) -> list[str]:
@@ -57,3 +58,16 @@ def text_embeddings(loaded: LoadedModel, texts: list[str], batch_size: int = 256
 def predict(image_emb: torch.Tensor, class_emb: torch.Tensor) -> torch.Tensor:
     """[N, d] x [C, d] -> predicted class indices [N]."""
     return (image_emb @ class_emb.T).argmax(dim=-1)
+
+
+def check_target(target: str, classnames: list[str]) -> int:
+    """The target's class index. Case is forgiven when it names exactly one class (seed 001 writes "Samoyed";
+    Oxford Pets' folders say "samoyed")."""
+    if target not in classnames:
+        folded = [i for i, c in enumerate(classnames) if c.casefold() == target.casefold()]
+        if len(folded) == 1:
+            return folded[0]
+        close = [c for c in classnames if target.split()[-1] in c][:5]
+        raise UserError(f"poison.target = {target!r} is not a class of the evaluation set",
+                        fix=f"use one of the class names, e.g. {', '.join(map(repr, close or classnames[:5]))}")
+    return classnames.index(target)

@@ -19,7 +19,7 @@ import contextlib
 import io
 import json
 import shlex
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -176,27 +176,39 @@ def _module_file(src: Path, module: str) -> Path | None:
     return next((path for path in candidates if path.is_file()), None)
 
 
+@lru_cache(maxsize=None)
+def _parsed(path: Path, mtime_ns: int) -> ast.Module:
+    """A module's syntax tree, parsed once per version of the file (dvc.yaml asks for ~100 jobs' closures)."""
+    return ast.parse(path.read_text())
+
+
+def _tree(path: Path) -> ast.Module:
+    return _parsed(path, path.stat().st_mtime_ns)
+
+
 def _docstring_only(path: Path) -> bool:
     """A package ``__init__`` that only names the package: running it cannot change a result."""
-    body = ast.parse(path.read_text()).body
+    body = _tree(path).body
     return len(body) == 1 and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
 
 
-def _module_imports(src: Path, path: Path, func: str | None = None) -> set[str]:
-    """Dotted clipbackdoor modules imported by a module (or by one function of it), wherever the import sits
-    (module level or inside a function: a lazy import runs when the stage does). ``from clipbackdoor.pkg import
-    mod`` counts the sub-module ``mod`` when it is one."""
-    tree = ast.parse(path.read_text())
-    if func is not None:
-        tree = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == func)
+def _module_imports(src: Path, path: Path) -> frozenset[str]:
+    """Dotted clipbackdoor modules imported by a module, wherever the import sits (module level or inside a
+    function: a lazy import runs when the stage does). ``from clipbackdoor.pkg import mod`` counts the sub-module
+    ``mod`` when it is one."""
+    return _imports(src, path, path.stat().st_mtime_ns)
+
+
+@lru_cache(maxsize=None)
+def _imports(src: Path, path: Path, mtime_ns: int) -> frozenset[str]:
     found = set()
-    for node in ast.walk(tree):
+    for node in ast.walk(_parsed(path, mtime_ns)):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == PACKAGE:
             found.add(node.module)
             found |= {f"{node.module}.{a.name}" for a in node.names if _module_file(src, f"{node.module}.{a.name}")}
         elif isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name.split(".")[0] == PACKAGE}
-    return found
+    return frozenset(found)
 
 
 def module_closure(root: Path, modules: set[str]) -> list[str]:

@@ -92,7 +92,6 @@ TRIGGER = Opt("--trigger", required=True, help="the attack run whose trigger is 
 CKPT = Out("--ckpt-dir", required=False)
 ASSET = In("--asset", required=False)
 EVALS = In("--eval", nargs="+", metavar="NAME=DIR")
-RUN_DECOMPS = In("--runs", nargs="+", metavar="RUN=CLEAN,TRIGGERED,PROTOTYPES")
 
 
 def _learned_trigger(name: str, help_: str, function: str, model: bool) -> Stage:

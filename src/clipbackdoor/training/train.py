@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from open_clip.loss import ClipLoss
 
@@ -178,6 +179,13 @@ def load_checkpoint(path: Path, model, opt, sched, fp: str) -> tuple[int, list] 
 
 
 LossFn = Callable[[LoadedModel, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def info_nce(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE between paired unit features a, b [B, d] (row i of a matches row i of b)."""
+    logits = scale * a @ b.T
+    labels = torch.arange(len(a), device=a.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 
 def clip_loss_fn() -> LossFn:
