@@ -239,14 +239,17 @@ def test_missing_dvc_remote_is_a_clear_error(smoke_repo, tmp_path):
 
 
 def test_every_attack_runs_end_to_end_on_the_smoke_profile(tmp_path):
-    """One smoke-profile Snakemake run over all registered attacks (seed 0): the learned-trigger stages
-    (badclip_patch, issba_codec) run first, and every attack reaches summary.csv with its defenses."""
+    """One smoke-profile Snakemake run over the registered attacks (seed 0) the smoke_repo tests do not run: the
+    learned-trigger stages (badclip_patch, issba_codec, lc_adversarial) run first, and every attack reaches
+    summary.csv with the decomposition defenses and the input detectors. (The model repairs do not depend on the
+    attack: CleanCLIP runs in the smoke_repo tests, RoCLIP and the ABD arms in the ABD study below.)"""
     from clipbackdoor.attacks import REGISTRY
 
+    attacks = [a for a in REGISTRY if a != "badnet"]  # badnet: the smoke_repo tests
     repo = copy_repo(tmp_path / "repo")
     params = yaml.safe_load((repo / "configs" / "smoke.yaml").read_text())
-    params["poison"]["attacks"] = list(REGISTRY)
-    params["repair"]["methods"] = ["cleanclip", "roclip"]
+    params["poison"]["attacks"] = attacks
+    params["repair"]["methods"] = []
     params.pop("b2"), params.pop("sweep")  # the B² branch and the rate sweep run in the smoke_repo tests
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = sh("snakemake all --cores 2", repo)
@@ -255,10 +258,11 @@ def test_every_attack_runs_end_to_end_on_the_smoke_profile(tmp_path):
     from clipbackdoor.analysis.report import read_summary
 
     summary = read_summary(repo / "results/smoke/metrics/summary.csv")
-    for attack in REGISTRY:
+    assert set(summary.attack) == {"clean", *attacks}
+    for attack in attacks:
         rows = summary[summary.attack == attack]
-        assert {"none", "decomp_rep", "decomp_rep_heads", "decomp_rep_mlp", "decomp_det", "cleanclip",
-                "cleanclip+decomp_rep", "roclip", "roclip+decomp_rep", "strip", "scaleup", "teco"} <= set(rows.method), attack
+        assert {"none", "decomp_rep", "decomp_rep_heads", "decomp_rep_mlp", "decomp_det", "strip", "scaleup",
+                "teco"} <= set(rows.method), attack
         assert (repo / f"results/shared/attacks/{attack}-s0.png").exists(), attack
     assert (repo / "results/shared/attacks/badclip-s0_patch.png").exists()
     assert (repo / "results/shared/attacks/issba-s0_codec.png").exists()
@@ -272,7 +276,7 @@ def test_abd_study_runs_end_to_end_on_the_smoke_profile(tmp_path):
 
     repo = copy_repo(tmp_path / "repo")
     params = yaml.safe_load((repo / "configs" / "smoke.yaml").read_text())
-    params["poison"]["attacks"] = ["badnet", "blended"]
+    params["poison"]["attacks"] = ["blended"]  # (one attack: the arms do not depend on it; badnet runs above)
     params["repair"]["methods"] = ["cleanclip", "roclip", "abd", "abd_img_only", "abd_eda_only", "finetune_clean", "uap"]
     for section in ("detect", "analysis", "b2", "sweep"):
         params.pop(section)
@@ -282,11 +286,10 @@ def test_abd_study_runs_end_to_end_on_the_smoke_profile(tmp_path):
     from clipbackdoor.analysis.report import read_summary
 
     summary = read_summary(repo / "results/smoke/metrics/summary.csv")
-    for attack in ("badnet", "blended"):
-        assert {"none", "cleanclip", "roclip", "abd", "abd+decomp_rep", "abd_img_only", "abd_eda_only",
-                "finetune_clean", "uap", "uap_lbd"} <= set(summary[summary.attack == attack].method), attack
+    assert {"none", "cleanclip", "roclip", "abd", "abd+decomp_rep", "abd_img_only", "abd_eda_only",
+            "finetune_clean", "uap", "uap_lbd"} <= set(summary[summary.attack == "blended"].method)
     fig2 = (repo / "results/smoke/tables/abd_fig2.md").read_text()
-    assert sum(line.startswith("| badnet-s0 |") or line.startswith("| blended-s0 |") for line in fig2.splitlines()) == 16
+    assert sum(line.startswith("| blended-s0 |") for line in fig2.splitlines()) == 8
     table1 = (repo / "results/smoke/tables/abd_table1.md").read_text()
     assert "| Ours (ABD) |" in table1 and "## Claim check" in table1
     for name in ("abd_table2.md", "abd_table3.md"):
