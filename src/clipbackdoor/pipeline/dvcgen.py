@@ -381,14 +381,18 @@ def _dvc_commit(root: Path, names: list[str]) -> None:
     130 stages, hours for the paper's graph). Here DVC's own steps for a target (Stage.save, Stage.commit, then
     the stage file's dump_stages, as dvc.repo.commit does) run for every stage of one loaded index, and dvc.lock
     is written once."""
+    import os
+
     from dvc.exceptions import DvcException
     from dvc.repo import Repo, lock_repo
 
     from clipbackdoor.errors import UserError
 
+    here = os.getcwd()
+    os.chdir(root)  # DVC resolves stage and output paths against the current folder (as its CLI runs: in the repo)
     try:
-        with Repo(str(root)) as repo, lock_repo(repo):
-            by_name = {stage.addressing: stage for stage in repo.index.stages}
+        with Repo(".") as repo, lock_repo(repo):
+            by_name = {stage.addressing: stage for stage in repo.index.stages}  # (dvc.yaml's stages: their name)
             by_file: dict[str, list] = {}
             for name in names:
                 stage = by_name[name]
@@ -400,6 +404,8 @@ def _dvc_commit(root: Path, names: list[str]) -> None:
     except DvcException as exc:
         raise UserError(f"dvc commit failed: {str(exc).strip().splitlines()[-1][:300]}",
                         fix="see `dvc commit -v` for details") from None
+    finally:
+        os.chdir(here)
 
 
 def _dvc(root: Path, args: list[str], fix: str) -> None:
