@@ -4,6 +4,8 @@ VENV  ?= .venv
 CORES ?= $(shell nproc 2>/dev/null || echo 2)
 # on a GPU machine Snakemake must know how many GPUs there are (each gpu=1 job claims one; none run on the CPU)
 GPUS  ?= $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU ')
+# `make test` workers: one per core, at most 4 (the suite is many small torch jobs and CLI subprocesses)
+TEST_WORKERS ?= $(shell n=$(CORES); [ $$n -gt 4 ] && n=4; echo $$n)
 GPU_RES = $(if $(filter-out 0,$(GPUS)),--resources gpu=$(GPUS))
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export HF_HUB_OFFLINE := 1
@@ -54,8 +56,8 @@ rehearsal: setup  # the paper profile's stage graph on generated real-format inp
 	snakemake all --cores $(CORES) $(GPU_RES) --configfile configs/rehearsal.yaml  # B² included (its `b2` section)
 	python -m clipbackdoor report --results rehearsal
 
-test: setup
-	python -m pytest -q
+test: setup  # one pytest-xdist worker per core (at most 4), a test file per worker (its fixtures built once)
+	python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-slow: setup
 	python -m pytest -q -m slow

@@ -7,6 +7,12 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Under pytest-xdist (`make test` runs one worker per core) each worker gets its share of the cores: torch
+# threads spinning on a core another worker is using slow both by an order of magnitude (see
+# runtime.set_threads). Set before torch is imported so the CLI subprocesses the tests start inherit it too.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _WORKERS))
 
 import clipbackdoor  # noqa: E402,F401  (applies the torchvision compat before anything imports it)
 from clipbackdoor.config import WorldConfig  # noqa: E402
